@@ -1,0 +1,51 @@
+"""Building the SparkSession. The master is never set in code: ``spark-submit`` decides it, or, for the
+``cxr-spark`` command run as plain Python, a properties file from ``conf/spark/``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+CONF_DIR = Path(os.environ.get("CXR_SPARK_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+
+
+def read_properties(path: str | Path) -> dict[str, str]:
+    """Parse a spark-defaults style file: ``key value`` per line, ``#`` comments."""
+    properties = {}
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split(None, 1)
+        if len(parts) != 2:
+            raise ValueError(f"{path}:{number}: expected 'key value', got {line!r}")
+        properties[parts[0]] = parts[1].strip()
+    return properties
+
+
+def under_spark_submit() -> bool:
+    """True when this Python process was started by ``spark-submit`` (its JVM is already configured)."""
+    return "PYSPARK_GATEWAY_PORT" in os.environ
+
+
+def build_session(app_name: str, properties_file: str | Path | None = None) -> SparkSession:
+    """Create the session; outside ``spark-submit`` apply ``properties_file`` (default: local.conf)."""
+    builder = SparkSession.builder.appName(app_name)
+    if not under_spark_submit():
+        properties_file = properties_file or CONF_DIR / "spark" / "local.conf"
+        for key, value in read_properties(properties_file).items():
+            builder = builder.config(key, value)
+        # Python workers must run this interpreter (the one with cxr_spark installed), not `python3`.
+        os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+        log.info("Spark properties from %s", properties_file)
+    spark = builder.getOrCreate()
+    spark.sparkContext.setLogLevel(os.environ.get("CXR_SPARK_LOG_LEVEL", "WARN"))
+    log.info("Spark %s, master %s, %d default task slots", spark.version, spark.sparkContext.master,
+             spark.sparkContext.defaultParallelism)
+    return spark

@@ -1,0 +1,111 @@
+"""Paths on any filesystem Spark knows (local, ``file://``, ``hdfs://``, ``s3a://``) through Hadoop's
+FileSystem API, and atomic replacement of a dataset folder.
+
+A stage writes into a hidden sibling (``.<name>.tmp-<run>``) and only a complete output is swapped in,
+so a failed or killed run never leaves a half-written dataset under the real name nor destroys the
+previous one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from contextlib import contextmanager
+from typing import Iterator
+from urllib.parse import urlparse
+
+from pyspark.sql import SparkSession
+
+log = logging.getLogger(__name__)
+
+
+def to_url(path: str) -> str:
+    """Absolute URL for a path: ``runs/x`` becomes ``file:///abs/runs/x``; URLs pass through."""
+    if urlparse(path).scheme:
+        return path.rstrip("/")
+    return "file://" + os.path.abspath(path)
+
+
+def local_path(url: str) -> str | None:
+    """The local filesystem path of a ``file://`` URL or plain path, else None."""
+    parsed = urlparse(url)
+    return parsed.path if parsed.scheme in ("", "file") else None
+
+
+class FileSystem:
+    """The Hadoop FileSystem behind one URL, reached through the driver's JVM."""
+
+    def __init__(self, spark: SparkSession, url: str):
+        jvm = spark._jvm
+        self._Path = jvm.org.apache.hadoop.fs.Path
+        self._fs = self._Path(url).getFileSystem(spark._jsc.hadoopConfiguration())
+
+    def exists(self, url: str) -> bool:
+        return self._fs.exists(self._Path(url))
+
+    def delete(self, url: str) -> None:
+        self._fs.delete(self._Path(url), True)
+
+    def rename(self, src: str, dst: str) -> None:
+        if not self._fs.rename(self._Path(src), self._Path(dst)):
+            raise OSError(f"could not rename {src} to {dst}")
+
+    def mkdirs(self, url: str) -> None:
+        self._fs.mkdirs(self._Path(url))
+
+    def write_text(self, url: str, text: str) -> None:
+        stream = self._fs.create(self._Path(url), True)
+        try:
+            stream.write(bytearray(text.encode("utf-8")))
+        finally:
+            stream.close()
+
+
+def read_json(spark: SparkSession, url: str) -> dict:
+    """Read a small JSON file (manifest, statistics, model card) from any filesystem."""
+    path = local_path(url)
+    if path is not None:
+        with open(path) as handle:
+            return json.load(handle)
+    return json.loads(spark.read.text(url, wholetext=True).first()[0])
+
+
+def write_json(spark: SparkSession, url: str, value: dict) -> None:
+    """Write a small JSON file to any filesystem."""
+    text = json.dumps(value, indent=2, sort_keys=False, default=str) + "\n"
+    path = local_path(url)
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as handle:
+            handle.write(text)
+    else:
+        FileSystem(spark, url).write_text(url, text)
+
+
+@contextmanager
+def atomic_output(spark: SparkSession, out: str) -> Iterator[str]:
+    """Yield a temporary URL to write a whole dataset into; on success it replaces ``out``.
+
+    On an exception the temporary output is deleted and ``out`` is untouched. The swap itself is two
+    renames; the previous output is kept under ``.<name>.old-<run>`` until the new one is in place.
+    """
+    out = to_url(out)
+    parent, name = out.rsplit("/", 1)
+    run = uuid.uuid4().hex[:8]
+    tmp, old = f"{parent}/.{name}.tmp-{run}", f"{parent}/.{name}.old-{run}"
+    fs = FileSystem(spark, out)
+    fs.mkdirs(parent)
+    try:
+        yield tmp
+    except BaseException:
+        log.warning("output %s not replaced: the run failed; removing its partial output %s", out, tmp)
+        fs.delete(tmp)
+        raise
+    had_previous = fs.exists(out)
+    if had_previous:
+        fs.rename(out, old)
+    fs.rename(tmp, out)
+    if had_previous:
+        fs.delete(old)
+    log.info("wrote %s", out)
