@@ -7,35 +7,11 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
-from petastorm.codecs import CompressedImageCodec, DataframeColumnCodec, ScalarCodec
+from petastorm.codecs import CompressedImageCodec, NdarrayCodec, ScalarCodec
 from petastorm.unischema import Unischema, UnischemaField
 from pyspark.sql import types as T
 
 from cxr_spark.labels import NUM_LABELS
-
-
-class NativeArrayCodec(DataframeColumnCodec):
-    """A 1-D numeric array stored as a native Parquet list, so Spark SQL can read it without decoding.
-
-    Petastorm's own array codecs store opaque ``np.save`` bytes; the labels are small and are
-    aggregated by Spark (metrics), so they are kept readable.
-    """
-
-    def __init__(self, element_type: T.DataType):
-        self._element_type = element_type
-
-    def encode(self, unischema_field, value):
-        array = np.asarray(value)
-        if array.shape != tuple(unischema_field.shape):
-            raise ValueError(f"field {unischema_field.name!r}: expected shape {unischema_field.shape}, "
-                             f"got {array.shape}")
-        return [int(v) for v in array]
-
-    def decode(self, unischema_field, value):
-        return np.asarray(value, dtype=unischema_field.numpy_dtype)
-
-    def spark_dtype(self):
-        return T.ArrayType(self._element_type, containsNull=False)
 
 
 def _scalar(name, numpy_type, spark_type, nullable=False):
@@ -50,7 +26,7 @@ METADATA_FIELDS = [
     _scalar("sex", np.str_, T.StringType(), nullable=True),
     _scalar("view", np.str_, T.StringType(), nullable=True),
     _scalar("finding_labels", np.str_, T.StringType(), nullable=True),
-    UnischemaField("labels", np.uint8, (NUM_LABELS,), NativeArrayCodec(T.ShortType()), False),
+    UnischemaField("labels", np.uint8, (NUM_LABELS,), NdarrayCodec(), False),
     _scalar("split", np.str_, T.StringType()),
     _scalar("height", np.int32, T.IntegerType()),
     _scalar("width", np.int32, T.IntegerType()),
@@ -66,7 +42,22 @@ def images_schema(size: int) -> Unischema:
     """``images_<size>``: the raw metadata plus the decoded, resized image (stored as lossless PNG)."""
     return Unischema(f"Images{size}Schema", METADATA_FIELDS + [
         UnischemaField("image", np.uint8, (size, size), CompressedImageCodec("png"), False),
+        # Per-image statistics of the stored pixels: QA, and the train split's mean/std without re-decoding.
+        _scalar("pixel_mean", np.float32, T.FloatType()),
+        _scalar("pixel_std", np.float32, T.FloatType()),
     ])
+
+
+def encode_column(schema: Unischema, name: str, values) -> list:
+    """Encode a column of numpy values with the field's codec (what Petastorm stores in Parquet)."""
+    field = schema.fields[name]
+    return [field.codec.encode(field, np.asarray(v, dtype=field.numpy_dtype)) for v in values]
+
+
+def decode_column(schema: Unischema, name: str, values) -> list:
+    """Decode a column read by Spark or pyarrow back into numpy values."""
+    field = schema.fields[name]
+    return [field.codec.decode(field, v) for v in values]
 
 
 def metadata_columns() -> list[str]:
