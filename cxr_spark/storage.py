@@ -54,6 +54,13 @@ class FileSystem:
     def mkdirs(self, url: str) -> None:
         self._fs.mkdirs(self._Path(url))
 
+    def count_files(self, url: str, suffix: str) -> int:
+        """Files directly under folder ``url`` whose names end with ``suffix`` (0 if it does not exist)."""
+        if not self.exists(url):
+            return 0
+        return sum(1 for status in self._fs.listStatus(self._Path(url))
+                   if status.isFile() and status.getPath().getName().endswith(suffix))
+
     def write_text(self, url: str, text: str) -> None:
         stream = self._fs.create(self._Path(url), True)
         try:
