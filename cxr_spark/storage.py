@@ -78,9 +78,8 @@ def read_json(spark: SparkSession, url: str) -> dict:
     return json.loads(spark.read.text(url, wholetext=True).first()[0])
 
 
-def write_json(spark: SparkSession, url: str, value: dict) -> None:
-    """Write a small JSON file to any filesystem."""
-    text = json.dumps(value, indent=2, sort_keys=False, default=str) + "\n"
+def write_text(spark: SparkSession, url: str, text: str) -> None:
+    """Write a small text file (JSON, Markdown) to any filesystem."""
     path = local_path(url)
     if path is not None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -88,6 +87,11 @@ def write_json(spark: SparkSession, url: str, value: dict) -> None:
             handle.write(text)
     else:
         FileSystem(spark, url).write_text(url, text)
+
+
+def write_json(spark: SparkSession, url: str, value: dict) -> None:
+    """Write a small JSON file to any filesystem."""
+    write_text(spark, url, json.dumps(value, indent=2, default=str) + "\n")
 
 
 @contextmanager

@@ -1,0 +1,124 @@
+"""The ``cxr-spark`` command: one subcommand per stage, and ``demo`` to run them all.
+
+``spark_jobs/<stage>.py`` call :func:`submit_main` with the same arguments under ``spark-submit``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from types import ModuleType
+
+from cxr_spark import __version__, ingest, preprocess, report, score, train
+from cxr_spark.config import load_config
+from cxr_spark.session import build_session
+
+log = logging.getLogger("cxr_spark")
+
+SPARK_STAGES: dict[str, tuple[ModuleType, str]] = {
+    "ingest": (ingest, "read an image dump and its metadata into the raw Petastorm dataset, with a quarantine"),
+    "preprocess": (preprocess, "decode and resize raw images into images_<size>, with train mean/std"),
+    "train": (train, "train a CNN with Horovod-on-Spark, one Petastorm shard per process"),
+    "score": (score, "score a split of an images dataset with a trained model into predictions"),
+    "report": (report, "compute confusion-matrix metrics and AUROC with Spark; write metrics.json and report.md"),
+}
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="pipeline defaults (default: conf/pipeline.toml)")
+    parser.add_argument("--spark-conf", help="Spark properties file when not under spark-submit "
+                                             "(default: conf/spark/local.conf)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_synth(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", required=True, help="folder for the synthetic dump (NIH layout)")
+    parser.add_argument("--n-images", type=int, default=1000, help="number of images (default 1000)")
+    parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024, as NIH)")
+    parser.add_argument("--metadata", help="real Data_Entry CSV to sample patients and labels from "
+                                           "(default: built-in frequencies, floored at 10%% per finding)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _add_demo(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run-dir", default="runs/demo", help="where every stage writes (default runs/demo)")
+    parser.add_argument("--n-images", type=int, default=1000, help="synthetic images (default 1000)")
+    parser.add_argument("--image-size", type=int, default=1024, help="synthetic image side (default 1024)")
+    parser.add_argument("--size", type=int, default=128, help="training input side (default 128)")
+    parser.add_argument("--epochs", type=int, help="maximum training epochs (default from conf)")
+    parser.add_argument("--num-proc", type=int, help="Horovod processes (default from conf: 2)")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic data seed (default 0)")
+
+
+def args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr-spark", description=(
+        "A Spark pipeline for chest X-rays (NIH ChestX-ray14): synth -> ingest -> preprocess -> train "
+        "(Horovod-on-Spark) -> score -> report. Each stage can also run as spark-submit spark_jobs/<stage>.py."))
+    parser.add_argument("--version", action="version", version=f"cxr-spark {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    synth = commands.add_parser("synth", help="write a synthetic NIH ChestX-ray14-style dump (no Spark)",
+                                description="Write images_NNN/images/*.png, Data_Entry_2017.csv, train_val_list.txt "
+                                            "and test_list.txt exactly like the NIH download.")
+    _add_synth(synth)
+    synth.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    for name, (module, help_text) in SPARK_STAGES.items():
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        module.configure_parser(sub)
+        _add_common(sub)
+    demo = commands.add_parser("demo", help="run every stage on a synthetic dump and print test AUROC",
+                               description="synth -> ingest -> preprocess -> train -> score -> report in RUN_DIR.")
+    _add_demo(demo)
+    _add_common(demo)
+    return parser
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("py4j", "matplotlib", "petastorm"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _summary(stage: str, counts: dict) -> str:
+    return f"{stage}: " + json.dumps(counts, default=str)
+
+
+def run_stage(stage: str, args: argparse.Namespace, spark=None) -> dict:
+    """Run one Spark stage with a session built here (and stopped here) unless one is given."""
+    config = load_config(args.config)
+    own_session = spark is None
+    spark = spark or build_session(f"cxr-spark {stage}", args.spark_conf)
+    try:
+        return SPARK_STAGES[stage][0].main(spark, args, config)
+    finally:
+        if own_session:
+            spark.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = args_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if args.command == "synth":
+        from cxr_spark.synth import SynthSpec, generate
+
+        counts = generate(SynthSpec(out=args.out, n_images=args.n_images, size=args.size, seed=args.seed,
+                                    metadata=args.metadata))
+    elif args.command == "demo":
+        from cxr_spark.demo import run_demo
+
+        counts = run_demo(args)
+    else:
+        counts = run_stage(args.command, args)
+    print(_summary(args.command, counts))
+    return 0
+
+
+def submit_main(stage: str, argv: list[str]) -> int:
+    """Entry point of ``spark_jobs/<stage>.py``: same arguments as ``cxr-spark <stage>``."""
+    return main([stage, *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

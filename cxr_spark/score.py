@@ -1,0 +1,112 @@
+"""Score: run a trained model over an ``images_<size>`` dataset (or one split of it) with Spark.
+
+The model's bytes are broadcast once; each Python worker deserialises them once and keeps the model
+for every later batch and task (``spark.python.worker.reuse``). Input size and normalisation come
+from ``model.json``, never from guesses.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import logging
+import os
+import tempfile
+import time
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import SparkSession
+from pyspark.sql import functions as F
+
+from cxr_spark.config import PipelineConfig, override
+from cxr_spark.manifest import finish_manifest
+from cxr_spark.schemas import decode_column, images_schema
+from cxr_spark.storage import atomic_output, local_path, read_json, to_url
+from cxr_spark.train import MODEL_FILE, load_model_card, normalize
+
+log = logging.getLogger(__name__)
+PREDICTIONS_DDL = "image_id string, split string, labels array<smallint>, probabilities array<float>"
+_LOADED_MODELS: dict[str, object] = {}  # per Python worker: model_version -> Keras model
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--in", dest="input", required=True, help="images_<size> dataset")
+    parser.add_argument("--model", required=True, help="model folder written by train")
+    parser.add_argument("--out", required=True, help="predictions dataset to write (replaced atomically)")
+    parser.add_argument("--split", help="split to score: train, val, test or all (default from conf: test)")
+
+
+def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
+    settings = override(config.score, split=args.split)
+    return score(spark, args.input, args.model, args.out, settings.split, settings.batch_size)
+
+
+def _loaded_model(version: str, model_bytes: bytes):
+    """Deserialise a model at most once per Python worker process."""
+    if version not in _LOADED_MODELS:
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)  # one Spark task slot, one core
+        with tempfile.TemporaryDirectory() as folder:
+            path = os.path.join(folder, MODEL_FILE)
+            with open(path, "wb") as handle:
+                handle.write(model_bytes)
+            _LOADED_MODELS[version] = tf.keras.models.load_model(path, compile=False)
+        log.info("worker %d loaded model %s", os.getpid(), version)
+    return _LOADED_MODELS[version]
+
+
+def _score_partition(card: dict, model_broadcast, batch_size: int):
+    size, version = card["input_size"], card["model_version"]
+    mean, std = card["normalization"]["mean"], card["normalization"]["std"]
+    schema = images_schema(size)
+
+    def predict(batches):
+        model = _loaded_model(version, model_broadcast.value)
+        for frame in batches:
+            images = np.stack(decode_column(schema, "image", frame["image"])) if len(frame) else np.zeros((0, size, size))
+            inputs = normalize(images.astype(np.float32), mean, std)[..., np.newaxis]
+            outputs = [model(inputs[i:i + batch_size], training=False).numpy() for i in range(0, len(inputs), batch_size)]
+            probabilities = np.concatenate(outputs) if outputs else np.zeros((0, len(card["labels"])), np.float32)
+            labels = decode_column(schema, "labels", frame["labels"])
+            yield pd.DataFrame({
+                "image_id": frame["image_id"], "split": frame["split"],
+                "labels": [row.astype(np.int16) for row in labels],
+                "probabilities": list(probabilities.astype(np.float32)),
+            })
+
+    return predict
+
+
+def score(spark: SparkSession, input_url: str, model_dir: str, out: str, split: str = "test",
+          batch_size: int = 64) -> dict:
+    """Write ``predictions`` for ``split`` of ``input_url`` (``all`` for every row); returns counts."""
+    started = time.time()
+    url, model_url = to_url(input_url), to_url(model_dir)
+    card = load_model_card(spark, model_url)
+    dataset_size = read_json(spark, f"{url}/_manifest.json")["counts"]["size"]
+    if dataset_size != card["input_size"]:
+        raise ValueError(f"model {card['model_version']} takes {card['input_size']}px images but {url} holds "
+                         f"{dataset_size}px images; preprocess with --size {card['input_size']}")
+    with open(local_path(f"{model_url}/{MODEL_FILE}"), "rb") as handle:
+        model_broadcast = spark.sparkContext.broadcast(handle.read())
+    images = spark.read.parquet(url)
+    if split != "all":
+        images = images.where(F.col("split") == split)
+    scored_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    predictions = (images.select("image_id", "split", "labels", "image")
+                   .mapInPandas(_score_partition(card, model_broadcast, batch_size), PREDICTIONS_DDL)
+                   .withColumn("model_version", F.lit(card["model_version"]))
+                   .withColumn("scored_at", F.lit(scored_at).cast("timestamp")))
+    with atomic_output(spark, out) as tmp:
+        predictions.write.parquet(tmp)
+        n_scored = spark.read.parquet(tmp).count()
+        counts = {"scored": n_scored, "split": split}
+        finish_manifest(spark, tmp, "score", started, config={"split": split, "batch_size": batch_size},
+                        inputs={"images": url, "model": model_url}, counts=counts,
+                        extra={"model": {key: card[key] for key in
+                                         ("model_version", "model", "task", "labels", "input_size", "thresholds")}})
+    model_broadcast.unpersist()
+    if n_scored == 0:
+        log.warning("no rows of split %r in %s: nothing was scored", split, url)
+    return {**counts, "model_version": card["model_version"]}
