@@ -244,7 +244,7 @@ def _quarantine_rows(decided: DataFrame, meta: DataFrame | None) -> DataFrame:
 def _count(spark: SparkSession, tmp: str, index: DataFrame, meta: DataFrame | None) -> dict:
     """Counts from what was written, so they reconcile with the outputs themselves."""
     raw = spark.read.parquet(tmp)
-    quarantine = spark.read.parquet(f"{tmp}/{QUARANTINE_DIR}")
+    quarantine = spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{tmp}/{QUARANTINE_DIR}")
     by_kind = {row["kind"]: row["count"] for row in quarantine.groupBy("kind").count().collect()}
     by_reason = {row["reason"]: row["count"] for row in quarantine.groupBy("reason").count().collect()}
     by_split = {row["split"]: row["count"] for row in raw.groupBy("split").count().collect()}

@@ -1,0 +1,74 @@
+"""Shared fixtures: one local[2] Spark session and one tiny synthetic dump per test session."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT.parent / "shared" / "data"
+TINY_IMAGES = 96  # enough patients for all three splits, small enough for seconds per stage
+TINY_SIZE = 128  # synthetic image side for tests (the real layout, smaller pixels)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The real NIH metadata and samples in ../shared/data, or a skip with the reason."""
+    if not (SHARED_DATA / "nih" / "Data_Entry_2017_v2020.csv.gz").exists():
+        pytest.skip(f"real reference data not found at {SHARED_DATA} (it sits beside the project in the "
+                    "team's workspace, not in a user's clone)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def spark(tmp_path_factory):
+    from cxr_spark.session import build_session, read_properties
+
+    properties = read_properties(ROOT / "conf" / "spark" / "local.conf")
+    properties.update({"spark.ui.enabled": "false", "spark.driver.memory": "2g",
+                       "spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse"))})
+    conf_file = tmp_path_factory.mktemp("conf") / "test.conf"
+    conf_file.write_text("".join(f"{k} {v}\n" for k, v in properties.items()))
+    os.environ["PYSPARK_PYTHON"] = sys.executable
+    session = build_session("cxr-spark tests", conf_file)
+    yield session
+    session.stop()
+
+
+@pytest.fixture(scope="session")
+def tiny_dump(tmp_path_factory) -> Path:
+    from cxr_spark.synth import SynthSpec, generate
+
+    out = tmp_path_factory.mktemp("dump")
+    generate(SynthSpec(out=str(out), n_images=TINY_IMAGES, size=TINY_SIZE, seed=7, processes=2))
+    return out
+
+
+@pytest.fixture(scope="session")
+def config():
+    from cxr_spark.config import load_config
+
+    return load_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_raw(spark, tiny_dump, tmp_path_factory, config):
+    from cxr_spark.ingest import ingest
+
+    out = tmp_path_factory.mktemp("datasets") / "raw"
+    counts = ingest(spark, str(tiny_dump), str(out), str(tiny_dump / "Data_Entry_2017.csv"), str(tiny_dump),
+                    config.ingest)
+    return out, counts
+
+
+@pytest.fixture(scope="session")
+def tiny_images(spark, tiny_raw, config):
+    from cxr_spark.config import override
+    from cxr_spark.preprocess import preprocess
+
+    raw, _ = tiny_raw
+    out = raw.parent / "images_32"
+    counts = preprocess(spark, str(raw), str(out), override(config.preprocess, size=32, min_files_per_split=4))
+    return out, counts

@@ -1,0 +1,114 @@
+"""Ingest and preprocess on real local Spark: counts, labels, splits, quarantine, atomic replacement."""
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+from petastorm import make_reader
+
+from cxr_spark.ingest import QUARANTINE_DIR, QUARANTINE_SCHEMA, ingest
+from cxr_spark.labels import parse_finding_labels
+from cxr_spark.storage import atomic_output
+
+
+def _csv_rows(path):
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    return {row[0]: row for row in rows}
+
+
+def _read_raw(url, fields):
+    with make_reader(f"file://{url}", schema_fields=fields, num_epochs=1, workers_count=1) as reader:
+        return list(reader)
+
+
+def test_ingest_counts_reconcile_and_labels_match_the_csv(tiny_raw, tiny_dump):
+    raw, counts = tiny_raw
+    csv_rows = _csv_rows(tiny_dump / "Data_Entry_2017.csv")
+    assert counts["files_listed"] == len(list(tiny_dump.rglob("*.png"))) == len(csv_rows)
+    assert counts["files_listed"] == counts["ingested"] + counts["quarantined"]
+    assert counts["metadata_rows"] == counts["metadata_matched"] + counts["metadata_quarantined"]
+    rows = _read_raw(raw, ["image_id", "labels", "patient_id", "png", "content_sha256", "height", "width"])
+    assert len(rows) == counts["ingested"] == len(csv_rows)
+    png_files = {p.name: p for p in tiny_dump.rglob("*.png")}
+    for row in rows:
+        assert np.array_equal(row.labels, parse_finding_labels(csv_rows[row.image_id][1]))
+        assert row.patient_id == int(csv_rows[row.image_id][3])
+        assert bytes(row.png) == png_files[row.image_id].read_bytes()  # original bytes, not re-encoded
+        assert (row.height, row.width) == (128, 128)
+
+
+def test_official_test_list_is_honoured_and_no_patient_spans_splits(spark, tiny_raw, tiny_dump):
+    raw, counts = tiny_raw
+    frame = spark.read.parquet(str(raw)).select("image_id", "patient_id", "split").toPandas()
+    test_list = set((tiny_dump / "test_list.txt").read_text().split())
+    assert set(frame.loc[frame["split"] == "test", "image_id"]) == test_list
+    assert frame.groupby("patient_id")["split"].nunique().max() == 1
+    assert set(frame["split"]) == {"train", "val", "test"}
+    assert counts["splits"] == frame["split"].value_counts().to_dict()
+
+
+def test_bad_files_are_quarantined_with_reasons(spark, tiny_dump, tmp_path, config):
+    dump = tmp_path / "dump"
+    shutil.copytree(tiny_dump, dump)
+    folder = dump / "images_001" / "images"
+    good = sorted(folder.glob("*.png"))
+    good[0].write_bytes(b"")  # zero bytes
+    good[1].write_text("this is not an image")
+    (folder / "99999999_000.png").write_bytes(good[2].read_bytes())  # no metadata row
+    (dump / "images_002" / "images").mkdir(parents=True)
+    shutil.copy(good[3], dump / "images_002" / "images" / good[3].name)  # duplicate image id
+    good[4].unlink()  # a metadata row with no image
+    counts = ingest(spark, str(dump), str(tmp_path / "raw"), str(dump / "Data_Entry_2017.csv"), str(dump),
+                    config.ingest)
+    quarantine = spark.read.schema(QUARANTINE_SCHEMA).parquet(str(tmp_path / "raw" / QUARANTINE_DIR)).toPandas()
+    reasons = dict(zip(quarantine["image_id"], quarantine["reason"]))
+    assert reasons[good[0].name] == "empty_file" and reasons[good[1].name] == "not_an_image"
+    assert reasons["99999999_000.png"] == "no_metadata" and reasons[good[4].name] == "no_image"
+    assert reasons[good[3].name] == "duplicate_image_id"
+    n_files = len(list(dump.rglob("*.png")))
+    assert counts["files_listed"] == n_files == counts["ingested"] + counts["quarantined"]
+    assert counts["quarantined"] == 4 and counts["metadata_quarantined"] == 1
+    assert counts["metadata_rows"] == counts["metadata_matched"] + counts["metadata_quarantined"]
+
+
+def test_real_samples_get_the_labels_the_real_csv_states(spark, shared_data, tmp_path, config):
+    images = tmp_path / "samples"
+    images.mkdir()
+    for name in ("00000001_000.png", "00027426_000.png"):
+        shutil.copy(shared_data / "samples" / name, images / name)
+    metadata = shared_data / "nih" / "Data_Entry_2017_v2020.csv.gz"
+    counts = ingest(spark, str(images), str(tmp_path / "raw"), str(metadata), None, config.ingest)
+    assert counts["ingested"] == 2 and counts["metadata_rows"] == 112_120
+    assert counts["metadata_matched"] == 2 and counts["metadata_quarantined"] == 112_118
+    rows = {r.image_id: r for r in _read_raw(tmp_path / "raw", ["image_id", "labels", "finding_labels", "height"])}
+    assert rows["00000001_000.png"].finding_labels == "Cardiomegaly"
+    assert np.flatnonzero(rows["00000001_000.png"].labels).tolist() == [1]  # Cardiomegaly is index 1
+    assert rows["00027426_000.png"].labels.sum() == 0 and rows["00027426_000.png"].height == 512
+
+
+def test_failed_run_leaves_previous_output_untouched(spark, tmp_path):
+    target = tmp_path / "dataset"
+    target.mkdir()
+    (target / "part-0.txt").write_text("previous good output")
+    with pytest.raises(RuntimeError, match="killed"):
+        with atomic_output(spark, str(target)) as tmp:
+            spark.range(10).write.parquet(tmp)
+            raise RuntimeError("killed mid-write")
+    assert (target / "part-0.txt").read_text() == "previous good output"
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset"]  # no temporary output left behind
+
+
+def test_preprocess_stores_resized_images_and_exact_train_statistics(tiny_images, tiny_raw):
+    images, counts = tiny_images
+    _, raw_counts = tiny_raw
+    assert counts["images"] == raw_counts["ingested"] and counts["splits"] == raw_counts["splits"]
+    with make_reader(f"file://{images}", schema_fields=["image", "split"], num_epochs=1, workers_count=1) as reader:
+        rows = list(reader)
+    assert all(r.image.shape == (32, 32) and r.image.dtype == np.uint8 for r in rows)
+    train = np.stack([r.image for r in rows if r.split == "train"]).astype(np.float64)
+    assert counts["normalization"]["n_images"] == len(train)
+    assert counts["normalization"]["mean"] == pytest.approx(train.mean(), rel=1e-6)
+    assert counts["normalization"]["std"] == pytest.approx(train.std(), rel=1e-5)

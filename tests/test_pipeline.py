@@ -1,0 +1,109 @@
+"""End to end on tiny data: a real 2-process Horovod-on-Spark training run, Spark scoring, the report,
+and the same jobs through spark-submit. Marked slow (about a minute)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from petastorm import make_reader
+from sklearn.metrics import roc_auc_score
+
+from cxr_spark.config import override
+from cxr_spark.labels import LABELS
+from cxr_spark.report import report
+from cxr_spark.score import score
+from cxr_spark.train import MODEL_FILE, normalize, train
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(spark, tiny_images, config):
+    images, _ = tiny_images
+    out = images.parent / "model"
+    counts = train(spark, str(images), str(out), override(config.train, num_proc=2, epochs=2, batch_size=4))
+    return out, counts
+
+
+def test_two_horovod_processes_train_and_write_a_model_card(trained, tiny_images):
+    model_dir, counts = trained
+    images, image_counts = tiny_images
+    card = json.loads((model_dir / "model.json").read_text())
+    assert card["labels"] == list(LABELS) and card["input_size"] == 32
+    assert card["normalization"]["mean"] == image_counts["normalization"]["mean"]
+    assert card["training"]["num_proc"] == 2 and card["model_version"] == counts["model_version"]
+    assert len(card["history"]["loss"]) == counts["epochs_run"] == 2
+    assert card["training"]["steps_per_epoch"] == image_counts["splits"]["train"] // (4 * 2)
+    assert (model_dir / MODEL_FILE).stat().st_size > 10_000
+
+
+def test_more_processes_than_task_slots_fails_at_once(spark, tiny_images, config, tmp_path):
+    images, _ = tiny_images
+    with pytest.raises(ValueError, match="exceeds the 2 task slots"):
+        train(spark, str(images), str(tmp_path / "model"), override(config.train, num_proc=3))
+    assert not (tmp_path / "model").exists()
+
+
+def test_spark_scores_equal_keras_predict_and_metrics_equal_sklearn(spark, trained, tiny_images, tmp_path):
+    import tensorflow as tf
+
+    model_dir, counts = trained
+    images, image_counts = tiny_images
+    result = score(spark, str(images), str(model_dir), str(tmp_path / "predictions"), "test")
+    predictions = pd.read_parquet(tmp_path / "predictions").sort_values("image_id")
+    assert result["scored"] == len(predictions) == image_counts["splits"]["test"]
+    assert (predictions["model_version"] == counts["model_version"]).all()
+
+    card = json.loads((model_dir / "model.json").read_text())
+    with make_reader(f"file://{images}", schema_fields=["image_id", "image", "labels"], num_epochs=1,
+                     workers_count=1, filters=[("split", "=", "test")]) as reader:
+        rows = sorted(reader, key=lambda r: r.image_id)
+    model = tf.keras.models.load_model(model_dir / MODEL_FILE, compile=False)
+    pixels = np.stack([r.image for r in rows]).astype(np.float32)
+    norm = card["normalization"]
+    expected = model.predict(normalize(pixels, norm["mean"], norm["std"])[..., None], verbose=0)
+    assert [r.image_id for r in rows] == predictions["image_id"].tolist()
+    assert np.allclose(np.stack(predictions["probabilities"]), expected, atol=1e-5)
+    assert np.array_equal(np.stack(predictions["labels"]), np.stack([r.labels for r in rows]))
+
+    metrics = report(spark, str(tmp_path / "predictions"), str(tmp_path / "report"))
+    y, p = np.stack(predictions["labels"]), np.stack(predictions["probabilities"])
+    for i, name in enumerate(LABELS):
+        row = metrics["per_label"][name]
+        assert row["tp"] == int(((p[:, i] >= 0.5) & (y[:, i] == 1)).sum())
+        assert row["fp"] == int(((p[:, i] >= 0.5) & (y[:, i] == 0)).sum())
+        assert row["tn"] + row["fn"] == int((p[:, i] < 0.5).sum())
+        if 0 < y[:, i].sum() < len(y):
+            assert row["auroc"] == pytest.approx(roc_auc_score(y[:, i], p[:, i]), abs=1e-9)
+
+
+def test_spark_submit_runs_a_job_file_with_the_cli_arguments(tiny_dump, tmp_path):
+    import pyspark
+
+    spark_home = Path(pyspark.__file__).parent
+    env = dict(os.environ, SPARK_HOME=str(spark_home), PYSPARK_PYTHON=sys.executable,
+               PYSPARK_DRIVER_PYTHON=sys.executable)
+    command = [str(spark_home / "bin" / "spark-submit"), "--properties-file", str(ROOT / "conf/spark/local.conf"),
+               "--conf", "spark.ui.enabled=false", str(ROOT / "spark_jobs" / "ingest.py"),
+               "--images", str(tiny_dump), "--metadata", str(tiny_dump / "Data_Entry_2017.csv"),
+               "--out", str(tmp_path / "raw")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+    manifest = json.loads((tmp_path / "raw" / "_manifest.json").read_text())
+    assert summary["ingested"] == manifest["counts"]["ingested"] == len(list(tiny_dump.rglob("*.png")))
+    assert manifest["inputs"]["split_lists"] is None  # hash split: no lists were given
+
+
+def test_every_command_has_help():
+    for stage in ("synth", "ingest", "preprocess", "train", "score", "report", "demo"):
+        done = subprocess.run([sys.executable, "-m", "cxr_spark.cli", stage, "--help"], capture_output=True,
+                              text=True, timeout=120)
+        assert done.returncode == 0 and f"cxr-spark {stage}" in done.stdout, stage
