@@ -122,6 +122,31 @@ def list_files(spark: SparkSession, images: str) -> DataFrame:
             .option("pathGlobFilter", IMAGE_GLOB).load(to_url(images)))
 
 
+def _index_files(spark: SparkSession, images: str) -> DataFrame:
+    """One row per listed file: path, id, size, SHA-256 and header check (a quarantine reason or null).
+
+    Spark's file sources make no split for a 0-byte file, so such files yield no row; the listing
+    itself (the driver's file index) still names them, and they are added back as ``empty_file``.
+    """
+    inspect = F.pandas_udf(_inspect_files, "width int, height int, reason string, detail string")
+    files = list_files(spark, images)
+    read = (files.select(
+        F.col("path").alias("source_path"), F.col("length"), F.sha2("content", 256).alias("content_sha256"),
+        inspect("content").alias("header"))
+        .select("source_path", "length", "content_sha256", "header.*"))
+    listing = spark.createDataFrame([(path,) for path in files.inputFiles()], "source_path string").select(
+        # the file index spells local URLs file:///x where rows say file:/x
+        F.regexp_replace("source_path", r"^([A-Za-z][A-Za-z0-9+.-]*):///", "$1:/").alias("source_path"))
+    empty = listing.join(read.select("source_path"), "source_path", "left_anti").select(
+        "source_path", F.lit(0).cast("long").alias("length"), F.lit(None).cast("string").alias("content_sha256"),
+        F.lit(None).cast("int").alias("width"), F.lit(None).cast("int").alias("height"),
+        F.lit("empty_file").alias("reason"), F.lit("zero bytes").alias("detail"))
+    return (read.unionByName(empty)
+            .withColumn("image_id", F.element_at(F.split("source_path", "/"), -1))
+            .withColumn("duplicate_rank",
+                        F.row_number().over(Window.partitionBy("image_id").orderBy("source_path"))))
+
+
 def read_metadata(spark: SparkSession, metadata: str, split_lists: str | None, settings: IngestConfig) -> DataFrame:
     """Parse a Data_Entry CSV positionally with an explicit schema; add labels, age and split."""
     table = (spark.read.schema(SPARK_DDL).option("header", "true").option("mode", "PERMISSIVE")
@@ -146,17 +171,8 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
 
     settings = settings or load_config().ingest
     started = time.time()
-    inspect = F.pandas_udf(_inspect_files, "width int, height int, reason string, detail string")
+    index = _index_files(spark, images).cache()  # one small row per file, no image bytes
     files = list_files(spark, images)
-    index = (files.select(
-        F.col("path").alias("source_path"),
-        F.element_at(F.split("path", "/"), -1).alias("image_id"),
-        F.col("length"),
-        F.sha2("content", 256).alias("content_sha256"),
-        inspect("content").alias("header"))
-        .select("source_path", "image_id", "length", "content_sha256", "header.*")
-        .withColumn("duplicate_rank", F.row_number().over(Window.partitionBy("image_id").orderBy("source_path")))
-        .cache())  # one small row per file, no image bytes
 
     meta = None
     if metadata:

@@ -35,8 +35,9 @@ def label_metrics(predictions: DataFrame, labels: list[str], thresholds: list[fl
     """Per-label confusion counts at ``thresholds`` (positive when p >= t) and exact AUROC, by Spark."""
     pairs = predictions.select(F.posexplode(F.arrays_zip("labels", "probabilities")).alias("label", "pair"))
     long = pairs.select("label", F.col("pair.labels").cast("int").alias("y"),
-                        F.col("pair.probabilities").cast("double").alias("p"))
-    threshold = F.element_at(F.array(*[F.lit(float(t)) for t in thresholds]), F.col("label") + 1)
+                        F.col("pair.probabilities").cast("float").alias("p"))
+    # Thresholds are applied at the probabilities' own (float32) precision: 0.39f >= 0.39 must hold.
+    threshold = F.element_at(F.array(*[F.lit(float(t)).cast("float") for t in thresholds]), F.col("label") + 1)
     predicted = F.col("p") >= threshold
     counts = long.groupBy("label").agg(
         F.sum((predicted & (F.col("y") == 1)).cast("long")).alias("tp"),
