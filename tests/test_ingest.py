@@ -6,11 +6,12 @@ import shutil
 
 import numpy as np
 import pytest
-from petastorm import make_reader
 
 from cxr_spark.ingest import QUARANTINE_DIR, QUARANTINE_SCHEMA, ingest
 from cxr_spark.labels import parse_finding_labels
 from cxr_spark.storage import atomic_output
+
+from conftest import read_rows
 
 
 def _csv_rows(path):
@@ -19,18 +20,13 @@ def _csv_rows(path):
     return {row[0]: row for row in rows}
 
 
-def _read_raw(url, fields):
-    with make_reader(f"file://{url}", schema_fields=fields, num_epochs=1, workers_count=1) as reader:
-        return list(reader)
-
-
 def test_ingest_counts_reconcile_and_labels_match_the_csv(tiny_raw, tiny_dump):
     raw, counts = tiny_raw
     csv_rows = _csv_rows(tiny_dump / "Data_Entry_2017.csv")
     assert counts["files_listed"] == len(list(tiny_dump.rglob("*.png"))) == len(csv_rows)
     assert counts["files_listed"] == counts["ingested"] + counts["quarantined"]
     assert counts["metadata_rows"] == counts["metadata_matched"] + counts["metadata_quarantined"]
-    rows = _read_raw(raw, ["image_id", "labels", "patient_id", "png", "content_sha256", "height", "width"])
+    rows = read_rows(raw, ["image_id", "labels", "patient_id", "png", "content_sha256", "height", "width"])
     assert len(rows) == counts["ingested"] == len(csv_rows)
     png_files = {p.name: p for p in tiny_dump.rglob("*.png")}
     for row in rows:
@@ -83,7 +79,7 @@ def test_real_samples_get_the_labels_the_real_csv_states(spark, shared_data, tmp
     counts = ingest(spark, str(images), str(tmp_path / "raw"), str(metadata), None, config.ingest)
     assert counts["ingested"] == 2 and counts["metadata_rows"] == 112_120
     assert counts["metadata_matched"] == 2 and counts["metadata_quarantined"] == 112_118
-    rows = {r.image_id: r for r in _read_raw(tmp_path / "raw", ["image_id", "labels", "finding_labels", "height"])}
+    rows = {r.image_id: r for r in read_rows(tmp_path / "raw", ["image_id", "labels", "finding_labels", "height"])}
     assert rows["00000001_000.png"].finding_labels == "Cardiomegaly"
     assert np.flatnonzero(rows["00000001_000.png"].labels).tolist() == [1]  # Cardiomegaly is index 1
     assert rows["00027426_000.png"].labels.sum() == 0 and rows["00027426_000.png"].height == 512
@@ -105,8 +101,7 @@ def test_preprocess_stores_resized_images_and_exact_train_statistics(tiny_images
     images, counts = tiny_images
     _, raw_counts = tiny_raw
     assert counts["images"] == raw_counts["ingested"] and counts["splits"] == raw_counts["splits"]
-    with make_reader(f"file://{images}", schema_fields=["image", "split"], num_epochs=1, workers_count=1) as reader:
-        rows = list(reader)
+    rows = read_rows(images, ["image", "split"])
     assert all(r.image.shape == (32, 32) and r.image.dtype == np.uint8 for r in rows)
     train = np.stack([r.image for r in rows if r.split == "train"]).astype(np.float64)
     assert counts["normalization"]["n_images"] == len(train)

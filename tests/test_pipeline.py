@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from petastorm import make_reader
 from sklearn.metrics import roc_auc_score
 
 from cxr_spark.config import override
@@ -19,6 +18,8 @@ from cxr_spark.labels import LABELS
 from cxr_spark.report import report
 from cxr_spark.score import score
 from cxr_spark.train import MODEL_FILE, normalize, train
+
+from conftest import read_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -62,9 +63,8 @@ def test_spark_scores_equal_keras_predict_and_metrics_equal_sklearn(spark, train
     assert (predictions["model_version"] == counts["model_version"]).all()
 
     card = json.loads((model_dir / "model.json").read_text())
-    with make_reader(f"file://{images}", schema_fields=["image_id", "image", "labels"], num_epochs=1,
-                     workers_count=1, filters=[("split", "=", "test")]) as reader:
-        rows = sorted(reader, key=lambda r: r.image_id)
+    rows = sorted(read_rows(images, ["image_id", "image", "labels"], filters=[("split", "=", "test")]),
+                  key=lambda r: r.image_id)
     model = tf.keras.models.load_model(model_dir / MODEL_FILE, compile=False)
     pixels = np.stack([r.image for r in rows]).astype(np.float32)
     norm = card["normalization"]
