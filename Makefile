@@ -7,7 +7,7 @@ STAMP := $(VENV)/.cxr-spark-installed
 RUN_DIR ?= runs/demo
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test test-fast bench clean help
+.PHONY: install demo test test-fast cluster-test package clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -21,11 +21,14 @@ $(STAMP): pyproject.toml constraints.txt scripts/install.sh
 demo: install  ## synthetic NIH dump -> ingest -> preprocess -> Horovod training -> scoring -> report
 	$(BIN)/cxr-spark demo --run-dir $(RUN_DIR)
 
-test: install  ## the whole test suite, including a real 2-process Horovod run
-	$(BIN)/python -m pytest -q tests
+test: install  ## the test suite, including a real 2-process Horovod run (not the cluster tests)
+	$(BIN)/python -m pytest -q -m "not cluster" tests
 
 test-fast: install  ## the tests that need no Horovod run
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not cluster" tests
+
+cluster-test: install  ## a Spark standalone master + 2 workers on 127.0.0.1: the pipeline via spark-submit, a killed executor
+	$(BIN)/python -m pytest -q -m cluster tests/cluster
 
 clean:  ## remove demo outputs (keeps .venv)
 	rm -rf runs .pytest_cache
