@@ -88,6 +88,7 @@ def _summary(stage: str, counts: dict) -> str:
 def run_stage(stage: str, args: argparse.Namespace, spark=None) -> dict:
     """Run one Spark stage with a session built here (and stopped here) unless one is given."""
     config = load_config(args.config)
+    log.info("%s: arguments %s", stage, {k: v for k, v in vars(args).items() if v is not None})
     own_session = spark is None
     spark = spark or build_session(f"cxr-spark {stage}", args.spark_conf)
     try:

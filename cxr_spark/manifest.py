@@ -12,7 +12,7 @@ from typing import Any
 from pyspark.sql import SparkSession
 
 import cxr_spark
-from cxr_spark.storage import write_json
+from cxr_spark.storage import read_json, to_url, write_json
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,17 @@ def _plain(value: Any) -> Any:
     return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
+def input_version(spark: SparkSession, url: str) -> dict:
+    """Identify an input dataset by its own manifest (stage, code version, when it was written)."""
+    url = to_url(url)
+    try:
+        manifest = read_json(spark, f"{url}/_manifest.json")
+    except Exception:  # noqa: BLE001 - any unreadable manifest just leaves the version unknown
+        return {"url": url, "manifest": None}
+    return {"url": url, **{key: manifest.get(key) for key in ("stage", "code_version", "finished_at")},
+            **({"model_version": manifest["model_version"]} if "model_version" in manifest else {})}
+
+
 def finish_manifest(spark: SparkSession, out_url: str, stage: str, started: float, *, config: Any,
                     inputs: dict, counts: dict, extra: dict | None = None) -> dict:
     """Write ``<out>/_manifest.json`` (code version, config, inputs, counts, duration) and return it."""
@@ -45,4 +56,6 @@ def finish_manifest(spark: SparkSession, out_url: str, stage: str, started: floa
         **(extra or {}),
     }
     write_json(spark, f"{out_url}/_manifest.json", manifest)
+    log.info("%s: config %s; inputs %s; counts %s (%.0f s)", stage, manifest["config"], inputs, counts,
+             manifest["duration_s"])
     return manifest

@@ -18,7 +18,7 @@ from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig, PreprocessConfig, override
 from cxr_spark.images import ImageError, decode_grayscale, resize_square
-from cxr_spark.manifest import finish_manifest
+from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.schemas import encode_column, images_schema, metadata_columns
 from cxr_spark.storage import atomic_output, to_url, write_json
 
@@ -94,6 +94,7 @@ def preprocess(spark: SparkSession, input_url: str, out: str, settings: Preproce
                   "files_per_split": files_per_split, "size": size}
         if counts["images"] != n_rows:
             raise RuntimeError(f"preprocess wrote {counts['images']} images from {n_rows} raw rows")
-        finish_manifest(spark, tmp, "preprocess", started, config=settings, inputs={"raw": to_url(input_url)},
+        finish_manifest(spark, tmp, "preprocess", started, config=settings,
+                        inputs={"raw": input_version(spark, input_url)},
                         counts=counts, extra={"normalization": normalization})
     return {**counts, "normalization": normalization}

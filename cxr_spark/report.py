@@ -15,7 +15,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig
-from cxr_spark.manifest import finish_manifest
+from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.metrics import macro_average, rates
 from cxr_spark.storage import atomic_output, read_json, to_url, write_json, write_text
 
@@ -122,7 +122,8 @@ def report(spark: SparkSession, predictions_url: str, out: str) -> dict:
     with atomic_output(spark, out) as tmp:
         write_json(spark, f"{tmp}/metrics.json", metrics)
         write_text(spark, f"{tmp}/report.md", render_markdown(metrics))
-        finish_manifest(spark, tmp, "report", started, config={}, inputs={"predictions": metrics["predictions"]},
+        finish_manifest(spark, tmp, "report", started, config={},
+                        inputs={"predictions": input_version(spark, metrics["predictions"])},
                         counts={"n_images": metrics["n_images"], "macro_auroc": metrics["macro"]["auroc"]})
     return metrics
 

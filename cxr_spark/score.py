@@ -19,7 +19,7 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig, override
-from cxr_spark.manifest import finish_manifest
+from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.schemas import decode_column, images_schema
 from cxr_spark.storage import atomic_output, local_path, read_json, to_url
 from cxr_spark.train import MODEL_FILE, load_model_card, normalize
@@ -103,7 +103,8 @@ def score(spark: SparkSession, input_url: str, model_dir: str, out: str, split: 
         n_scored = spark.read.parquet(tmp).count()
         counts = {"scored": n_scored, "split": split}
         finish_manifest(spark, tmp, "score", started, config={"split": split, "batch_size": batch_size},
-                        inputs={"images": url, "model": model_url}, counts=counts,
+                        inputs={"images": input_version(spark, url), "model": input_version(spark, model_url)},
+                        counts=counts,
                         extra={"model": {key: card[key] for key in
                                          ("model_version", "model", "task", "labels", "input_size", "thresholds")}})
     model_broadcast.unpersist()

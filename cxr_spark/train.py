@@ -19,7 +19,7 @@ from pyspark.sql import SparkSession
 
 from cxr_spark.config import PipelineConfig, TrainConfig, override
 from cxr_spark.labels import LABELS
-from cxr_spark.manifest import finish_manifest
+from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.preprocess import NORMALIZATION_FILE
 from cxr_spark.storage import FileSystem, atomic_output, local_path, read_json, to_url, write_json
 
@@ -177,7 +177,8 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig) 
     with atomic_output(spark, out) as tmp:
         _write_bytes(spark, f"{tmp}/{MODEL_FILE}", result["model_bytes"])
         write_json(spark, f"{tmp}/{MODEL_CARD}", card)
-        finish_manifest(spark, tmp, "train", started, config=settings, inputs={"images": url}, counts=counts,
+        finish_manifest(spark, tmp, "train", started, config=settings, inputs={"images": input_version(spark, url)},
+                        counts=counts,
                         extra={"model_version": model_version})
     return {**counts, "model_version": model_version}
 

@@ -27,7 +27,7 @@ def spark(tmp_path_factory):
     from cxr_spark.session import build_session, read_properties
 
     properties = read_properties(ROOT / "conf" / "spark" / "local.conf")
-    properties.update({"spark.ui.enabled": "false", "spark.driver.memory": "2g",
+    properties.update({"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.driver.memory": "2g",
                        "spark.sql.warehouse.dir": str(tmp_path_factory.mktemp("warehouse"))})
     conf_file = tmp_path_factory.mktemp("conf") / "test.conf"
     conf_file.write_text("".join(f"{k} {v}\n" for k, v in properties.items()))

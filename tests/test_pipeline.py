@@ -61,6 +61,11 @@ def test_spark_scores_equal_keras_predict_and_metrics_equal_sklearn(spark, train
     predictions = pd.read_parquet(tmp_path / "predictions").sort_values("image_id")
     assert result["scored"] == len(predictions) == image_counts["splits"]["test"]
     assert (predictions["model_version"] == counts["model_version"]).all()
+    # the predictions' manifest traces them to the exact dataset and model that made them
+    inputs = json.loads((tmp_path / "predictions" / "_manifest.json").read_text())["inputs"]
+    images_manifest = json.loads((images / "_manifest.json").read_text())
+    assert inputs["images"]["finished_at"] == images_manifest["finished_at"]
+    assert inputs["images"]["stage"] == "preprocess" and inputs["model"]["model_version"] == counts["model_version"]
 
     card = json.loads((model_dir / "model.json").read_text())
     rows = sorted(read_rows(images, ["image_id", "image", "labels"], filters=[("split", "=", "test")]),
