@@ -30,5 +30,14 @@ test-fast: install  ## the tests that need no Horovod run
 cluster-test: install  ## a Spark standalone master + 2 workers on 127.0.0.1: the pipeline via spark-submit, a killed executor
 	$(BIN)/python -m pytest -q -m cluster tests/cluster
 
+PACK_ENV := build/pack-env
+
+package: install  ## dist/: the project wheel and a relocatable environment archive for --archives
+	rm -rf $(PACK_ENV) dist && mkdir -p dist
+	$(BIN)/python -m pip wheel -q --no-deps -w dist .
+	VENV=$(PACK_ENV) PYTHON=$(PYTHON) EDITABLE=0 bash scripts/install.sh
+	$(BIN)/venv-pack -p $(PACK_ENV) -o dist/cxr-spark-env.tar.gz --force
+	@ls -lh dist
+
 clean:  ## remove demo outputs (keeps .venv)
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache build dist

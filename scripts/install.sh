@@ -3,10 +3,15 @@
 # source against it (Gloo controller, TensorFlow ops), then this project in editable mode.
 # Used by `make install` and by docker/Dockerfile, so both run exactly these steps.
 #   VENV=.venv PYTHON=python3.11 scripts/install.sh
+# EDITABLE=0 installs the project as a regular package (for `make package`, whose archive cannot
+# hold an editable install).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
+EDITABLE=${EDITABLE:-1}
+# GPU images set TF_PACKAGE='tensorflow[and-cuda]' and HOROVOD_GPU_OPERATIONS=NCCL (docker/Dockerfile.gpu).
+TF_PACKAGE=${TF_PACKAGE:-tensorflow-cpu}
 
 die() { echo "install: $*" >&2; exit 1; }
 
@@ -23,8 +28,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade "pip>=23" wheel "setuptools>=68,<70"
 
 echo "install: TensorFlow and the pinned stack"
-"${PIP[@]}" install -q -c constraints.txt tensorflow-cpu numpy pyarrow pyspark pandas petastorm \
-  opencv-python-headless pillow pydicom matplotlib scikit-learn pytest
+"${PIP[@]}" install -q -c constraints.txt "$TF_PACKAGE==2.15.1" numpy pyarrow pyspark pandas petastorm \
+  opencv-python-headless pillow pydicom matplotlib scikit-learn pytest venv-pack
 
 if "$VENV/bin/python" -c 'import horovod.tensorflow, horovod.spark' 2>/dev/null; then
   echo "install: Horovod already built"
@@ -38,7 +43,11 @@ check=$("$VENV/bin/horovodrun" --check-build 2>&1) || die "horovodrun --check-bu
 grep -q '\[X\] TensorFlow' <<<"$check" || die "Horovod was built without TensorFlow support:\n$check"
 grep -q '\[X\] Gloo' <<<"$check" || die "Horovod was built without Gloo:\n$check"
 
-"${PIP[@]}" install -q --no-deps -e .
+if [ "$EDITABLE" = 1 ]; then
+  "${PIP[@]}" install -q --no-deps -e .
+else
+  "${PIP[@]}" install -q --no-deps --force-reinstall .
+fi
 "$VENV/bin/python" - <<'PY'
 import numpy, pyarrow, pyspark, tensorflow, petastorm, horovod
 print(f"install: ok: numpy {numpy.__version__}, pyarrow {pyarrow.__version__}, pyspark {pyspark.__version__}, "
