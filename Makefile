@@ -27,16 +27,19 @@ test: install  ## the test suite, including a real 2-process Horovod run (not th
 test-fast: install  ## the tests that need no Horovod run
 	$(BIN)/python -m pytest -q -m "not slow and not cluster" tests
 
-cluster-test: install  ## a Spark standalone master + 2 workers on 127.0.0.1: the pipeline via spark-submit, a killed executor
+cluster-test: install $(ENV_ARCHIVE)  ## a Spark standalone master + 2 workers on 127.0.0.1: the pipeline via spark-submit, a killed executor, the shipped environment
 	$(BIN)/python -m pytest -q -m cluster tests/cluster
 
 PACK_ENV := build/pack-env
+ENV_ARCHIVE := dist/cxr-spark-env.tar.gz
 
-package: install  ## dist/: the project wheel and a relocatable environment archive for --archives
+package: $(ENV_ARCHIVE)  ## dist/: the project wheel and a relocatable environment archive for --archives
+
+$(ENV_ARCHIVE): $(STAMP) $(wildcard cxr_spark/*.py)
 	rm -rf $(PACK_ENV) dist && mkdir -p dist
 	$(BIN)/python -m pip wheel -q --no-deps -w dist .
 	VENV=$(PACK_ENV) PYTHON=$(PYTHON) EDITABLE=0 bash scripts/install.sh
-	$(BIN)/venv-pack -p $(PACK_ENV) -o dist/cxr-spark-env.tar.gz --force
+	$(BIN)/venv-pack -p $(PACK_ENV) -o $(ENV_ARCHIVE) --force --quiet
 	@ls -lh dist
 
 clean:  ## remove demo outputs (keeps .venv)

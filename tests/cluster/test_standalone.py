@@ -74,11 +74,13 @@ class Cluster:
             time.sleep(1)
         raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}; logs in {self.base}")
 
-    def submit_command(self, stage: str, *args: str) -> list[str]:
+    def submit_command(self, stage: str, *args: str, script: Path | None = None,
+                       python: str = sys.executable, extra: tuple[str, ...] = ()) -> list[str]:
         return [str(self.spark_home / "bin" / "spark-submit"), "--master", self.url,
                 "--properties-file", str(ROOT / "conf" / "spark" / "standalone.conf"),
-                "--conf", f"spark.pyspark.python={sys.executable}", "--conf", "spark.ui.enabled=false",
-                str(ROOT / "spark_jobs" / f"{stage}.py"), *args]
+                "--conf", f"spark.pyspark.python={python}", "--conf", f"spark.pyspark.driver.python={sys.executable}",
+                "--conf", "spark.ui.enabled=false", *extra,
+                str(script or ROOT / "spark_jobs" / f"{stage}.py"), *args]
 
     def submit(self, stage: str, *args: str) -> dict:
         """Run one stage with spark-submit; return the JSON summary it prints last."""
@@ -189,3 +191,19 @@ def test_ingest_survives_a_killed_executor(cluster, dump, tmp_path):
     assert summary["quarantined"] == 0 and summary["metadata_matched"] == n_files
     (app,) = set(victim_dir.glob("app-*")) - before[1]
     assert len(list(app.iterdir())) >= 2, "the master did not replace the killed executor"
+
+
+def test_executors_run_the_packaged_environment_shipped_with_archives(cluster):
+    archive = ROOT / "dist" / "cxr-spark-env.tar.gz"
+    if not archive.exists():
+        pytest.skip("dist/cxr-spark-env.tar.gz is missing: `make package` builds it (`make cluster-test` does)")
+    command = cluster.submit_command("probe", script=Path(__file__).with_name("probe_environment.py"),
+                                     python="./environment/bin/python",
+                                     extra=("--archives", f"{archive}#environment"))
+    done = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+    assert len(found) == 2
+    for executor in found:  # each executor unpacked the archive and ran its Python, with the whole stack
+        assert executor["prefix"].endswith("/environment") and str(ROOT / ".venv") not in executor["executable"]
+        assert executor["horovod"] == "0.28.1" and executor["tensorflow"] == "2.15.1"
