@@ -36,6 +36,8 @@ class TrainConfig:
     batch_size: int
     learning_rate: float
     patience: int
+    warmup_epochs: int
+    weights: str
     seed: int
     shuffle_buffer: int
 

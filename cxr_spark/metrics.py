@@ -7,6 +7,8 @@ from __future__ import annotations
 from statistics import fmean
 from typing import Iterable
 
+import numpy as np
+
 RATE_NAMES = ("accuracy", "precision", "recall", "specificity", "f1", "auroc")
 
 
@@ -40,3 +42,35 @@ def macro_average(per_label: Iterable[dict]) -> dict[str, float | None]:
         macro[name] = fmean(values) if values else None
     macro["labels_with_auroc"] = sum(1 for row in per_label if row.get("auroc") is not None)
     return macro
+
+
+DEFAULT_THRESHOLD = 0.5  # used where validation has no positives or no negatives to tune on
+
+
+def tune_threshold(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The decision threshold (positive when score >= t) that maximises F1 on one label's validation set.
+
+    Every distinct score is a candidate; among equal F1 the highest threshold (fewest false
+    positives) wins. Without both classes present, :data:`DEFAULT_THRESHOLD`.
+
+    >>> tune_threshold(np.array([0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8]))
+    0.35
+    """
+    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=np.float64)
+    positives = int(labels.sum())
+    if positives == 0 or positives == len(labels):
+        return DEFAULT_THRESHOLD
+    order = np.argsort(-scores, kind="stable")
+    sorted_scores, sorted_labels = scores[order], labels[order]
+    # the last index of each run of equal scores: thresholding there takes the whole tie
+    ends = np.flatnonzero(np.r_[sorted_scores[1:] != sorted_scores[:-1], True])
+    true_positives = np.cumsum(sorted_labels)[ends]
+    predicted = ends + 1
+    f1 = 2 * true_positives / (predicted + positives)
+    best = np.flatnonzero(f1 == f1.max())[0]  # first in descending score order: the highest threshold
+    return float(sorted_scores[ends[best]])
+
+
+def tune_thresholds(labels: np.ndarray, scores: np.ndarray) -> list[float]:
+    """:func:`tune_threshold` for every column of an (images × labels) pair of arrays."""
+    return [tune_threshold(labels[:, i], scores[:, i]) for i in range(labels.shape[1])]

@@ -20,12 +20,14 @@ from pyspark.sql import SparkSession
 from cxr_spark.config import PipelineConfig, TrainConfig, override
 from cxr_spark.labels import LABELS
 from cxr_spark.manifest import finish_manifest, input_version
+from cxr_spark.plots import plot_training_curves
 from cxr_spark.preprocess import NORMALIZATION_FILE
 from cxr_spark.storage import FileSystem, atomic_output, local_path, read_json, to_url, write_json
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.keras"
 MODEL_CARD = "model.json"
+CURVES_FILE = "training_curves.png"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -36,11 +38,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
     parser.add_argument("--batch-size", type=int, help="batch size per process")
     parser.add_argument("--learning-rate", type=float, help="Adam learning rate per process (scaled by processes)")
+    parser.add_argument("--weights", help="local weights file to start from (nothing is downloaded)")
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
     settings = override(config.train, model=args.model, num_proc=args.num_proc, epochs=args.epochs,
-                        batch_size=args.batch_size, learning_rate=args.learning_rate)
+                        batch_size=args.batch_size, learning_rate=args.learning_rate, weights=args.weights)
     return train(spark, args.input, args.out, settings)
 
 
@@ -59,6 +62,7 @@ def make_worker_fn(plain: dict):
         from petastorm import make_reader
         from petastorm.tf_utils import make_petastorm_dataset
 
+        from cxr_spark.metrics import tune_thresholds
         from cxr_spark.models import build_model
 
         hvd.init()
@@ -85,13 +89,18 @@ def make_worker_fn(plain: dict):
                                num_epochs=None, shuffle_row_groups=True, seed=plain["seed"],
                                workers_count=2, reader_pool_type="thread")
 
-        model = build_model(plain["model"], image_size, len(plain["labels"]), plain["seed"])
-        optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.legacy.Adam(plain["learning_rate"] * size))
+        model = build_model(plain["model"], image_size, len(plain["labels"]), plain["seed"], plain["weights"] or None)
+        scaled_lr = plain["learning_rate"] * size  # the global batch grows with the number of processes
+        optimizer = hvd.DistributedOptimizer(tf.keras.optimizers.legacy.Adam(scaled_lr))
         model.compile(optimizer=optimizer, loss="binary_crossentropy",
                       metrics=[tf.keras.metrics.AUC(multi_label=True, num_labels=len(plain["labels"]), name="auroc")])
         callbacks = [
             hvd.callbacks.BroadcastGlobalVariablesCallback(0),  # every rank starts from rank 0's weights
             hvd.callbacks.MetricAverageCallback(),  # so every rank sees, and early-stops on, the same val_loss
+            # a large scaled rate is unstable in the first steps: ramp up to it
+            hvd.callbacks.LearningRateWarmupCallback(initial_lr=scaled_lr, warmup_epochs=plain["warmup_epochs"],
+                                                     steps_per_epoch=plain["steps_per_epoch"], verbose=0),
+            tf.keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-6),
             tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=plain["patience"], restore_best_weights=True),
         ]
         with reader("train", True) as train_reader, reader("val", plain["val_sharded"]) as val_reader:
@@ -101,13 +110,22 @@ def make_worker_fn(plain: dict):
                                 verbose=2 if rank == 0 else 0)
         if rank != 0:
             return None
+        # Per-label decision thresholds, tuned on the whole validation split (one pass, no sharding; the
+        # single-threaded pool, since petastorm's thread pool can end a one-epoch read early).
+        with make_reader(plain["url"], schema_fields=["image", "labels"], filters=[("split", "=", "val")],
+                         num_epochs=1, reader_pool_type="dummy") as val_rows:
+            rows = list(val_rows)
+        val_images = normalize(np.stack([r.image for r in rows]).astype(np.float32), mean, std)[..., np.newaxis]
+        val_scores = model.predict(val_images, batch_size=plain["batch_size"], verbose=0)
+        thresholds = tune_thresholds(np.stack([r.labels for r in rows]), val_scores)
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, MODEL_FILE)
             model.save(path)
             with open(path, "rb") as handle:
                 model_bytes = handle.read()
         clean = {key: [float(v) for v in values] for key, values in history.history.items()}
-        return {"model_bytes": model_bytes, "history": clean, "epochs_run": len(history.epoch)}
+        return {"model_bytes": model_bytes, "history": clean, "epochs_run": len(history.epoch),
+                "thresholds": thresholds, "val_images_tuned": len(rows)}
 
     return train_on_rank
 
@@ -144,6 +162,7 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig) 
         "mean": float(normalization["mean"]), "std": float(normalization["std"]),
         "batch_size": settings.batch_size, "learning_rate": settings.learning_rate, "epochs": settings.epochs,
         "patience": settings.patience, "shuffle_buffer": settings.shuffle_buffer,
+        "warmup_epochs": settings.warmup_epochs, "weights": settings.weights,
         # Every rank runs the same number of steps, or the allreduce of the shorter one would hang.
         "steps_per_epoch": max(1, n_train // global_batch),
         "validation_steps": max(1, math.ceil(n_val / global_batch)),
@@ -164,7 +183,8 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig) 
         "labels": list(LABELS),
         "input_size": int(size),
         "normalization": {"mode": "train_mean_std", "mean": plain["mean"], "std": plain["std"]},
-        "thresholds": {name: 0.5 for name in LABELS},
+        "thresholds": dict(zip(LABELS, result["thresholds"])),
+        "thresholds_tuned_on": {"split": "val", "images": result["val_images_tuned"], "criterion": "max F1"},
         "training": {**{k: v for k, v in plain.items() if k not in ("labels",)}, "num_proc": settings.num_proc,
                      "epochs_run": result["epochs_run"]},
         "history": history,
@@ -177,6 +197,7 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig) 
     with atomic_output(spark, out) as tmp:
         _write_bytes(spark, f"{tmp}/{MODEL_FILE}", result["model_bytes"])
         write_json(spark, f"{tmp}/{MODEL_CARD}", card)
+        plot_training_curves(history, local_path(f"{tmp}/{CURVES_FILE}"), f"{model_version}: {n_train} train images")
         finish_manifest(spark, tmp, "train", started, config=settings, inputs={"images": input_version(spark, url)},
                         counts=counts,
                         extra={"model_version": model_version})

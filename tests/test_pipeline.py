@@ -11,10 +11,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from cxr_spark.config import override
 from cxr_spark.labels import LABELS
+from cxr_spark.metrics import tune_thresholds
 from cxr_spark.report import report
 from cxr_spark.score import score
 from cxr_spark.train import MODEL_FILE, normalize, train
@@ -43,6 +45,24 @@ def test_two_horovod_processes_train_and_write_a_model_card(trained, tiny_images
     assert len(card["history"]["loss"]) == counts["epochs_run"] == 2
     assert card["training"]["steps_per_epoch"] == image_counts["splits"]["train"] // (4 * 2)
     assert (model_dir / MODEL_FILE).stat().st_size > 10_000
+    with Image.open(model_dir / "training_curves.png") as curves:
+        assert curves.format == "PNG" and curves.size == (1000, 400)
+
+
+def test_saved_thresholds_are_those_tuned_on_the_validation_split(trained, tiny_images):
+    import tensorflow as tf
+
+    model_dir, _ = trained
+    images, image_counts = tiny_images
+    card = json.loads((model_dir / "model.json").read_text())
+    rows = read_rows(images, ["image", "labels"], filters=[("split", "=", "val")])
+    assert card["thresholds_tuned_on"]["images"] == len(rows) == image_counts["splits"]["val"]
+    model = tf.keras.models.load_model(model_dir / MODEL_FILE, compile=False)
+    norm = card["normalization"]
+    scores = model.predict(normalize(np.stack([r.image for r in rows]).astype(np.float32), norm["mean"],
+                                     norm["std"])[..., None], verbose=0)
+    expected = tune_thresholds(np.stack([r.labels for r in rows]), scores)
+    assert [card["thresholds"][name] for name in LABELS] == pytest.approx(expected, abs=1e-6)
 
 
 def test_more_processes_than_task_slots_fails_at_once(spark, tiny_images, config, tmp_path):
@@ -81,10 +101,11 @@ def test_spark_scores_equal_keras_predict_and_metrics_equal_sklearn(spark, train
     metrics = report(spark, str(tmp_path / "predictions"), str(tmp_path / "report"))
     y, p = np.stack(predictions["labels"]), np.stack(predictions["probabilities"])
     for i, name in enumerate(LABELS):
-        row = metrics["per_label"][name]
-        assert row["tp"] == int(((p[:, i] >= 0.5) & (y[:, i] == 1)).sum())
-        assert row["fp"] == int(((p[:, i] >= 0.5) & (y[:, i] == 0)).sum())
-        assert row["tn"] + row["fn"] == int((p[:, i] < 0.5).sum())
+        row, threshold = metrics["per_label"][name], np.float32(card["thresholds"][name])
+        assert row["threshold"] == card["thresholds"][name]  # the report applies the model's tuned thresholds
+        assert row["tp"] == int(((p[:, i] >= threshold) & (y[:, i] == 1)).sum())
+        assert row["fp"] == int(((p[:, i] >= threshold) & (y[:, i] == 0)).sum())
+        assert row["tn"] + row["fn"] == int((p[:, i] < threshold).sum())
         if 0 < y[:, i].sum() < len(y):
             assert row["auroc"] == pytest.approx(roc_auc_score(y[:, i], p[:, i]), abs=1e-9)
 
