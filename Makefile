@@ -5,6 +5,9 @@ PYTHON ?= python3.11
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.cxr-spark-installed
 RUN_DIR ?= runs/demo
+# Defined before any rule: make expands prerequisites as it reads each rule.
+PACK_ENV := build/pack-env
+ENV_ARCHIVE := dist/cxr-spark-env.tar.gz
 export PYTHONHASHSEED := 0
 
 .PHONY: install demo test test-fast cluster-test package clean help
@@ -29,9 +32,6 @@ test-fast: install  ## the tests that need no Horovod run
 
 cluster-test: install $(ENV_ARCHIVE)  ## a Spark standalone master + 2 workers on 127.0.0.1: the pipeline via spark-submit, a killed executor, the shipped environment
 	$(BIN)/python -m pytest -q -m cluster tests/cluster
-
-PACK_ENV := build/pack-env
-ENV_ARCHIVE := dist/cxr-spark-env.tar.gz
 
 package: $(ENV_ARCHIVE)  ## dist/: the project wheel and a relocatable environment archive for --archives
 

@@ -78,6 +78,6 @@ def run_demo(args: argparse.Namespace) -> dict:
     print(f"Test split: {metrics['n_images']} images, model {metrics['model']['version']}")
     print(format_auroc_table(metrics))
     print(f"\nStage times (s): {json.dumps(timings)}; total {total} s")
-    print(f"Report: {run / 'report' / 'report.md'}")
+    print(f"Report: {run / 'report' / 'report.md'}; training curves: {run / 'model' / 'training_curves.png'}")
     return {"macro_auroc": metrics["macro"]["auroc"], "test_images": metrics["n_images"], "seconds": total,
             "run_dir": str(run)}

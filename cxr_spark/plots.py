@@ -5,6 +5,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_training_curves(history: dict[str, list[float]], path: str, title: str) -> None:
@@ -17,6 +18,7 @@ def plot_training_curves(history: dict[str, list[float]], path: str, title: str)
                 axis.plot(epochs, history[prefix + metric], style, markersize=3,
                           label="validation" if prefix else "train")
         axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
         axis.set_ylabel(label)
         axis.grid(alpha=0.3)
         axis.legend()

@@ -196,6 +196,8 @@ def test_ingest_survives_a_killed_executor(cluster, dump, tmp_path):
 def test_executors_run_the_packaged_environment_shipped_with_archives(cluster):
     archive = ROOT / "dist" / "cxr-spark-env.tar.gz"
     if not archive.exists():
+        if os.environ.get("CI"):
+            pytest.fail("dist/cxr-spark-env.tar.gz is missing under CI: `make cluster-test` should have built it")
         pytest.skip("dist/cxr-spark-env.tar.gz is missing: `make package` builds it (`make cluster-test` does)")
     command = cluster.submit_command("probe", script=Path(__file__).with_name("probe_environment.py"),
                                      python="./environment/bin/python",
