@@ -8,7 +8,6 @@ import argparse
 import json
 import logging
 import sys
-import time
 from types import ModuleType
 
 from cxr_spark import __version__, ingest, preprocess, report, score, train

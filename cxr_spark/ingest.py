@@ -15,7 +15,6 @@ import pandas as pd
 from petastorm.etl.dataset_metadata import materialize_dataset
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
 from cxr_spark.config import IngestConfig, PipelineConfig, override
 from cxr_spark.images import ImageError, png_header

@@ -11,7 +11,6 @@ import math
 import time
 
 import numpy as np
-import pandas as pd
 from petastorm.etl.dataset_metadata import materialize_dataset
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F

@@ -154,7 +154,7 @@ def test_whole_pipeline_with_spark_submit_and_horovod_on_two_workers(cluster, du
 
 
 def _executor_pids(work_dir: Path) -> list[int]:
-    found = subprocess.run(["pgrep", "-f", f"CoarseGrainedExecutorBackend.*"], capture_output=True, text=True)
+    found = subprocess.run(["pgrep", "-f", "CoarseGrainedExecutorBackend.*"], capture_output=True, text=True)
     pids = []
     for pid in found.stdout.split():
         try:
