@@ -6,11 +6,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.cxr-spark-installed
 RUN_DIR ?= runs/demo
 # Defined before any rule: make expands prerequisites as it reads each rule.
+BENCH_ARGS ?=
 PACK_ENV := build/pack-env
 ENV_ARCHIVE := dist/cxr-spark-env.tar.gz
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test test-fast cluster-test package clean help
+.PHONY: install demo test test-fast cluster-test package bench clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -32,6 +33,9 @@ test-fast: install  ## the tests that need no Horovod run
 
 cluster-test: install $(ENV_ARCHIVE)  ## a Spark standalone master + 2 workers on 127.0.0.1: the pipeline via spark-submit, a killed executor, the shipped environment
 	$(BIN)/python -m pytest -q -m cluster tests/cluster
+
+bench: install  ## ingest + preprocess throughput vs the PNG-decoding limit, measured side by side (no timed tests)
+	$(BIN)/python -m cxr_spark.bench $(BENCH_ARGS)
 
 package: $(ENV_ARCHIVE)  ## dist/: the project wheel and a relocatable environment archive for --archives
 
