@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 
 import pandas as pd
@@ -184,14 +183,12 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
 
     with atomic_output(spark, out) as tmp:
         accepted = decided.where("reason IS NULL").drop("reason", "detail", "kind", "duplicate_rank", "length")
-        total_bytes = decided.where("reason IS NULL").agg(F.sum("length")).first()[0] or 0
-        partitions = max(spark.sparkContext.defaultParallelism,
-                         math.ceil(total_bytes / (settings.row_group_size_mb * 4 * 2**20)))
         encode_labels = F.pandas_udf(lambda labels: pd.Series(encode_column(RawSchema, "labels", labels)),
                                      "binary")
         raw = (files.select(F.col("path").alias("source_path"), F.col("content").alias("png"))
+               # No shuffle of image bytes: binaryFile's input splits (spark.sql.files.maxPartitionBytes)
+               # already give output files of tens of MB, and the broadcast join keeps them.
                .join(F.broadcast(accepted.withColumn("labels", encode_labels("labels"))), "source_path")
-               .repartition(partitions)
                .select(*[F.col(name).cast(RawSchema.fields[name].codec.spark_dtype()).alias(name)
                          for name in RawSchema.fields]))
         with materialize_dataset(spark, tmp, RawSchema, settings.row_group_size_mb):

@@ -72,8 +72,9 @@ def preprocess(spark: SparkSession, input_url: str, out: str, settings: Preproce
     files_per_split = max(settings.min_files_per_split,
                           math.ceil(est_bytes / (settings.row_group_size_mb * 2**20)))
     spark_schema = schema.as_spark_schema()
-    images = (raw.repartition(files_per_split, "image_id")
-              .mapInPandas(_resize_partition(size), spark_schema))
+    # Resize first, then shuffle: the shuffle moves small resized rows, not the original PNGs.
+    images = (raw.mapInPandas(_resize_partition(size), spark_schema)
+              .repartition(files_per_split, "image_id"))
     with atomic_output(spark, out) as tmp:
         with materialize_dataset(spark, tmp, schema, settings.row_group_size_mb):
             images.write.partitionBy("split").parquet(tmp)
