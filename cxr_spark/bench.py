@@ -65,7 +65,6 @@ def decoder_rates(paths: list[Path], size: int, repeats: int) -> dict[str, float
 def spark_rates(dump: Path, work: Path, size: int, repeats: int) -> dict[str, float]:
     """Ours (ingest + preprocess), and Spark's built-in image source doing the same resize, in images/s."""
     import pandas as pd
-    from pyspark.sql import functions as F
 
     from cxr_spark.config import load_config, override
     from cxr_spark.ingest import ingest

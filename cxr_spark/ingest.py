@@ -15,7 +15,7 @@ from petastorm.etl.dataset_metadata import materialize_dataset
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from cxr_spark.config import IngestConfig, PipelineConfig, override
+from cxr_spark.config import IngestConfig, PipelineConfig, load_config, override
 from cxr_spark.images import ImageError, png_header
 from cxr_spark.labels import NUM_LABELS, UnknownFindingError, parse_finding_labels
 from cxr_spark.manifest import finish_manifest
@@ -120,14 +120,13 @@ def list_files(spark: SparkSession, images: str) -> DataFrame:
             .option("pathGlobFilter", IMAGE_GLOB).load(to_url(images)))
 
 
-def _index_files(spark: SparkSession, images: str) -> DataFrame:
+def _index_files(spark: SparkSession, files: DataFrame) -> DataFrame:
     """One row per listed file: path, id, size, SHA-256 and header check (a quarantine reason or null).
 
     Spark's file sources make no split for a 0-byte file, so such files yield no row; the listing
     itself (the driver's file index) still names them, and they are added back as ``empty_file``.
     """
     inspect = F.pandas_udf(_inspect_files, "width int, height int, reason string, detail string")
-    files = list_files(spark, images)
     read = (files.select(
         F.col("path").alias("source_path"), F.col("length"), F.sha2("content", 256).alias("content_sha256"),
         inspect("content").alias("header"))
@@ -165,12 +164,10 @@ def read_metadata(spark: SparkSession, metadata: str, split_lists: str | None, s
 def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = None,
            split_lists: str | None = None, settings: IngestConfig | None = None) -> dict:
     """Ingest ``images`` (+ ``metadata``) into the raw dataset at ``out``; returns the run's counts."""
-    from cxr_spark.config import load_config
-
     settings = settings or load_config().ingest
     started = time.time()
-    index = _index_files(spark, images).cache()  # one small row per file, no image bytes
-    files = list_files(spark, images)
+    files = list_files(spark, images)  # listed once: pass 1 (index) and pass 2 (copy) share the file index
+    index = _index_files(spark, files).cache()  # one small row per file, no image bytes
 
     meta = None
     if metadata:

@@ -21,7 +21,7 @@ from pyspark.sql import functions as F
 from cxr_spark.config import PipelineConfig, override
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.schemas import decode_column, images_schema
-from cxr_spark.storage import atomic_output, local_path, read_json, to_url
+from cxr_spark.storage import atomic_output, read_bytes, read_json, to_url
 from cxr_spark.train import MODEL_FILE, load_model_card, normalize
 
 log = logging.getLogger(__name__)
@@ -88,8 +88,7 @@ def score(spark: SparkSession, input_url: str, model_dir: str, out: str, split: 
     if dataset_size != card["input_size"]:
         raise ValueError(f"model {card['model_version']} takes {card['input_size']}px images but {url} holds "
                          f"{dataset_size}px images; preprocess with --size {card['input_size']}")
-    with open(local_path(f"{model_url}/{MODEL_FILE}"), "rb") as handle:
-        model_broadcast = spark.sparkContext.broadcast(handle.read())
+    model_broadcast = spark.sparkContext.broadcast(read_bytes(f"{model_url}/{MODEL_FILE}"))
     images = spark.read.parquet(url)
     if split != "all":
         images = images.where(F.col("split") == split)

@@ -89,6 +89,28 @@ def write_text(spark: SparkSession, url: str, text: str) -> None:
         FileSystem(spark, url).write_text(url, text)
 
 
+def _require_local(url: str, action: str) -> str:
+    path = local_path(url)
+    if path is None:
+        raise NotImplementedError(f"{action} {url} needs a local or mounted path for now (datasets may be on "
+                                  f"any Hadoop filesystem; model files may not yet)")
+    return path
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Write a binary file (a model) to a local or mounted path."""
+    path = _require_local(url, "writing")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as handle:
+        handle.write(data)
+
+
+def read_bytes(url: str) -> bytes:
+    """Read a binary file (a model) from a local or mounted path."""
+    with open(_require_local(url, "reading"), "rb") as handle:
+        return handle.read()
+
+
 def write_json(spark: SparkSession, url: str, value: dict) -> None:
     """Write a small JSON file to any filesystem."""
     write_text(spark, url, json.dumps(value, indent=2, default=str) + "\n")

@@ -22,7 +22,7 @@ from cxr_spark.labels import LABELS
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.plots import plot_training_curves
 from cxr_spark.preprocess import NORMALIZATION_FILE
-from cxr_spark.storage import FileSystem, atomic_output, local_path, read_json, to_url, write_json
+from cxr_spark.storage import FileSystem, atomic_output, local_path, read_json, to_url, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.keras"
@@ -195,22 +195,13 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig) 
               "best_epoch": best + 1, "best_val_loss": history["val_loss"][best],
               "best_val_auroc": history.get("val_auroc", [None] * (best + 1))[best]}
     with atomic_output(spark, out) as tmp:
-        _write_bytes(spark, f"{tmp}/{MODEL_FILE}", result["model_bytes"])
+        write_bytes(f"{tmp}/{MODEL_FILE}", result["model_bytes"])
         write_json(spark, f"{tmp}/{MODEL_CARD}", card)
         plot_training_curves(history, local_path(f"{tmp}/{CURVES_FILE}"), f"{model_version}: {n_train} train images")
         finish_manifest(spark, tmp, "train", started, config=settings, inputs={"images": input_version(spark, url)},
                         counts=counts,
                         extra={"model_version": model_version})
     return {**counts, "model_version": model_version}
-
-
-def _write_bytes(spark: SparkSession, url: str, data: bytes) -> None:
-    path = local_path(url)
-    if path is None:
-        raise NotImplementedError(f"writing models to {url} needs a local or mounted path for now")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as handle:
-        handle.write(data)
 
 
 def load_model_card(spark: SparkSession, model_dir: str) -> dict:

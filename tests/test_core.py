@@ -106,3 +106,12 @@ def test_rates_and_undefined_values():
     assert empty["precision"] is None and empty["recall"] is None and empty["f1"] is None
     macro = macro_average([{**r, "auroc": 0.9}, {**empty, "auroc": None}])
     assert macro["precision"] == 0.8 and macro["auroc"] == 0.9 and macro["labels_with_auroc"] == 1
+
+
+def test_model_files_on_a_remote_filesystem_get_a_clear_error(tmp_path):
+    from cxr_spark.storage import read_bytes, write_bytes
+
+    write_bytes(f"file://{tmp_path}/model/model.keras", b"weights")
+    assert read_bytes(str(tmp_path / "model" / "model.keras")) == b"weights"
+    with pytest.raises(NotImplementedError, match="hdfs://nn/m/model.keras needs a local or mounted path"):
+        read_bytes("hdfs://nn/m/model.keras")
