@@ -1,0 +1,136 @@
+"""The training input pipeline on a real Petastorm dataset: the shard contract, augmentation,
+normalisation modes, and the weighted loss, each against an independent computation."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from cxr_spark.input_pipeline import (IMAGENET_MEAN, Augmentation, affine_matrix, augment_batch, iterate_epoch,
+                                      normalization_spec, normalize, shard_size, steps_per_epoch)
+from cxr_spark.labels import LABELS
+from cxr_spark.train import class_weights, weighted_binary_crossentropy
+
+from conftest import read_rows
+
+NO_AUGMENT = None
+RESCALE = {"mode": "rescale", "mean": 0.0, "std": 255.0, "equalize": False}
+
+
+def _url(path) -> str:
+    return f"file://{path}"
+
+
+@pytest.mark.parametrize("ranks,batch", [(2, 4), (3, 5)])
+def test_one_epoch_across_ranks_sees_each_training_image_at_most_once_and_all_but_the_remainder(
+        tiny_images, ranks, batch):
+    images, counts = tiny_images
+    n_train = counts["splits"]["train"]
+    train_ids = [row.image_id for row in read_rows(images, ["image_id"], filters=[("split", "=", "train")])]
+    assert len(train_ids) == n_train == len(set(train_ids))
+    # independent shard sizes: petastorm's own sharding, read without our code
+    expected_sizes = [len(read_rows(images, ["image_id"], filters=[("split", "=", "train")], cur_shard=r,
+                                    shard_count=ranks)) for r in range(ranks)]
+    assert sum(expected_sizes) == n_train
+    sizes = [shard_size(_url(images), "train", r, ranks) for r in range(ranks)]
+    assert sizes == expected_sizes
+    steps = steps_per_epoch(sizes, batch)
+    assert steps == min(expected_sizes) // batch > 0
+
+    for epoch in range(2):
+        seen = []
+        for rank in range(ranks):
+            batches = list(iterate_epoch(_url(images), "train", rank, ranks, batch, steps, seed=epoch * 10 + rank,
+                                         augmentation=NO_AUGMENT, normalization=RESCALE,
+                                         fields=("image_id", "image", "labels")))
+            assert len(batches) == steps and all(len(b[0]) == batch for b in batches)  # equal steps on every rank
+            seen += [image_id for b in batches for image_id in b[2]]
+        assert len(seen) == len(set(seen)), "an image was seen twice in one epoch"
+        assert set(seen) <= set(train_ids)
+        assert len(set(train_ids) - set(seen)) == n_train - steps * batch * ranks  # the documented remainder
+
+
+def test_an_unsharded_epoch_without_steps_yields_every_row_once_with_its_own_labels(tiny_images):
+    images, counts = tiny_images
+    rows = {r.image_id: r for r in read_rows(images, ["image_id", "image", "labels"], filters=[("split", "=", "val")])}
+    got = {}
+    for inputs, labels, ids in iterate_epoch(_url(images), "val", None, None, 7, None, seed=3, augmentation=None,
+                                             normalization=RESCALE, fields=("image_id", "image", "labels")):
+        for x, y, image_id in zip(inputs, labels, ids):
+            got[image_id] = (x, y)
+    assert sorted(got) == sorted(rows) and len(got) == counts["splits"]["val"]
+    for image_id, (x, y) in got.items():
+        assert np.array_equal(y, rows[image_id].labels.astype(np.float32))
+        assert np.allclose(x[..., 0], rows[image_id].image / 255.0)  # validation is never augmented
+
+
+def test_binary_task_takes_one_label_column(tiny_images):
+    images, _ = tiny_images
+    index = LABELS.index("Pneumonia")
+    rows = {r.image_id: r for r in read_rows(images, ["image_id", "labels"], filters=[("split", "=", "val")])}
+    for _, labels, ids in iterate_epoch(_url(images), "val", None, None, 8, None, 0, None, RESCALE,
+                                        fields=("image_id", "image", "labels"), label_index=index):
+        assert labels.shape[1] == 1
+        assert [int(v) for v in labels[:, 0]] == [int(rows[i].labels[index]) for i in ids]
+
+
+def test_augmentation_shift_matches_a_shifted_copy():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (40, 40), dtype=np.uint8)
+    matrix = affine_matrix(40, rotation_deg=0, shift_x=0.25, shift_y=-0.1, shear_deg=0, zoom=1.0, flip=False)
+    moved = cv2.warpAffine(image, matrix[:2], (40, 40), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+                           borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    expected = np.zeros_like(image)
+    expected[:36, 10:] = image[4:, :30]  # right by 10 px (0.25 × 40), up by 4 px (0.1 × 40), black fill
+    assert np.array_equal(moved, expected)
+
+
+def test_identity_and_flip_matrices():
+    assert np.allclose(affine_matrix(9, 0, 0, 0, 0, 1.0, False), np.eye(3))
+    flip = affine_matrix(9, 0, 0, 0, 0, 1.0, True)
+    assert np.allclose(flip @ [0, 3, 1], [8, 3, 1])  # x mirrors about the centre column
+
+
+def test_augment_batch_changes_train_images_within_bounds_and_is_seeded():
+    rng = np.random.default_rng(1)
+    batch = rng.integers(1, 256, (6, 32, 32), dtype=np.uint8)
+    params = Augmentation()
+    first = augment_batch(batch, np.random.default_rng(5), params)
+    again = augment_batch(batch, np.random.default_rng(5), params)
+    assert np.array_equal(first, again) and first.dtype == np.uint8 and first.shape == batch.shape
+    assert all(not np.array_equal(a, b) for a, b in zip(first, batch))
+    # a shift of at most 15% / 20% with small rotation, shear and zoom leaves the centre of the film in view
+    assert all((a[12:20, 12:20] > 0).all() for a in first)
+    assert np.array_equal(augment_batch(batch, rng, Augmentation(enabled=False)), batch)
+
+
+def test_normalisation_modes():
+    pixels = np.array([[0, 128, 255]], np.uint8)
+    assert np.allclose(normalize(pixels, normalization_spec("rescale", {})), pixels / 255.0)
+    spec = normalization_spec("train_mean_std", {"mean": 100.0, "std": 50.0})
+    assert np.allclose(normalize(pixels, spec), (pixels - 100.0) / 50.0)
+    imagenet = normalization_spec("imagenet", {})
+    # ImageNet's published RGB means (0.485, 0.456, 0.406) as ITU-R 601 luma, on the 0-255 scale
+    assert imagenet["mean"] == pytest.approx(255 * np.dot([0.299, 0.587, 0.114], [0.485, 0.456, 0.406]))
+    assert np.allclose(normalize(pixels, imagenet), (pixels - IMAGENET_MEAN) / imagenet["std"])
+    ramp = np.tile(np.arange(0, 64, dtype=np.uint8) * 2, (64, 1))
+    equalized = normalize(ramp, normalization_spec("rescale", {}, equalize=True))
+    assert np.allclose(equalized, cv2.equalizeHist(ramp) / 255.0) and equalized.max() == 1.0
+    with pytest.raises(ValueError, match="needs the train split"):
+        normalization_spec("train_mean_std", {})
+    with pytest.raises(ValueError, match="unknown normalisation"):
+        normalization_spec("zscore", {})
+
+
+def test_class_weights_and_weighted_loss_equal_a_numpy_computation():
+    labels = np.array([[1, 0, 0], [0, 0, 1], [1, 0, 1], [0, 0, 1]], np.float32)
+    positive, negative = class_weights(len(labels), labels.sum(axis=0))
+    assert positive == [0.5, 1.0, 0.25] and negative == [0.5, 1.0, 0.75]  # label 2: no positives -> unweighted
+    scores = np.array([[0.9, 0.2, 0.3], [0.4, 0.1, 0.8], [0.6, 0.5, 0.7], [0.2, 0.3, 0.1]], np.float32)
+    loss = weighted_binary_crossentropy(positive, negative)(labels, scores).numpy()
+    expected = -(np.array(positive) * labels * np.log(scores)
+                 + np.array(negative) * (1 - labels) * np.log(1 - scores)).mean(axis=1)
+    assert np.allclose(loss, expected, rtol=1e-5)
+    unweighted = weighted_binary_crossentropy([1.0] * 3, [1.0] * 3)(labels, scores).numpy()
+    import tensorflow as tf
+    assert np.allclose(unweighted, tf.keras.losses.binary_crossentropy(labels, scores).numpy(), rtol=1e-4)
