@@ -40,6 +40,20 @@ class TrainConfig:
     weights: str
     seed: int
     shuffle_buffer: int
+    task: str
+    binary_label: str
+    normalization: str
+    equalize: bool
+    class_weighting: bool
+    augment: bool
+    rotation_deg: float
+    shift_x: float
+    shift_y: float
+    shear_deg: float
+    zoom: float
+    horizontal_flip: bool
+    mixed_precision: str
+    start_timeout_s: int
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ L = tf.keras.layers
 
 def _head(x, num_outputs: int, seed: int):
     return L.Dense(num_outputs, activation="sigmoid", kernel_initializer=tf.keras.initializers.GlorotUniform(seed=seed),
-                   name="probabilities")(x)
+                   name="probabilities", dtype="float32")(x)  # float32 even under mixed precision
 
 
 def small_cnn(size: int, num_outputs: int, seed: int, weights: str | None = None) -> tf.keras.Model:

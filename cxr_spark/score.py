@@ -22,7 +22,9 @@ from cxr_spark.config import PipelineConfig, override
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.schemas import decode_column, images_schema
 from cxr_spark.storage import atomic_output, read_bytes, read_json, to_url
-from cxr_spark.train import MODEL_FILE, load_model_card, normalize
+from cxr_spark.input_pipeline import model_inputs
+from cxr_spark.labels import LABELS
+from cxr_spark.train import MODEL_FILE, load_model_card
 
 log = logging.getLogger(__name__)
 PREDICTIONS_DDL = "image_id string, split string, labels array<smallint>, probabilities array<float>"
@@ -58,20 +60,21 @@ def _loaded_model(version: str, model_bytes: bytes):
 
 def _score_partition(card: dict, model_broadcast, batch_size: int):
     size, version = card["input_size"], card["model_version"]
-    mean, std = card["normalization"]["mean"], card["normalization"]["std"]
+    # a binary model predicts one finding: score against that column of the dataset's labels
+    columns = [LABELS.index(name) for name in card["labels"]]
     schema = images_schema(size)
 
     def predict(batches):
         model = _loaded_model(version, model_broadcast.value)
         for frame in batches:
             images = np.stack(decode_column(schema, "image", frame["image"])) if len(frame) else np.zeros((0, size, size))
-            inputs = normalize(images.astype(np.float32), mean, std)[..., np.newaxis]
+            inputs = model_inputs(images, card["normalization"])
             outputs = [model(inputs[i:i + batch_size], training=False).numpy() for i in range(0, len(inputs), batch_size)]
             probabilities = np.concatenate(outputs) if outputs else np.zeros((0, len(card["labels"])), np.float32)
             labels = decode_column(schema, "labels", frame["labels"])
             yield pd.DataFrame({
                 "image_id": frame["image_id"], "split": frame["split"],
-                "labels": [row.astype(np.int16) for row in labels],
+                "labels": [row[columns].astype(np.int16) for row in labels],
                 "probabilities": list(probabilities.astype(np.float32)),
             })
 

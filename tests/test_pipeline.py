@@ -19,7 +19,7 @@ from cxr_spark.labels import LABELS
 from cxr_spark.metrics import tune_thresholds
 from cxr_spark.report import report
 from cxr_spark.score import score
-from cxr_spark.train import MODEL_FILE, normalize, train
+from cxr_spark.train import MODEL_FILE, train
 
 from conftest import read_rows
 
@@ -43,7 +43,13 @@ def test_two_horovod_processes_train_and_write_a_model_card(trained, tiny_images
     assert card["normalization"]["mean"] == image_counts["normalization"]["mean"]
     assert card["training"]["num_proc"] == 2 and card["model_version"] == counts["model_version"]
     assert len(card["history"]["loss"]) == counts["epochs_run"] == 2
-    assert card["training"]["steps_per_epoch"] == image_counts["splits"]["train"] // (4 * 2)
+    # the shard contract: every rank runs the steps the smallest of petastorm's two shards can fill
+    shards = [len(read_rows(images, ["image_id"], filters=[("split", "=", "train")], cur_shard=r, shard_count=2))
+              for r in range(2)]
+    assert card["training"]["shard_sizes"] == shards and sum(shards) == image_counts["splits"]["train"]
+    assert card["training"]["steps_per_epoch"] == counts["steps_per_epoch"] == min(shards) // 4
+    assert card["training"]["remainder_per_epoch"] == image_counts["splits"]["train"] - min(shards) // 4 * 8
+    assert card["training"]["augmentation"]["enabled"] and card["training"]["class_weighting"]
     assert (model_dir / MODEL_FILE).stat().st_size > 10_000
     with Image.open(model_dir / "training_curves.png") as curves:
         assert curves.format == "PNG" and curves.size == (1000, 400)
@@ -59,8 +65,8 @@ def test_saved_thresholds_are_those_tuned_on_the_validation_split(trained, tiny_
     assert card["thresholds_tuned_on"]["images"] == len(rows) == image_counts["splits"]["val"]
     model = tf.keras.models.load_model(model_dir / MODEL_FILE, compile=False)
     norm = card["normalization"]
-    scores = model.predict(normalize(np.stack([r.image for r in rows]).astype(np.float32), norm["mean"],
-                                     norm["std"])[..., None], verbose=0)
+    pixels = np.stack([r.image for r in rows]).astype(np.float32)
+    scores = model.predict(((pixels - norm["mean"]) / norm["std"])[..., None], verbose=0)
     expected = tune_thresholds(np.stack([r.labels for r in rows]), scores)
     assert [card["thresholds"][name] for name in LABELS] == pytest.approx(expected, abs=1e-6)
 
@@ -93,7 +99,7 @@ def test_spark_scores_equal_keras_predict_and_metrics_equal_sklearn(spark, train
     model = tf.keras.models.load_model(model_dir / MODEL_FILE, compile=False)
     pixels = np.stack([r.image for r in rows]).astype(np.float32)
     norm = card["normalization"]
-    expected = model.predict(normalize(pixels, norm["mean"], norm["std"])[..., None], verbose=0)
+    expected = model.predict(((pixels - norm["mean"]) / norm["std"])[..., None], verbose=0)
     assert [r.image_id for r in rows] == predictions["image_id"].tolist()
     assert np.allclose(np.stack(predictions["probabilities"]), expected, atol=1e-5)
     assert np.array_equal(np.stack(predictions["labels"]), np.stack([r.labels for r in rows]))
@@ -133,3 +139,67 @@ def test_every_command_has_help():
         done = subprocess.run([sys.executable, "-m", "cxr_spark.cli", stage, "--help"], capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0 and f"cxr-spark {stage}" in done.stdout, stage
+
+
+def test_a_killed_training_run_resumes_from_its_last_checkpoint(spark, tiny_images, config, tmp_path):
+    """Kill `cxr-spark train` after its first checkpoint; --resume continues with that epoch, weights
+    and optimiser state, and ends at the same epoch count as an uninterrupted run."""
+    import signal
+    import time
+
+    import tensorflow as tf
+
+    images, _ = tiny_images
+    out, checkpoints, epochs = tmp_path / "model", tmp_path / "checkpoints", 4
+    conf = tmp_path / "spark.conf"
+    conf.write_text((ROOT / "conf/spark/local.conf").read_text()
+                    + "spark.ui.enabled false\nspark.ui.showConsoleProgress false\nspark.driver.memory 1g\n")
+    command = [sys.executable, "-m", "cxr_spark.cli", "train", "--in", str(images), "--out", str(out),
+               "--epochs", str(epochs), "--batch-size", "4", "--checkpoint-dir", str(checkpoints),
+               "--spark-conf", str(conf)]
+    process = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env=dict(os.environ, PYSPARK_PYTHON=sys.executable))
+    state_file, deadline = checkpoints / "state.json", time.time() + 600
+    try:
+        while not state_file.exists() and process.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        assert state_file.exists(), f"no checkpoint appeared (exit code {process.poll()})"
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver, its JVM and both Horovod processes
+        process.wait()
+    assert not out.exists()  # nothing half-written under the model's name
+    state = json.loads(state_file.read_text())
+    assert 1 <= state["epoch"] < epochs and len(state["history"]["loss"]) == state["epoch"]
+    saved_iterations = tf.train.load_checkpoint(state["checkpoint"]).get_tensor(
+        "optimizer/iter/.ATTRIBUTES/VARIABLE_VALUE")
+    assert saved_iterations == state["optimizer_iterations"] > 0
+
+    counts = train(spark, str(images), str(out), override(config.train, epochs=epochs, batch_size=4),
+                   checkpoint_dir=str(checkpoints), resume=True)
+    card = json.loads((out / "model.json").read_text())
+    resumed = card["training"]["resumed"]
+    assert resumed["epoch"] == state["epoch"]
+    assert resumed["iterations_at_start"] == saved_iterations  # the optimiser continued from the checkpoint
+    assert counts["epochs_run"] == len(card["history"]["loss"]) == epochs
+    assert card["history"]["loss"][:state["epoch"]] == state["history"]["loss"]  # the history carried over
+
+
+def test_a_failing_horovod_process_fails_the_job_with_its_own_error(spark, tiny_images, config, tmp_path):
+    """A rank whose shard holds an image that cannot be decoded dies; the job stops (no hang) and says why."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images, _ = tiny_images
+    broken = tmp_path / "images_broken"
+    shutil.copytree(images, broken)
+    victim = sorted((broken / "split=train").glob("*.parquet"))[0]
+    table = pq.read_table(victim)
+    column = table.schema.get_field_index("image")
+    garbage = pa.array([b"not a png"] + table.column("image").to_pylist()[1:], table.schema.field(column).type)
+    pq.write_table(table.set_column(column, table.schema.field(column), garbage), victim)  # one row group, as before
+    with pytest.raises(RuntimeError, match=r"training failed on a Horovod process: rank-\d: .*"):
+        train(spark, str(broken), str(tmp_path / "model"), override(config.train, epochs=1, batch_size=4),
+              checkpoint_dir=str(tmp_path / "checkpoints"))
+    assert not (tmp_path / "model").exists()
