@@ -199,6 +199,7 @@ def test_a_failing_horovod_process_fails_the_job_with_its_own_error(spark, tiny_
     column = table.schema.get_field_index("image")
     garbage = pa.array([b"not a png"] + table.column("image").to_pylist()[1:], table.schema.field(column).type)
     pq.write_table(table.set_column(column, table.schema.field(column), garbage), victim)  # one row group, as before
+    (victim.parent / f".{victim.name}.crc").unlink()  # Hadoop's checksum of the old bytes
     with pytest.raises(RuntimeError, match=r"training failed on a Horovod process: rank-\d: .*"):
         train(spark, str(broken), str(tmp_path / "model"), override(config.train, epochs=1, batch_size=4),
               checkpoint_dir=str(tmp_path / "checkpoints"))
