@@ -15,7 +15,7 @@ from cxr_spark.report_references import (CHEXNET_AUROC, CHEXNET_CITATION, KAGGLE
                                          REFERENCE_MARK)
 
 NOT_AVAILABLE = "n/a"
-UNDEFINED_NOTE = (f"`{NOT_AVAILABLE}`: undefined (a zero denominator, or no positives or no negatives for AUROC "
+UNDEFINED_NOTE = (f"{NOT_AVAILABLE}: undefined (a zero denominator, or no positives or no negatives for AUROC "
                   "and average precision); null in metrics.json.")
 RATE_HEADERS = ("accuracy", "precision", "recall", "specificity", "F1")
 
