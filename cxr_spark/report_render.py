@@ -257,11 +257,12 @@ def _html_table(table: Table) -> str:
 def render_html(metrics: dict, figures: dict[str, bytes], training: dict | None = None,
                 max_curve_points: int | None = None) -> str:
     """``report.html``: one self-contained page; ``figures`` maps a figure key to PNG bytes."""
+    sections = build_sections(metrics, training, max_curve_points)
     parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(_title(metrics))}"
              f"</title><style>{STYLE}</style></head><body><h1>{html.escape(_title(metrics))}</h1>",
              "<nav>" + " | ".join(f"<a href=\"#{section.id}\">{html.escape(section.title)}</a>"
-                                  for section in build_sections(metrics, training, max_curve_points)) + "</nav>"]
-    for section in build_sections(metrics, training, max_curve_points):
+                                  for section in sections) + "</nav>"]
+    for section in sections:
         parts.append(f"<section id=\"{section.id}\"><h2>{html.escape(section.title)}</h2>")
         if section.id == "references":
             parts.append(f"<p class=\"reference\">{html.escape(REFERENCE_MARK.capitalize())}.</p>")

@@ -236,9 +236,11 @@ def test_missing_probabilities_are_a_clear_error(spark, tmp_path):
         compute_metrics(spark, str(url))
 
 
-def test_report_writes_metrics_json_markdown_and_html(spark, predictions, tmp_path):
-    url, labels, _, _, _ = predictions
-    metrics = report(spark, str(url), str(tmp_path / "report"))
+def test_report_writes_metrics_json_markdown_and_html(spark, predictions, tmp_path, caplog):
+    url, labels, _, thresholds, _ = predictions
+    with caplog.at_level("WARNING", logger="cxr_spark.report"):
+        metrics = report(spark, str(url), str(tmp_path / "report"))
+    assert "Hernia.auroc" in caplog.text and "Edema.specificity" in caplog.text  # undefined, said out loud
     written = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert set(written["per_label"]["Mass"]) >= {"threshold", "tp", "fp", "tn", "fn", "accuracy", "precision",
                                                   "recall", "specificity", "f1", "auroc", "support",
@@ -247,7 +249,8 @@ def test_report_writes_metrics_json_markdown_and_html(spark, predictions, tmp_pa
     assert written["micro"]["tp"] == metrics["micro"]["tp"] == sum(r["tp"] for r in written["per_label"].values())
     markdown = (tmp_path / "report" / "report.md").read_text()
     assert markdown == render_markdown(written)
-    hernia = next(line for line in markdown.splitlines() if line.startswith("| Hernia | 0 |"))
+    # the per-finding row at the tuned threshold (support 0, then the threshold)
+    hernia = next(line for line in markdown.splitlines() if line.startswith(f"| Hernia | 0 | {thresholds['Hernia']:.3f} |"))
     assert hernia.count("n/a") == 3  # recall, AUROC, AP undefined without positives
     page = (tmp_path / "report" / "report.html").read_text()
     for section in ("dataset", "metrics", "curves", "confusion", "training", "baseline", "references"):
