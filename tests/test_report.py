@@ -304,3 +304,12 @@ def test_binary_task_prints_the_seed_papers_table(spark, tmp_path):
     assert metrics["per_label"]["Pneumonia"]["accuracy"] == pytest.approx(accuracy)
     references = markdown.split("Kaggle pneumonia")[1]
     assert f"| accuracy | 91.16% | {100 * accuracy:.2f}% |" in references
+
+
+def test_the_command_line_takes_a_baseline():
+    from cxr_spark.cli import args_parser
+
+    parser = args_parser()
+    args = parser.parse_args(["report", "--predictions", "p", "--out", "o", "--baseline", "features_predictions"])
+    assert (args.predictions, args.out, args.baseline) == ("p", "o", "features_predictions")
+    assert parser.parse_args(["report", "--predictions", "p", "--out", "o"]).baseline is None
