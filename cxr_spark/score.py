@@ -27,7 +27,9 @@ from cxr_spark.labels import LABELS
 from cxr_spark.train import MODEL_FILE, load_model_card
 
 log = logging.getLogger(__name__)
-PREDICTIONS_DDL = "image_id string, split string, labels array<smallint>, probabilities array<float>"
+# view, sex and age ride along for the report's dataset summary (no names or other identifying fields).
+PREDICTIONS_DDL = ("image_id string, split string, labels array<smallint>, probabilities array<float>, "
+                   "view string, sex string, age int")
 _LOADED_MODELS: dict[str, object] = {}  # per Python worker: model_version -> Keras model
 
 
@@ -76,6 +78,7 @@ def _score_partition(card: dict, model_broadcast, batch_size: int):
                 "image_id": frame["image_id"], "split": frame["split"],
                 "labels": [row[columns].astype(np.int16) for row in labels],
                 "probabilities": list(probabilities.astype(np.float32)),
+                "view": frame["view"], "sex": frame["sex"], "age": frame["age"].astype("Int32"),
             })
 
     return predict
@@ -96,7 +99,7 @@ def score(spark: SparkSession, input_url: str, model_dir: str, out: str, split: 
     if split != "all":
         images = images.where(F.col("split") == split)
     scored_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-    predictions = (images.select("image_id", "split", "labels", "image")
+    predictions = (images.select("image_id", "split", "labels", "image", "view", "sex", "age")
                    .mapInPandas(_score_partition(card, model_broadcast, batch_size), PREDICTIONS_DDL)
                    .withColumn("model_version", F.lit(card["model_version"]))
                    .withColumn("scored_at", F.lit(scored_at).cast("timestamp")))

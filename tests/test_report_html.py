@@ -1,0 +1,77 @@
+"""report.html as a person sees it: rendered by headless Chromium (Debian's ``chromium``), whose DOM must
+hold every section and the figures of metrics.json, and whose screenshot must not be blank."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cxr_spark.report import report
+
+from test_report import write_predictions
+
+CHROMIUM = "/usr/bin/chromium"
+SECTIONS = ("dataset", "metrics", "curves", "confusion", "training", "baseline", "references")
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (Debian package "
+                                                                        "'chromium'; .ci/run installs it)")
+
+
+def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
+    profile = tmp_path / "chromium-profile"
+    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               f"--user-data-dir={profile}", *args]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def written_report(spark, tmp_path_factory):
+    rng = np.random.default_rng(21)
+    names = ["Atelectasis", "Effusion", "Pneumonia", "Hernia"]
+    labels = (rng.random((120, 4)) < [0.3, 0.4, 0.2, 0.0]).astype(int)
+    scores = np.clip(labels * 0.35 + rng.random((120, 4)) * 0.65, 0, 1).round(2).astype(np.float32)
+    folder = tmp_path_factory.mktemp("html")
+    url = write_predictions(spark, folder / "predictions", labels, scores, names, [0.4, 0.5, 0.45, 0.5])
+    baseline = write_predictions(spark, folder / "baseline", labels, rng.random((120, 4)).astype(np.float32), names,
+                                 [0.5] * 4, model="logistic_regression", version="lr-1")
+    report(spark, str(url), str(folder / "report"), baseline_url=str(baseline))
+    return folder / "report"
+
+
+def test_chromium_renders_every_section_and_our_figures(written_report, tmp_path):
+    metrics = json.loads((written_report / "metrics.json").read_text())
+    dom = _chromium(tmp_path, "--dump-dom", f"file://{written_report / 'report.html'}").stdout
+    for section in SECTIONS:
+        assert re.search(rf'<section id="{section}">\s*<h2>', dom), section
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', dom)) == 4  # ROC, PR, two confusion grids
+    assert "published reference, not our result" in dom and "0.8094" in dom  # CheXNet Atelectasis, as a reference
+    metrics_section = dom.split('<section id="metrics">')[1].split("</section>")[0]
+    effusion = metrics["per_label"]["Effusion"]
+    row = re.search(r"<tr><td>Effusion</td>(.*?)</tr>", metrics_section).group(1)
+    cells = re.findall(r"<td>(.*?)</td>", row)
+    assert cells[:6] == [str(effusion[k]) for k in ("support",)] + [f"{effusion['threshold']:.3f}"] + [
+        str(effusion[k]) for k in ("tp", "fp", "tn", "fn")]
+    assert cells[-2:] == [f"{effusion['auroc']:.3f}", f"{effusion['average_precision']:.3f}"]
+    hernia = re.search(r"<tr><td>Hernia</td>(.*?)</tr>", metrics_section).group(1)
+    assert metrics["per_label"]["Hernia"]["auroc"] is None and hernia.endswith("<td>n/a</td><td>n/a</td>")
+    baseline_section = dom.split('<section id="baseline">')[1].split("</section>")[0]
+    assert "logistic_regression" in baseline_section
+    assert f"{metrics['baseline']['macro']['auroc']:.3f}" in baseline_section
+
+
+def test_chromium_screenshot_is_not_blank(written_report, tmp_path):
+    shot = tmp_path / "report.png"
+    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", "--hide-scrollbars",
+              f"file://{written_report / 'report.html'}")
+    with Image.open(shot) as image:
+        assert image.format == "PNG" and image.size == (1280, 2400)
+        pixels = np.asarray(image.convert("L"))
+    assert (pixels < 128).mean() > 0.005  # text, tables and plots, not an empty page
+    assert len(np.unique(pixels)) > 50  # anti-aliased text and plotted colours, not a flat fill
