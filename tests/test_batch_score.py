@@ -301,6 +301,7 @@ def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
                           env=dict(os.environ, PYSPARK_PYTHON=sys.executable))
 
 
+@pytest.mark.slow  # two CLI processes, each starting Spark and TensorFlow
 def test_cli_exit_codes_for_nothing_new_and_a_locked_store(spark, dump, model, tmp_path):
     model_dir, _ = model
     store = tmp_path / "store"
@@ -322,9 +323,11 @@ def test_cli_exit_codes_for_nothing_new_and_a_locked_store(spark, dump, model, t
 
 
 def test_dicom_is_scored_with_an_opaque_id_and_no_patient_tags(spark, model, tmp_path):
-    samples = sorted(SHARED_DATA.glob("samples/rsna_*.dcm"))
+    # ../shared/data beside a clone, or two levels up from a git worktree (the team's workspace)
+    folders = (SHARED_DATA, ROOT.parents[1] / "shared" / "data")
+    samples = sorted(path for folder in folders for path in folder.glob("samples/rsna_*.dcm"))
     if not samples:
-        pytest.skip(f"no real DICOM sample in {SHARED_DATA}/samples")
+        pytest.skip(f"no real DICOM sample (samples/rsna_*.dcm) in {' or '.join(map(str, folders))}")
     data = samples[0].read_bytes()
     try:
         decode_grayscale(data)
