@@ -39,7 +39,7 @@ from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig
 from cxr_spark.images import PNG_SIGNATURE, ImageError, decode_grayscale, resize_square
-from cxr_spark.ingest import QUARANTINE_DIR, QUARANTINE_SCHEMA
+from cxr_spark.ingest import QUARANTINE_DIR
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.score import _loaded_model
 from cxr_spark.storage import FileSystem, local_path, read_bytes, read_json, to_url
