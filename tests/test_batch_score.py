@@ -288,6 +288,27 @@ def test_a_failed_run_leaves_the_store_byte_for_byte_as_it_was(spark, dump, mode
     assert not (tmp_path / "new_store").exists()
 
 
+def test_a_commit_that_fails_midway_undoes_its_renames(spark, tmp_path, caplog):
+    from cxr_spark.batch_score import _commit
+    from cxr_spark.storage import FileSystem
+
+    store = tmp_path / "store"
+    (store / "scored_date=2026-01-01" / "run_id=old").mkdir(parents=True)
+    (store / "scored_date=2026-01-01" / "run_id=old" / "part-0.parquet").write_bytes(b"old rows")
+    (store / "blocker").write_text("a file where the second move needs a folder")
+    for name in ("predictions", "quarantine"):
+        (store / "_staging" / "r" / name).mkdir(parents=True)
+        (store / "_staging" / "r" / name / "part-0.parquet").write_bytes(name.encode())
+    before = _snapshot(store)
+    url = f"file://{store}"
+    moves = [(f"{url}/_staging/r/predictions", f"{url}/scored_date=2026-02-02/run_id=r"),
+             (f"{url}/_staging/r/quarantine", f"{url}/blocker/run_id=r")]
+    with caplog.at_level("ERROR", logger="cxr_spark.batch_score"), pytest.raises(Exception):
+        _commit(FileSystem(spark, url), url, moves)
+    assert "undoing 1 renames" in caplog.text  # the first move was made, then taken back
+    assert _snapshot(store) == before
+
+
 def _cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     conf = tmp_path / "spark.conf"
     conf.write_text((ROOT / "conf/spark/local.conf").read_text()
