@@ -1,6 +1,11 @@
 """The ``cxr-spark`` command: one subcommand per stage, and ``demo`` to run them all.
 
 ``spark_jobs/<stage>.py`` call :func:`submit_main` with the same arguments under ``spark-submit``.
+
+Exit codes: 0 on success. A stage module may define ``exit_code(counts) -> int`` to report a
+distinct code for a finished run (``batch-score``: 3 when nothing was new), and an exception with an
+integer ``exit_code`` attribute ends the command with that code and its message instead of a
+traceback (``batch-score``: 4 when the store is locked). Any other failure exits with 1.
 """
 from __future__ import annotations
 
@@ -10,7 +15,7 @@ import logging
 import sys
 from types import ModuleType
 
-from cxr_spark import __version__, ingest, preprocess, report, score, train
+from cxr_spark import __version__, batch_score, ingest, preprocess, report, score, train
 from cxr_spark.config import load_config
 from cxr_spark.session import build_session
 
@@ -22,6 +27,8 @@ SPARK_STAGES: dict[str, tuple[ModuleType, str]] = {
     "train": (train, "train a CNN with Horovod-on-Spark, one Petastorm shard per process"),
     "score": (score, "score a split of an images dataset with a trained model into predictions"),
     "report": (report, "compute confusion-matrix metrics and AUROC with Spark; write metrics.json and report.md"),
+    "batch-score": (batch_score, "score the new files of an unlabelled image dump (PNG, JPEG, DICOM) into a "
+                                 "predictions store, skipping images this model version already scored"),
 }
 
 
@@ -110,7 +117,18 @@ def main(argv: list[str] | None = None) -> int:
 
         counts = run_demo(args)
     else:
-        counts = run_stage(args.command, args)
+        try:
+            counts = run_stage(args.command, args)
+        except Exception as error:
+            code = getattr(error, "exit_code", None)
+            if not isinstance(code, int):
+                raise
+            log.error("%s: %s", args.command, error)
+            print(_summary(args.command, {"status": getattr(error, "status", "failed"), "exit_code": code,
+                                          "error": str(error)}))
+            return code
+        print(_summary(args.command, counts))
+        return getattr(SPARK_STAGES[args.command][0], "exit_code", lambda _: 0)(counts)
     print(_summary(args.command, counts))
     return 0
 

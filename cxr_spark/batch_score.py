@@ -1,0 +1,466 @@
+"""Batch scoring: score a new, unlabelled image dump (PNG, JPEG or DICOM) into a predictions store.
+
+Made to run from cron. Each run:
+
+1. takes the store's lock (``<store>/_lock``, created atomically; a stale one is broken with a log line);
+2. lists the dump and hashes every file in the JVM (``sha2``), then drops, with a Spark ``left_anti``
+   join, every content hash this model version already scored or quarantined; identical files within
+   the dump are scored once;
+3. decodes, resizes and normalises the new files with the model's own ``model.json`` settings and
+   scores them in ``mapInPandas`` (one model load per Python worker, as in ``score``); files that
+   cannot be used become quarantine rows;
+4. writes everything into ``<store>/_staging/<run_id>/`` and commits with directory renames:
+   ``scored_date=D/run_id=R/`` (predictions), ``_quarantine/scored_date=D/run_id=R/`` and
+   ``_runs/<run_id>.json`` (the run summary). Readers (``spark.read.parquet(store)``) never see a
+   partial run: a run folder appears whole in one rename, and Spark skips ``_``-prefixed folders.
+   If anything fails the staged files are deleted and completed renames are undone, so the store is
+   left as it was.
+
+Exit codes (``cxr-spark batch-score``): 0 new images were processed (scored and/or quarantined),
+3 nothing new, 4 the store is locked by another run, 1 failed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from cxr_spark.config import PipelineConfig
+from cxr_spark.images import PNG_SIGNATURE, ImageError, decode_grayscale, resize_square
+from cxr_spark.ingest import QUARANTINE_DIR
+from cxr_spark.manifest import finish_manifest, input_version
+from cxr_spark.score import _loaded_model
+from cxr_spark.storage import FileSystem, local_path, read_bytes, read_json, to_url
+from cxr_spark.train import MODEL_FILE, load_model_card, normalize
+
+log = logging.getLogger(__name__)
+
+EXIT_SCORED = 0
+EXIT_FAILED = 1
+EXIT_NOTHING_NEW = 3
+EXIT_LOCKED = 4
+EXIT_CODES_HELP = (f"exit codes: {EXIT_SCORED} new images processed (scored and/or quarantined), "
+                   f"{EXIT_NOTHING_NEW} nothing new, {EXIT_LOCKED} store locked by another run, "
+                   f"{EXIT_FAILED} failed (the store is left as it was)")
+
+#: Every PNG, JPEG and DICOM file, whatever the case of its extension (Hadoop glob syntax).
+IMAGE_GLOB = "*.{[pP][nN][gG],[jJ][pP][gG],[jJ][pP][eE][gG],[dD][cC][mM]}"
+LOCK_FILE = "_lock"
+RUNS_DIR = "_runs"
+STAGING_DIR = "_staging"
+DEFAULT_LOCK_STALE_AFTER_S = 6 * 3600  # longer than any nightly run; a crashed run's lock expires by then
+EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256(b"")
+SCORED_DDL = ("image_id string, source_path string, content_sha256 string, image_format string, "
+              "probabilities array<float>, flagged array<string>, reason string, detail string")
+STORE_KEY_DDL = "content_sha256 string, model_version string"
+
+
+class StoreLockedError(RuntimeError):
+    """Another run holds the store's lock; the CLI ends with :data:`EXIT_LOCKED`."""
+
+    exit_code = EXIT_LOCKED
+    status = "locked"
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--images", required=True,
+                        help="dump folder, searched recursively for *.png, *.jpg, *.jpeg, *.dcm (any case)")
+    parser.add_argument("--model", required=True, help="model folder written by train (model.keras + model.json)")
+    parser.add_argument("--out", required=True, help="predictions store to append to (created if missing)")
+    parser.add_argument("--batch-size", type=int, help="images per model call (default from conf [score])")
+    parser.add_argument("--lock-stale-after", type=float, default=DEFAULT_LOCK_STALE_AFTER_S, metavar="SECONDS",
+                        help=f"break a lock older than this, or one whose process on this host is gone "
+                             f"(default {DEFAULT_LOCK_STALE_AFTER_S})")
+    parser.add_argument("--retry-quarantined", action="store_true",
+                        help="try again files this model version quarantined before (e.g. after a decoder fix)")
+    parser.epilog = EXIT_CODES_HELP
+
+
+def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
+    return batch_score(spark, args.images, args.model, args.out, batch_size=args.batch_size or config.score.batch_size,
+                       lock_stale_after_s=args.lock_stale_after, retry_quarantined=args.retry_quarantined)
+
+
+def exit_code(counts: dict) -> int:
+    """The process exit code of a finished run: 0 when new images were processed, 3 when nothing was new."""
+    return EXIT_SCORED if counts["scored"] + counts["quarantined"] else EXIT_NOTHING_NEW
+
+
+# ---------------------------------------------------------------------------------------------
+# pure per-image logic
+
+
+def sniff_format(data: bytes) -> str:
+    """``png``, ``jpeg`` or ``dicom`` from a file's first bytes, else an :class:`ImageError`.
+
+    >>> sniff_format(b"\\xff\\xd8\\xff\\xe0" + bytes(8))
+    'jpeg'
+    """
+    if len(data) == 0:
+        raise ImageError("empty_file", "zero bytes")
+    if data[:8] == PNG_SIGNATURE:
+        return "png"
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[128:132] == b"DICM":  # DICOM Part 10: a 128-byte preamble, then the magic
+        return "dicom"
+    raise ImageError("not_an_image", f"neither PNG, JPEG nor DICOM; first bytes {bytes(data[:8])!r}")
+
+
+def stored_identity(source_path: str, content_sha256: str, image_format: str | None) -> tuple[str, str]:
+    """The ``(image_id, source_path)`` the store keeps for a file.
+
+    A file name is the id, except for DICOM (by content or by a ``.dcm`` name): exports often name
+    files after the patient or their UIDs, so a DICOM's id is its content hash and only its folder is kept.
+
+    >>> stored_identity("file:/dump/x/00000001_000.png", "ab12", "png")
+    ('00000001_000.png', 'file:/dump/x/00000001_000.png')
+    >>> stored_identity("file:/dump/x/Doe^John.dcm", "ab12", "dicom")
+    ('sha256:ab12', 'file:/dump/x/')
+    """
+    folder, name = source_path.rsplit("/", 1)
+    if image_format == "dicom" or name.lower().endswith(".dcm"):
+        return f"sha256:{content_sha256}", f"{folder}/"
+    return name, source_path
+
+
+def flag_findings(probabilities: np.ndarray, thresholds: np.ndarray, labels: list[str]) -> list[list[str]]:
+    """For each image (row), the labels whose probability reaches the model's threshold for that label."""
+    hits = np.asarray(probabilities) >= np.asarray(thresholds)[np.newaxis, :]
+    return [[labels[j] for j in np.flatnonzero(row)] for row in hits]
+
+
+def _card_settings(card: dict, model_url: str) -> dict:
+    """The plain values workers need from ``model.json``; a missing key is an error that names it."""
+    try:
+        labels = list(card["labels"])
+        thresholds = [float(card["thresholds"][label]) for label in labels]
+        return {"model_version": str(card["model_version"]), "input_size": int(card["input_size"]),
+                "mean": float(card["normalization"]["mean"]), "std": float(card["normalization"]["std"]),
+                "labels": labels, "thresholds": thresholds}
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{model_url}/model.json lacks {error} (needs model_version, input_size, "
+                         f"normalization.mean/std, labels and a threshold per label)") from error
+
+
+def _score_files(plain: dict, model_broadcast, batch_size: int):
+    """The mapInPandas function: file bytes in, one row per file out (probabilities or a quarantine reason)."""
+    size, labels = plain["input_size"], plain["labels"]
+    thresholds = np.asarray(plain["thresholds"], np.float32)
+
+    def score_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for frame in batches:
+            rows, pixels = [], []
+            for path, digest, content in zip(frame["source_path"], frame["content_sha256"], frame["content"]):
+                row = {"source_path": path, "content_sha256": digest, "image_format": None,
+                       "probabilities": None, "flagged": None, "reason": None, "detail": None}
+                try:
+                    row["image_format"] = sniff_format(content)
+                    # the model's input exactly as preprocess made its training images
+                    pixels.append(resize_square(decode_grayscale(content), size))
+                except ImageError as error:
+                    row["reason"], row["detail"] = error.reason, error.detail
+                row["image_id"], row["source_path"] = stored_identity(path, digest, row["image_format"])
+                rows.append(row)
+            if pixels:
+                model = _loaded_model(plain["model_version"], model_broadcast.value)
+                inputs = normalize(np.stack(pixels).astype(np.float32), plain["mean"], plain["std"])[..., np.newaxis]
+                probabilities = np.concatenate([model(inputs[i:i + batch_size], training=False).numpy()
+                                                for i in range(0, len(inputs), batch_size)]).astype(np.float32)
+                flags = flag_findings(probabilities, thresholds, labels)
+                usable = (row for row in rows if row["reason"] is None)
+                for row, vector, flagged in zip(usable, probabilities, flags):
+                    row["probabilities"], row["flagged"] = vector, flagged
+            yield pd.DataFrame(rows, columns=[name.split()[0] for name in SCORED_DDL.split(", ")])
+
+    return score_batches
+
+
+# ---------------------------------------------------------------------------------------------
+# the store's lock
+
+
+@dataclass
+class StoreLock:
+    """An exclusive lock file in the store: created atomically, holding pid, host, time and run id."""
+
+    spark: SparkSession
+    url: str
+    run_id: str
+    stale_after_s: float
+
+    def acquire(self) -> None:
+        """Take the lock, breaking a stale one once; raise :class:`StoreLockedError` if another run holds it."""
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
+                  "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
+        if self._create(json.dumps(holder)):
+            return
+        current, age = self._read()
+        reason = self._stale_reason(current, age)
+        if reason is None:
+            raise StoreLockedError(f"store is locked by {self.url}: {json.dumps(current)} (held {age:.0f} s); "
+                                   f"another batch-score run is writing it. Not scoring.")
+        log.warning("breaking stale lock %s held by %s: %s", self.url, json.dumps(current), reason)
+        self._delete()
+        if not self._create(json.dumps(holder)):
+            raise StoreLockedError(f"store lock {self.url} was taken by another run while breaking a stale one")
+
+    def release(self) -> None:
+        """Remove the lock if this run still holds it."""
+        current, _ = self._read()
+        if current.get("run_id") == self.run_id:
+            self._delete()
+        else:
+            log.warning("lock %s is no longer ours (%s); leaving it", self.url, current)
+
+    def _stale_reason(self, holder: dict, age: float) -> str | None:
+        if age > self.stale_after_s:
+            return f"older than {self.stale_after_s:.0f} s ({age:.0f} s)"
+        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
+            try:
+                os.kill(holder["pid"], 0)
+            except ProcessLookupError:
+                return f"process {holder['pid']} on this host is gone"
+            except PermissionError:  # alive, owned by another user
+                return None
+        return None
+
+    def _create(self, text: str) -> bool:
+        path = local_path(self.url)
+        if path is not None:
+            try:
+                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(descriptor, "w") as handle:
+                handle.write(text)
+            return True
+        jvm = self.spark._jvm
+        hadoop_path = jvm.org.apache.hadoop.fs.Path(self.url)
+        fs = hadoop_path.getFileSystem(self.spark._jsc.hadoopConfiguration())
+        try:
+            stream = fs.create(hadoop_path, False)  # HDFS: fails atomically if it exists
+        except Exception as error:  # noqa: BLE001 - py4j wraps FileAlreadyExistsException
+            if "FileAlreadyExists" in str(error):
+                return False
+            raise
+        try:
+            stream.write(bytearray(text.encode("utf-8")))
+        finally:
+            stream.close()
+        return True
+
+    def _read(self) -> tuple[dict, float]:
+        """The holder's record (empty if unreadable, e.g. half-written) and the lock's age in seconds."""
+        path = local_path(self.url)
+        try:
+            if path is not None:
+                modified = os.path.getmtime(path)
+            else:
+                hadoop_path = self.spark._jvm.org.apache.hadoop.fs.Path(self.url)
+                fs = hadoop_path.getFileSystem(self.spark._jsc.hadoopConfiguration())
+                modified = fs.getFileStatus(hadoop_path).getModificationTime() / 1000
+        except Exception:  # noqa: BLE001 - OSError here, py4j's wrapped FileNotFoundException on Hadoop
+            return {}, 0.0  # gone meanwhile
+        try:
+            holder = read_json(self.spark, self.url)
+        except (OSError, ValueError):
+            holder = {}
+        return (holder if isinstance(holder, dict) else {}), time.time() - modified
+
+    def _delete(self) -> None:
+        FileSystem(self.spark, self.url).delete(self.url)
+
+
+# ---------------------------------------------------------------------------------------------
+# the job
+
+
+def list_dump(spark: SparkSession, images: str) -> tuple[DataFrame, DataFrame]:
+    """The dump's files as ``binaryFile`` rows, and an index of every listed file with its content hash.
+
+    The hash is computed in the JVM, so bytes of files already scored never reach Python. Spark makes
+    no row for a 0-byte file; its path still comes from the file index and gets the empty content's hash.
+    """
+    files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
+             .option("pathGlobFilter", IMAGE_GLOB).load(to_url(images)))
+    hashed = files.select(F.col("path").alias("source_path"), F.sha2("content", 256).alias("content_sha256"))
+    listed = spark.createDataFrame([(path,) for path in files.inputFiles()], "source_path string").select(
+        # the file index spells local URLs file:///x where rows say file:/x
+        F.regexp_replace("source_path", r"^([A-Za-z][A-Za-z0-9+.-]*):///", "$1:/").alias("source_path"))
+    empty = listed.join(hashed, "source_path", "left_anti").withColumn("content_sha256", F.lit(EMPTY_SHA256))
+    return files, hashed.unionByName(empty)
+
+
+def known_hashes(spark: SparkSession, store: str, model_version: str, include_quarantine: bool) -> DataFrame:
+    """Content hashes this model version already scored (and, unless retrying, quarantined) in ``store``."""
+    fs = FileSystem(spark, store)
+    folders = [store] + ([f"{store}/{QUARANTINE_DIR}"] if include_quarantine else [])
+    known = spark.createDataFrame([], "content_sha256 string")
+    for folder in folders:
+        if fs.exists(folder):
+            known = known.unionByName(spark.read.schema(STORE_KEY_DDL).parquet(folder)
+                                      .where(F.col("model_version") == model_version).select("content_sha256"))
+    return known.distinct()
+
+
+def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, batch_size: int = 64,
+                lock_stale_after_s: float = DEFAULT_LOCK_STALE_AFTER_S, retry_quarantined: bool = False) -> dict:
+    """Score the files of ``images`` that ``model_dir``'s version has not seen into ``store``; return the summary.
+
+    Raises :class:`StoreLockedError` when another run holds the store; any other failure leaves the
+    store as it was.
+    """
+    started = time.time()
+    store, model_url = to_url(store), to_url(model_dir)
+    card = load_model_card(spark, model_url)
+    plain = _card_settings(card, model_url)
+    model_bytes = read_bytes(f"{model_url}/{MODEL_FILE}")
+    scored_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    run_id = f"{scored_at:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    scored_date = f"{scored_at:%Y-%m-%d}"
+
+    fs = FileSystem(spark, store)
+    created_store = not fs.exists(store)
+    fs.mkdirs(store)
+    lock = StoreLock(spark, f"{store}/{LOCK_FILE}", run_id, lock_stale_after_s)
+    lock.acquire()  # on failure the folder stays: the run holding the lock may have just created it
+    staging = f"{store}/{STAGING_DIR}/{run_id}"
+    committed = False
+    try:
+        log.info("batch-score run %s: %s with model %s into %s", run_id, images, plain["model_version"], store)
+        summary = _score_run(spark, images, model_url, store, staging, plain, model_bytes, batch_size,
+                             scored_at, run_id, retry_quarantined, started)
+        _commit(fs, store, [(f"{staging}/predictions", f"{store}/scored_date={scored_date}/run_id={run_id}"),
+                            (f"{staging}/quarantine",
+                             f"{store}/{QUARANTINE_DIR}/scored_date={scored_date}/run_id={run_id}"),
+                            (f"{staging}/_manifest.json", f"{store}/{RUNS_DIR}/{run_id}.json")])
+        committed = True
+        return summary
+    finally:
+        if created_store and not committed:
+            fs.delete(store)  # still under our lock (it goes with the folder): nobody else wrote here
+            log.warning("run %s failed; removed the store folder %s it had created", run_id, store)
+        else:
+            fs.delete(staging)
+            _delete_if_empty(fs, f"{store}/{STAGING_DIR}")
+            lock.release()
+
+
+def _score_run(spark: SparkSession, images: str, model_url: str, store: str, staging: str, plain: dict,
+               model_bytes: bytes, batch_size: int, scored_at: dt.datetime, run_id: str,
+               retry_quarantined: bool, started: float) -> dict:
+    """Everything of one run that writes only into ``staging``; returns the summary."""
+    files, index = list_dump(spark, images)
+    index = index.cache()
+    fresh = index.join(known_hashes(spark, store, plain["model_version"], not retry_quarantined),
+                       "content_sha256", "left_anti")
+    first_copy = Window.partitionBy("content_sha256").orderBy("source_path")
+    new = fresh.withColumn("copy", F.row_number().over(first_copy)).where("copy = 1").drop("copy").cache()
+    n_listed, n_fresh, n_new = index.count(), fresh.count(), new.count()
+    labels = plain["labels"]
+    flagged = dict.fromkeys(labels, 0)
+    n_scored = n_quarantined = 0
+    if n_new:
+        model_broadcast = spark.sparkContext.broadcast(model_bytes)
+        try:
+            # 0-byte files have no binaryFile row; they join the batches as empty content (-> empty_file)
+            empty = new.where(F.col("content_sha256") == EMPTY_SHA256).select(
+                "source_path", F.lit("").cast("binary").alias("content"))
+            contents = files.select(F.col("path").alias("source_path"), "content").unionByName(empty)
+            scored = (contents.join(F.broadcast(new), "source_path")
+                      .mapInPandas(_score_files(plain, model_broadcast, batch_size), SCORED_DDL))
+            (scored.withColumn("model_version", F.lit(plain["model_version"]))
+             .withColumn("scored_at", F.lit(scored_at).cast("timestamp"))
+             .write.parquet(f"{staging}/all"))
+        finally:
+            model_broadcast.unpersist()
+        every = spark.read.parquet(f"{staging}/all")
+        predictions = every.where("reason IS NULL").select(
+            "image_id", F.lit("unlabeled").alias("split"), F.lit(None).cast("array<smallint>").alias("labels"),
+            "probabilities", "flagged", "model_version", "scored_at", "content_sha256", "source_path", "image_format")
+        quarantine = every.where("reason IS NOT NULL").select(
+            *[F.col(name) for name in ("source_path", "image_id", "reason", "detail")],
+            F.lit("file").alias("kind"), "content_sha256", "model_version", "scored_at")
+        n_scored, n_quarantined = _write_nonempty(predictions, f"{staging}/predictions"), \
+            _write_nonempty(quarantine.coalesce(1), f"{staging}/quarantine")
+        if n_scored:
+            written = spark.read.parquet(f"{staging}/predictions")
+            flagged.update({row["finding"]: row["count"] for row in
+                            written.select(F.explode("flagged").alias("finding")).groupBy("finding").count().collect()})
+    index.unpersist()
+    new.unpersist()
+    counts = {"files_listed": n_listed, "scored": n_scored, "skipped": n_listed - n_new,
+              "skipped_known": n_listed - n_fresh, "skipped_duplicate_content": n_fresh - n_new,
+              "quarantined": n_quarantined, "flagged": {label: flagged[label] for label in labels}}
+    if n_scored + n_quarantined != n_new:
+        raise RuntimeError(f"batch-score counts do not reconcile: {n_new} new files, {counts}")
+    counts["status"] = "scored" if n_new else "nothing_new"
+    counts["exit_code"] = exit_code(counts)
+    counts.update(run_id=run_id, scored_date=f"{scored_at:%Y-%m-%d}", model_version=plain["model_version"])
+    finish_manifest(spark, staging, "batch-score", started,
+                    config={"batch_size": batch_size, "retry_quarantined": retry_quarantined,
+                            "thresholds": dict(zip(labels, plain["thresholds"]))},
+                    inputs={"images": to_url(images), "model": input_version(spark, model_url)}, counts=counts,
+                    extra={"run_id": run_id, "model_version": plain["model_version"], "store": store})
+    return counts
+
+
+def _write_nonempty(frame: DataFrame, url: str) -> int:
+    """Write ``frame`` to ``url`` if it has rows (no empty run folders in the store); return its row count."""
+    n_rows = frame.count()
+    if n_rows:
+        frame.write.parquet(url)
+    return n_rows
+
+
+def _missing_ancestors(fs: FileSystem, store: str, folder: str) -> list[str]:
+    """Folders from ``folder`` up to (not including) ``store`` that do not exist, outermost first."""
+    missing = []
+    while folder != store and not fs.exists(folder):
+        missing.append(folder)
+        folder = folder.rsplit("/", 1)[0]
+    return missing[::-1]
+
+
+def _commit(fs: FileSystem, store: str, moves: list[tuple[str, str]]) -> None:
+    """Rename each staged path that exists into place; on any failure undo what was done, then re-raise."""
+    renamed, created = [], []
+    try:
+        for source, target in moves:
+            if not fs.exists(source):
+                continue
+            parent = target.rsplit("/", 1)[0]
+            created += _missing_ancestors(fs, store, parent)
+            fs.mkdirs(parent)
+            fs.rename(source, target)
+            renamed.append((source, target))
+    except BaseException:
+        log.error("commit failed; undoing %d renames so the store is as it was", len(renamed))
+        for source, target in reversed(renamed):
+            fs.rename(target, source)
+        for folder in reversed(created):
+            fs.delete(folder)
+        raise
+    log.info("committed %s", ", ".join(target for _, target in renamed))
+
+
+def _delete_if_empty(fs: FileSystem, folder: str) -> None:
+    path = local_path(folder)
+    if path is not None:
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+    elif fs.exists(folder) and fs.count_files(folder, "") == 0:
+        fs.delete(folder)
