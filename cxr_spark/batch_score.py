@@ -41,9 +41,10 @@ from cxr_spark.config import PipelineConfig
 from cxr_spark.images import PNG_SIGNATURE, ImageError, decode_grayscale, resize_square
 from cxr_spark.ingest import QUARANTINE_DIR
 from cxr_spark.manifest import finish_manifest, input_version
-from cxr_spark.score import _loaded_model
+from cxr_spark.input_pipeline import model_inputs
+from cxr_spark.score import loaded_model
 from cxr_spark.storage import FileSystem, local_path, read_bytes, read_json, to_url
-from cxr_spark.train import MODEL_FILE, load_model_card, normalize
+from cxr_spark.train import MODEL_FILE, load_model_card
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +149,8 @@ def _card_settings(card: dict, model_url: str) -> dict:
         labels = list(card["labels"])
         thresholds = [float(card["thresholds"][label]) for label in labels]
         return {"model_version": str(card["model_version"]), "input_size": int(card["input_size"]),
-                "mean": float(card["normalization"]["mean"]), "std": float(card["normalization"]["std"]),
+                "normalization": {**card["normalization"], "mean": float(card["normalization"]["mean"]),
+                                  "std": float(card["normalization"]["std"])},
                 "labels": labels, "thresholds": thresholds}
     except (KeyError, TypeError) as error:
         raise ValueError(f"{model_url}/model.json lacks {error} (needs model_version, input_size, "
@@ -175,8 +177,8 @@ def _score_files(plain: dict, model_broadcast, batch_size: int):
                 row["image_id"], row["source_path"] = stored_identity(path, digest, row["image_format"])
                 rows.append(row)
             if pixels:
-                model = _loaded_model(plain["model_version"], model_broadcast.value)
-                inputs = normalize(np.stack(pixels).astype(np.float32), plain["mean"], plain["std"])[..., np.newaxis]
+                model = loaded_model(plain["model_version"], model_broadcast.value)
+                inputs = model_inputs(np.stack(pixels), plain["normalization"])
                 probabilities = np.concatenate([model(inputs[i:i + batch_size], training=False).numpy()
                                                 for i in range(0, len(inputs), batch_size)]).astype(np.float32)
                 flags = flag_findings(probabilities, thresholds, labels)

@@ -45,7 +45,7 @@ def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) 
     return score(spark, args.input, args.model, args.out, settings.split, settings.batch_size)
 
 
-def _loaded_model(version: str, model_bytes: bytes):
+def loaded_model(version: str, model_bytes: bytes):
     """Deserialise a model at most once per Python worker process."""
     if version not in _LOADED_MODELS:
         import tensorflow as tf
@@ -67,7 +67,7 @@ def _score_partition(card: dict, model_broadcast, batch_size: int):
     schema = images_schema(size)
 
     def predict(batches):
-        model = _loaded_model(version, model_broadcast.value)
+        model = loaded_model(version, model_broadcast.value)
         for frame in batches:
             images = np.stack(decode_column(schema, "image", frame["image"])) if len(frame) else np.zeros((0, size, size))
             inputs = model_inputs(images, card["normalization"])
