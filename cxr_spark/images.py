@@ -236,7 +236,7 @@ def decode_dicom(data: bytes) -> np.ndarray:
     """
     from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-    _dicom_info(data)  # refuse what the header already rules out, with its reason
+    image_header(data)  # refuse what the header already rules out (size, pixel format), with its reason
     ds = read_dicom(data, pixels=True)
     if "PixelData" not in ds:
         raise ImageError("corrupt_image", "DICOM has no pixel data")

@@ -56,7 +56,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--metadata", help="Data_Entry_2017*.csv[.gz] (2017 or v2020 layout); without it and "
                                            "outside the Kaggle layout every image is 'unlabeled'")
     parser.add_argument("--split-lists", help="folder with NIH train_val_list.txt and test_list.txt (official split)")
-    parser.add_argument("--bbox", help="BBox_List_2017.csv[.gz]: written beside the images as <out>/_bbox/ (Parquet)")
+    parser.add_argument("--bbox", help="BBox_List_2017.csv[.gz]: written into the dataset as <out>/_bbox/ (Parquet)")
     parser.add_argument("--out", required=True, help="raw dataset to write (replaced atomically)")
     parser.add_argument("--mode", choices=MODES, default="overwrite",
                         help="overwrite (default) or append-new: add only files whose image id and content are "

@@ -1,9 +1,8 @@
-"""Ingest of real-world dumps on local Spark: pixel formats, decompression bombs, ages, both NIH
-metadata layouts, bounding boxes, DICOM privacy. Expectations come from Pillow, pydicom and the csv module."""
+"""Ingest of real-world dumps on local Spark: pixel formats, decompression bombs, ages, the 2017 metadata
+layout (v2020 and the bounding boxes: test_ingest.py). Expectations come from Pillow and the csv module."""
 from __future__ import annotations
 
 import csv
-import gzip
 import io
 import shutil
 from collections import Counter
@@ -117,29 +116,3 @@ def test_2017_layout_with_trailing_comma_and_bad_ages(spark, tiny_dump, tmp_path
         plain = {row[0]: row for row in list(csv.reader(handle))[1:]}
     assert all(len(row) == 12 and row[-1] == "" for row in plain.values())
     assert all(rows[i].view == plain[i][6] for i in rows)
-
-
-def test_real_v2020_metadata_and_bbox_list(spark, shared_data, tmp_path, config):
-    images = tmp_path / "samples"
-    images.mkdir()
-    for name in ("00000001_000.png", "00027426_000.png"):
-        shutil.copy(shared_data / "samples" / name, images / name)
-    bbox = shared_data / "nih" / "BBox_List_2017.csv.gz"
-    counts = ingest(spark, str(images), str(tmp_path / "raw"), str(shared_data / "nih" / "Data_Entry_2017_v2020.csv.gz"),
-                    None, config.ingest, bbox=str(bbox))
-    with gzip.open(shared_data / "nih" / "Data_Entry_2017_v2020.csv.gz", "rt", newline="") as handle:
-        plain = {row[0]: row for row in list(csv.reader(handle))[1:]}
-    assert counts["metadata_rows"] == len(plain) == 112_120
-    assert counts["metadata_matched"] == 2 and counts["metadata_quarantined"] == len(plain) - 2
-    rows = {r.image_id: r for r in read_rows(tmp_path / "raw", ["image_id", "age", "sex", "view", "follow_up"])}
-    for image_id, row in rows.items():
-        assert (row.age, row.sex, row.view, row.follow_up) == (int(plain[image_id][4]), plain[image_id][5],
-                                                               plain[image_id][6], int(plain[image_id][2]))
-    with gzip.open(bbox, "rt", newline="") as handle:
-        expected = [row[:6] for row in list(csv.reader(handle))[1:]]
-    boxes = spark.read.parquet(str(tmp_path / "raw" / "_bbox")).toPandas()
-    assert counts["bbox_rows"] == counts["bbox_written"] == len(boxes) == len(expected) == 984
-    canonical = Counter("Infiltration" if row[1] == "Infiltrate" else row[1] for row in expected)
-    assert Counter(boxes["finding"]) == canonical and "Infiltrate" not in set(boxes["finding"])
-    first = boxes[boxes["image_id"] == expected[0][0]].iloc[0]
-    assert [first.x, first.y, first.w, first.h] == pytest.approx([float(v) for v in expected[0][2:6]])
