@@ -79,6 +79,13 @@ def test_generic_dump_of_png_jpeg_and_dicom_keeps_no_identifying_dicom_data(spar
     others = {r.image_id: bytes(r.png) for r in rows if not r.image_id.endswith(".dcm")}
     assert others == {"a.png": (dump / "a.png").read_bytes(), "b.jpeg": (dump / "b.jpeg").read_bytes()}
 
+    from cxr_spark.config import override
+    from cxr_spark.preprocess import preprocess
+
+    resized = preprocess(spark, str(raw), str(tmp_path / "images_16"),  # rows without a patient id go on
+                         override(config.preprocess, size=16, min_files_per_split=1))
+    assert resized["images"] == 4 and resized["splits"] == {"unlabeled": 4}
+
     secrets = set().union(*(_identifying_values(data) for data in dicoms.values())) | {"DOE_JANE", "IM0001"}
     assert {"DOE^JANE", "PID-0042-XYZ", "Saint Example Hospital", "20200315"} <= secrets
     for path in raw.rglob("*"):  # every byte of every file written, compressed or not
