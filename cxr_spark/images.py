@@ -1,15 +1,31 @@
 """Pure image functions on bytes and arrays: header parsing, decoding, resizing, encoding.
 
+Three containers are recognised by their magic bytes, never by file name: PNG, JPEG (JFIF/EXIF or
+bare) and DICOM (``DICM`` after the 128-byte preamble). :func:`image_header` reads size and pixel
+format from the header alone, so ingest can reject a decompression bomb or an unsupported pixel
+format before anything is decoded; :func:`decode_grayscale` turns any accepted image into a 2-D uint8
+array.
+
 No Spark here; the Spark stages map these over partitions.
 """
 from __future__ import annotations
 
+import io
 import struct
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+JPEG_SIGNATURE = b"\xff\xd8\xff"
+DICOM_MAGIC_OFFSET = 128  # a DICOM Part 10 file: 128-byte preamble, then b"DICM"
+#: Decompression-bomb guard: an image whose header claims more pixels than this is quarantined as
+#: ``image_too_large`` before it is decoded (a 50 MP 8-bit image decodes to 50 MB; NIH's are 1 MP,
+#: the largest digital radiographs about 10 MP). Change it here; ingest and decoding both use it.
+MAX_PIXELS = 50_000_000
+#: Pixel formats that are converted to 8-bit grayscale when decoded (and counted by ingest).
+CONVERSIONS = ("rgb", "rgba", "16bit", "palette")
 # OpenCV's own threads would fight Spark's task slots and Horovod's processes for the same cores.
 cv2.setNumThreads(1)
 
@@ -21,6 +37,29 @@ class ImageError(ValueError):
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+
+
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header says: container, size and the conversion decoding will apply (None: 8-bit gray)."""
+
+    format: str  # "png", "jpeg" or "dicom"
+    width: int
+    height: int
+    conversion: str | None  # one of CONVERSIONS, or None
+
+
+def sniff_format(data: bytes) -> str:
+    """``"png"``, ``"jpeg"`` or ``"dicom"`` from the magic bytes; ImageError otherwise."""
+    if len(data) == 0:
+        raise ImageError("empty_file", "zero bytes")
+    if data[:8] == PNG_SIGNATURE:
+        return "png"
+    if data[:3] == JPEG_SIGNATURE:
+        return "jpeg"
+    if data[DICOM_MAGIC_OFFSET:DICOM_MAGIC_OFFSET + 4] == b"DICM":
+        return "dicom"
+    raise ImageError("not_an_image", f"no PNG, JPEG or DICOM signature; first bytes {bytes(data[:8])!r}")
 
 
 def png_header(data: bytes) -> tuple[int, int, int, int]:
@@ -39,17 +78,213 @@ def png_header(data: bytes) -> tuple[int, int, int, int]:
     return width, height, bit_depth, colour_type
 
 
+# PNG colour types (IHDR) and the conversion each needs; 4 = gray + alpha has no safe reading of the
+# alpha channel for a radiograph, so it is refused rather than guessed.
+_PNG_COLOUR = {0: "gray", 2: "rgb", 3: "palette", 4: None, 6: "rgba"}
+
+
+def _png_info(data: bytes) -> ImageHeader:
+    width, height, bit_depth, colour_type = png_header(data)
+    kind = _PNG_COLOUR.get(colour_type, None)
+    if kind is None:
+        name = "gray+alpha" if colour_type == 4 else f"colour type {colour_type}"
+        raise ImageError("unsupported_format", f"PNG {name}, bit depth {bit_depth}")
+    if kind == "gray":
+        conversion = "16bit" if bit_depth == 16 else None  # 1/2/4-bit gray is expanded to 0-255 by libpng
+    else:
+        conversion = kind  # 16-bit colour is counted under its colour model
+    return ImageHeader("png", width, height, conversion)
+
+
+# Start-of-frame markers: C0-C3, C5-C7, C9-CB, CD-CF (C4 = DHT, C8 = JPG extension, CC = DAC).
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+_JPEG_LOSSLESS = {0xC3, 0xC7, 0xCB, 0xCF}
+
+
+def jpeg_header(data: bytes) -> tuple[int, int, int, int, int]:
+    """``(width, height, precision, components, sof_marker)`` from a JPEG's start-of-frame segment."""
+    if data[:3] != JPEG_SIGNATURE:
+        raise ImageError("not_an_image", f"no JPEG signature; first bytes {bytes(data[:8])!r}")
+    position = 2
+    while position + 4 <= len(data):
+        if data[position] != 0xFF:
+            raise ImageError("corrupt_image", f"JPEG marker expected at byte {position}")
+        marker = data[position + 1]
+        if marker == 0xFF:  # fill byte
+            position += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            position += 2
+            continue
+        (length,) = struct.unpack(">H", data[position + 2:position + 4])
+        if marker in _JPEG_SOF:
+            if position + 10 > len(data):
+                break
+            precision, height, width, components = struct.unpack(">BHHB", data[position + 4:position + 10])
+            return width, height, precision, components, marker
+        if marker in (0xDA, 0xD9):  # scan data or end of image before any frame header
+            break
+        position += 2 + length
+    raise ImageError("corrupt_image", f"JPEG has no start-of-frame header ({len(data)} bytes)")
+
+
+def _jpeg_info(data: bytes) -> ImageHeader:
+    width, height, precision, components, marker = jpeg_header(data)
+    if marker in _JPEG_LOSSLESS or precision != 8:
+        raise ImageError("unsupported_format", f"JPEG {'lossless' if marker in _JPEG_LOSSLESS else ''} "
+                                               f"{precision}-bit (SOF 0x{marker:02X}); only 8-bit lossy JPEG decodes")
+    if components == 1:
+        return ImageHeader("jpeg", width, height, None)
+    if components == 3:
+        return ImageHeader("jpeg", width, height, "rgb")
+    raise ImageError("unsupported_format", f"JPEG with {components} components (CMYK or unknown colour model)")
+
+
+def read_dicom(data: bytes, pixels: bool = False):
+    """Parse DICOM bytes with pydicom (header only unless ``pixels``); ImageError if unreadable."""
+    import pydicom  # imported here: only DICOM input pays for it
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels)
+    except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError) as error:
+        raise ImageError("corrupt_image", f"DICOM unreadable: {type(error).__name__}: {error}") from error
+
+
+def _dicom_info(data: bytes) -> ImageHeader:
+    ds = read_dicom(data)
+    rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    photometric = str(ds.get("PhotometricInterpretation", "")).upper()
+    bits_stored = int(ds.get("BitsStored", ds.get("BitsAllocated", 8)) or 8)
+    if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+        raise ImageError("unsupported_format", "DICOM float pixel data")
+    if frames > 1:
+        raise ImageError("unsupported_format", f"DICOM with {frames} frames (a single radiograph is expected)")
+    if photometric in ("MONOCHROME1", "MONOCHROME2"):
+        conversion = "16bit" if bits_stored > 8 else None
+    elif photometric == "PALETTE COLOR":
+        conversion = "palette"
+    elif photometric == "RGB" or photometric.startswith("YBR"):
+        conversion = "rgb"
+    else:
+        raise ImageError("unsupported_format", f"DICOM photometric interpretation {photometric or 'missing'!r}")
+    return ImageHeader("dicom", columns, rows, conversion)
+
+
+def image_header(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageHeader:
+    """Container, size and needed conversion from the header alone; ImageError with a quarantine reason.
+
+    >>> image_header(encode_png(np.zeros((3, 5), np.uint8)))
+    ImageHeader(format='png', width=5, height=3, conversion=None)
+    """
+    kind = sniff_format(data)
+    header = _png_info(data) if kind == "png" else _jpeg_info(data) if kind == "jpeg" else _dicom_info(data)
+    if header.width <= 0 or header.height <= 0:
+        raise ImageError("corrupt_image", f"{kind} header says {header.width}x{header.height}")
+    if header.width * header.height > max_pixels:
+        raise ImageError("image_too_large", f"{kind} header says {header.width}x{header.height} = "
+                                            f"{header.width * header.height:,} pixels > limit {max_pixels:,}")
+    return header
+
+
+def scale_to_8bit(image: np.ndarray) -> np.ndarray:
+    """Integer image of more than 8 bits to uint8 by a right shift that maps its highest used bit to bit 7.
+
+    The bit depth actually used is inferred from the maximum (a 12-bit detector stored in 16-bit PNG
+    keeps its contrast instead of turning almost black under a fixed ``>> 8``); the mapping stays
+    linear with no clipping, so relative intensities are preserved.
+
+    >>> scale_to_8bit(np.array([[0, 4095]], np.uint16)).tolist()
+    [[0, 255]]
+    """
+    peak = int(image.max()) if image.size else 0
+    shift = max(0, peak.bit_length() - 8)
+    return (image >> shift).astype(np.uint8)
+
+
+def window_to_8bit(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM linear VOI window (PS3.3 C.11.2.1.2) onto 0-255."""
+    width = max(float(width), 1.0)
+    scaled = ((values - (center - 0.5)) / max(width - 1.0, 1.0) + 0.5) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def minmax_to_8bit(values: np.ndarray) -> np.ndarray:
+    """Stretch ``[min, max]`` linearly onto 0-255 (a constant image becomes 0)."""
+    low, high = float(values.min()), float(values.max())
+    if high <= low:
+        return np.zeros(values.shape, np.uint8)
+    return np.clip(np.rint((values - low) * (255.0 / (high - low))), 0, 255).astype(np.uint8)
+
+
+def _first(value) -> float:
+    """First value of a possibly multi-valued DICOM number (WindowCenter may hold several)."""
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)
+
+
+def decode_dicom(data: bytes) -> np.ndarray:
+    """DICOM bytes to a 2-D uint8 image.
+
+    Monochrome: RescaleSlope/Intercept (the modality LUT) are applied; then the first
+    WindowCenter/WindowWidth pair if present, else 8-bit stored data as is, else a min-max stretch of
+    the image; MONOCHROME1 (white = low values) is inverted so bone is bright as in MONOCHROME2.
+    Colour (RGB, YBR, PALETTE COLOR) is converted to luma.
+    """
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
+    image_header(data)  # refuse what the header already rules out (size, pixel format), with its reason
+    ds = read_dicom(data, pixels=True)
+    if "PixelData" not in ds:
+        raise ImageError("corrupt_image", "DICOM has no pixel data")
+    try:
+        array = ds.pixel_array
+    except (NotImplementedError, RuntimeError) as error:  # no handler for the transfer syntax
+        raise ImageError("unsupported_format", f"DICOM pixel data not decodable "
+                                               f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {error}") from error
+    except (ValueError, OSError, struct.error) as error:
+        raise ImageError("corrupt_image", f"DICOM pixel data: {type(error).__name__}: {error}") from error
+    photometric = str(ds.PhotometricInterpretation).upper()
+    if photometric == "PALETTE COLOR":
+        array = apply_color_lut(array, ds)
+    if array.ndim == 3:  # pydicom returns YBR already converted to RGB
+        rgb = array if array.dtype == np.uint8 else scale_to_8bit(array.astype(np.uint16))
+        return cv2.cvtColor(np.ascontiguousarray(rgb), cv2.COLOR_RGB2GRAY)
+    has_rescale = float(ds.get("RescaleSlope", 1) or 1) != 1 or float(ds.get("RescaleIntercept", 0) or 0) != 0
+    values = apply_modality_lut(array, ds)
+    if "WindowCenter" in ds and "WindowWidth" in ds and ds.WindowCenter is not None and ds.WindowWidth:
+        image = window_to_8bit(values.astype(np.float64), _first(ds.WindowCenter), _first(ds.WindowWidth))
+    elif array.dtype == np.uint8 and not has_rescale:
+        image = array
+    else:
+        image = minmax_to_8bit(values.astype(np.float64))
+    if photometric == "MONOCHROME1":
+        image = 255 - image
+    return np.ascontiguousarray(image, dtype=np.uint8)
+
+
 def decode_grayscale(data: bytes) -> np.ndarray:
-    """Decode PNG/JPEG bytes into a 2-D uint8 array (16-bit scaled down, colour converted to luma)."""
+    """Decode PNG, JPEG or DICOM bytes (sniffed by magic bytes) into a 2-D uint8 array.
+
+    Colour and palette images are converted to luma (alpha dropped), 16-bit PNGs scaled by
+    :func:`scale_to_8bit`, DICOM decoded by :func:`decode_dicom`. The header is checked first, so an
+    image over :data:`MAX_PIXELS` or of an unsupported pixel format is refused before decoding.
+    """
+    header = image_header(data)
+    if header.format == "dicom":
+        return decode_dicom(data)
     buffer = np.frombuffer(data, dtype=np.uint8)
-    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)
+    image = cv2.imdecode(buffer, cv2.IMREAD_UNCHANGED)  # palette PNGs come back expanded to BGR(A)
     if image is None:
         raise ImageError("corrupt_image", f"decoder could not read {len(data)} bytes")
     if image.ndim == 3:
         code = cv2.COLOR_BGRA2GRAY if image.shape[2] == 4 else cv2.COLOR_BGR2GRAY
         image = cv2.cvtColor(image, code)
     if image.dtype == np.uint16:
-        image = (image >> 8).astype(np.uint8)
+        image = scale_to_8bit(image)
     elif image.dtype != np.uint8:
         raise ImageError("unsupported_format", f"pixel type {image.dtype}")
     return image

@@ -1,8 +1,12 @@
-"""Ingest: an image dump plus NIH metadata into the ``raw`` Petastorm dataset and a quarantine.
+"""Ingest: an image dump (plus NIH metadata, or a Kaggle folder layout) into the ``raw`` Petastorm
+dataset and a quarantine.
 
-Pass 1 reads every listed file once, inspects its header and hashes it into a small table with no
-image bytes; that table is joined with the parsed metadata to decide each file's fate. Pass 2 copies
-the original PNG bytes of the accepted files into ``raw``. Counts are taken from what was written.
+Pass 1 reads every listed file once, sniffs its container (PNG, JPEG, DICOM), reads size and pixel
+format from its header and hashes it into a small table with no image bytes; that table is joined
+with the parsed metadata (and, with ``--mode append-new``, the existing dataset's ids) to decide each
+file's fate. Pass 2 copies the accepted files into ``raw``: PNG and JPEG as their original bytes,
+DICOM decoded and re-encoded as PNG so no DICOM header (patient name, UIDs, dates) is ever stored.
+Counts are taken from what was written.
 """
 from __future__ import annotations
 
@@ -12,33 +16,53 @@ import time
 
 import pandas as pd
 from petastorm.etl.dataset_metadata import materialize_dataset
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from cxr_spark.config import IngestConfig, PipelineConfig, load_config, override
-from cxr_spark.images import ImageError, png_header
-from cxr_spark.labels import NUM_LABELS, UnknownFindingError, parse_finding_labels
+from cxr_spark.images import CONVERSIONS, ImageError, decode_dicom, encode_png, image_header, read_dicom
+from cxr_spark.labels import LABELS, NUM_LABELS, UnknownFindingError, canonical_name, parse_finding_labels
 from cxr_spark.manifest import finish_manifest
-from cxr_spark.metadata import SPARK_DDL, parse_age
+from cxr_spark.metadata import BBOX_DDL, SPARK_DDL, age_problem, dicom_metadata, parse_age
 from cxr_spark.schemas import RawSchema, encode_column
 from cxr_spark.splits import hash_split, official_split
-from cxr_spark.storage import atomic_output, to_url
+from cxr_spark.storage import FileSystem, atomic_output, to_url
 
 log = logging.getLogger(__name__)
 
-IMAGE_GLOB = "*.{png,PNG}"
+_EXTENSIONS = ("png", "jpg", "jpeg", "dcm", "dicom")
+#: Files considered images (the container is then sniffed from the bytes, not the name).
+IMAGE_GLOB = "*.{" + ",".join(e for ext in _EXTENSIONS for e in (ext, ext.upper())) + "}"
+DICOM_NAME = r"(?i)\.(dcm|dicom)$"
 QUARANTINE_DIR = "_quarantine"  # inside the dataset: replaced atomically with it; Spark skips `_` names
+BBOX_DIR = "_bbox"
 QUARANTINE_SCHEMA = "source_path string, image_id string, reason string, detail string, kind string"
 #: The quarantine ``reason`` vocabulary (README documents each).
-REASONS = ("empty_file", "not_an_image", "corrupt_image", "unsupported_format", "no_metadata",
-           "no_image", "duplicate_image_id", "unknown_finding", "missing_patient_id")
+REASONS = ("empty_file", "not_an_image", "corrupt_image", "unsupported_format", "image_too_large",
+           "no_metadata", "no_image", "duplicate_image_id", "unknown_finding", "missing_patient_id",
+           "unparseable_age", "invalid_bbox")
+MODES = ("overwrite", "append-new")
+LAYOUTS = ("auto", "nih", "kaggle")
+#: Kaggle "Chest X-Ray Images (Pneumonia)": <split>/<class>/<file>; the class sets one canonical label.
+KAGGLE_CLASSES = {"NORMAL": None, "PNEUMONIA": "Pneumonia"}
+KAGGLE_SPLITS = {"train": "train", "val": "val", "test": "test"}
+_KAGGLE_PATH = r"(?:^|/)((train|val|test)/(NORMAL|PNEUMONIA)/[^/]+)$"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", required=True, help="folder of PNGs, searched recursively (images_NNN/images/ or flat)")
-    parser.add_argument("--metadata", help="Data_Entry_2017*.csv[.gz]; without it every image is 'unlabeled'")
+    parser.add_argument("--images", required=True,
+                        help="folder of PNG, JPEG and DICOM files (*.png, *.jpg, *.jpeg, *.dcm, *.dicom), searched "
+                             "recursively: NIH images_NNN/images/, Kaggle train|val|test/NORMAL|PNEUMONIA/, or flat")
+    parser.add_argument("--metadata", help="Data_Entry_2017*.csv[.gz] (2017 or v2020 layout); without it and "
+                                           "outside the Kaggle layout every image is 'unlabeled'")
     parser.add_argument("--split-lists", help="folder with NIH train_val_list.txt and test_list.txt (official split)")
+    parser.add_argument("--bbox", help="BBox_List_2017.csv[.gz]: written into the dataset as <out>/_bbox/ (Parquet)")
     parser.add_argument("--out", required=True, help="raw dataset to write (replaced atomically)")
+    parser.add_argument("--mode", choices=MODES, default="overwrite",
+                        help="overwrite (default) or append-new: add only files whose image id and content are "
+                             "not already in --out; the dataset is still replaced atomically")
+    parser.add_argument("--layout", choices=LAYOUTS, default="auto",
+                        help="auto (default: Kaggle when --images has train|val|test/NORMAL|PNEUMONIA), nih, kaggle")
     parser.add_argument("--val-fraction", type=float, help="fraction of patients for validation")
     parser.add_argument("--test-fraction", type=float, help="fraction of patients for test (without split lists)")
     parser.add_argument("--split-seed", type=int, help="seed of the patient-wise split")
@@ -47,29 +71,44 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
     settings = override(config.ingest, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                         split_seed=args.split_seed)
-    return ingest(spark, args.images, args.out, args.metadata, args.split_lists, settings)
+    return ingest(spark, args.images, args.out, args.metadata, args.split_lists, settings,
+                  bbox=args.bbox, mode=args.mode, layout=args.layout)
 
 
 # ---------------------------------------------------------------------------------------------
 # per-row logic (pure pandas over pure functions; run inside executors)
 
+INSPECT_OUT = ("format string, width int, height int, conversion string, view string, sex string, age int, "
+               "reason string, detail string")
+
+
+def inspect_file(data: bytes) -> dict:
+    """Header facts of one file, or its quarantine reason; DICOM is decoded too, so pass 2 cannot fail."""
+    row = dict.fromkeys(("format", "width", "height", "conversion", "view", "sex", "age", "reason", "detail"))
+    try:
+        header = image_header(data)
+        row.update(format=header.format, width=header.width, height=header.height, conversion=header.conversion)
+        if header.format == "dicom":
+            fields = dicom_metadata(read_dicom(data))
+            problem = age_problem(fields["age_text"])
+            if problem:
+                raise ImageError("unparseable_age", f"DICOM {problem}")
+            row.update(view=fields["view"], sex=fields["sex"], age=parse_age(fields["age_text"]))
+            decode_dicom(data)
+    except ImageError as error:
+        row.update(reason=error.reason, detail=error.detail)
+    return row
+
 
 def _inspect_files(content: pd.Series) -> pd.DataFrame:
-    widths, heights, reasons, details = [], [], [], []
-    for data in content:
-        try:
-            width, height, _, _ = png_header(data)
-            if width == 0 or height == 0:
-                raise ImageError("corrupt_image", f"PNG header says {width}x{height}")
-            reason = detail = None
-        except ImageError as error:
-            width = height = None
-            reason, detail = error.reason, error.detail
-        widths.append(width)
-        heights.append(height)
-        reasons.append(reason)
-        details.append(detail)
-    return pd.DataFrame({"width": widths, "height": heights, "reason": reasons, "detail": details})
+    return pd.DataFrame([inspect_file(data) for data in content], columns=[
+        name.split()[0] for name in INSPECT_OUT.split(", ")])
+
+
+def _stored_image(content: pd.Series, kind: pd.Series) -> pd.Series:
+    """What the ``png`` column stores: original bytes, except DICOM re-encoded as PNG (no header kept)."""
+    return pd.Series([encode_png(decode_dicom(data)) if fmt == "dicom" else data
+                      for data, fmt in zip(content, kind)])
 
 
 def _metadata_rows(settings: dict, has_test_list: bool):
@@ -82,6 +121,9 @@ def _metadata_rows(settings: dict, has_test_list: bool):
             for row in frame.itertuples(index=False):
                 reason = detail = split = None
                 vector = [0] * NUM_LABELS
+                problem = age_problem(row.age_text)
+                if problem:
+                    reason, detail = "unparseable_age", problem
                 try:
                     vector = parse_finding_labels(row.finding_labels).tolist()
                 except UnknownFindingError as error:
@@ -110,6 +152,24 @@ METADATA_OUT = ("image_id string, patient_id int, follow_up int, age int, sex st
                 "finding_labels string, labels array<smallint>, split string, meta_reason string, meta_detail string")
 
 
+def _bbox_rows(batches):
+    """The mapInPandas function: canonical finding names and a reason for unusable box rows."""
+    for frame in batches:
+        findings, reasons, details = [], [], []
+        for row in frame.itertuples(index=False):
+            finding = reason = detail = None
+            try:
+                finding = canonical_name(row.finding_text or "")
+            except UnknownFindingError as error:
+                reason, detail = "unknown_finding", f"Finding Label {row.finding_text!r}: {error}"
+            if reason is None and any(pd.isna(v) or v < 0 for v in (row.x, row.y, row.w, row.h)):
+                reason, detail = "invalid_bbox", f"box x={row.x} y={row.y} w={row.w} h={row.h}: numbers >= 0 expected"
+            findings.append(finding)
+            reasons.append(reason)
+            details.append(detail)
+        yield frame[["image_id", "x", "y", "w", "h"]].assign(finding=findings, reason=reasons, detail=details)
+
+
 # ---------------------------------------------------------------------------------------------
 # the job
 
@@ -120,32 +180,59 @@ def list_files(spark: SparkSession, images: str) -> DataFrame:
             .option("pathGlobFilter", IMAGE_GLOB).load(to_url(images)))
 
 
-def _index_files(spark: SparkSession, files: DataFrame) -> DataFrame:
-    """One row per listed file: path, id, size, SHA-256 and header check (a quarantine reason or null).
+def detect_layout(spark: SparkSession, images: str) -> str:
+    """``kaggle`` when ``images`` holds any of train|val|test/NORMAL|PNEUMONIA, else ``nih``."""
+    root, fs = to_url(images), FileSystem(spark, to_url(images))
+    found = any(fs.exists(f"{root}/{split}/{name}") for split in KAGGLE_SPLITS for name in KAGGLE_CLASSES)
+    return "kaggle" if found else "nih"
+
+
+def _opaque_id(digest: Column) -> Column:
+    """A DICOM image's id: its content hash, never a file name (DICOM names carry UIDs and patient ids)."""
+    return F.concat(F.substring(digest, 1, 32), F.lit(".dcm"))
+
+
+def _index_files(spark: SparkSession, files: DataFrame, layout: str) -> DataFrame:
+    """One row per listed file: path, id, size, SHA-256, header facts and check (a quarantine reason or null).
 
     Spark's file sources make no split for a 0-byte file, so such files yield no row; the listing
     itself (the driver's file index) still names them, and they are added back as ``empty_file``.
+    ``path`` is the real location (used only to join pass 2); ``source_path`` is what is written,
+    withheld for DICOM.
     """
-    inspect = F.pandas_udf(_inspect_files, "width int, height int, reason string, detail string")
+    inspect = F.pandas_udf(_inspect_files, INSPECT_OUT)
     read = (files.select(
-        F.col("path").alias("source_path"), F.col("length"), F.sha2("content", 256).alias("content_sha256"),
+        F.col("path"), F.col("length"), F.sha2("content", 256).alias("content_sha256"),
         inspect("content").alias("header"))
-        .select("source_path", "length", "content_sha256", "header.*"))
-    listing = spark.createDataFrame([(path,) for path in files.inputFiles()], "source_path string").select(
+        .select("path", "length", "content_sha256", "header.*"))
+    listing = spark.createDataFrame([(path,) for path in files.inputFiles()], "path string").select(
         # the file index spells local URLs file:///x where rows say file:/x
-        F.regexp_replace("source_path", r"^([A-Za-z][A-Za-z0-9+.-]*):///", "$1:/").alias("source_path"))
-    empty = listing.join(read.select("source_path"), "source_path", "left_anti").select(
-        "source_path", F.lit(0).cast("long").alias("length"), F.lit(None).cast("string").alias("content_sha256"),
-        F.lit(None).cast("int").alias("width"), F.lit(None).cast("int").alias("height"),
+        F.regexp_replace("path", r"^([A-Za-z][A-Za-z0-9+.-]*):///", "$1:/").alias("path"))
+    empty = listing.join(read.select("path"), "path", "left_anti").select(
+        "path", F.lit(0).cast("long").alias("length"), F.lit(None).cast("string").alias("content_sha256"),
+        *[F.lit(None).cast(dtype).alias(name) for name, dtype in
+          (field.split() for field in INSPECT_OUT.split(", ")[:-2])],
         F.lit("empty_file").alias("reason"), F.lit("zero bytes").alias("detail"))
-    return (read.unionByName(empty)
-            .withColumn("image_id", F.element_at(F.split("source_path", "/"), -1))
+    indexed = read.unionByName(empty)
+    is_dicom = (F.col("format") == "dicom") | F.col("path").rlike(DICOM_NAME)
+    name = F.element_at(F.split("path", "/"), -1)
+    if layout == "kaggle":  # NORMAL/ and PNEUMONIA/ reuse file names across splits: keep the folders in the id
+        name = F.coalesce(F.when(F.regexp_extract("path", _KAGGLE_PATH, 1) != "",
+                                   F.regexp_extract("path", _KAGGLE_PATH, 1)), name)
+    opaque = _opaque_id(F.coalesce("content_sha256", F.sha2("path", 256)))
+    return (indexed
+            .withColumn("image_id", F.when(is_dicom, opaque).otherwise(name))
+            .withColumn("source_path", F.when(is_dicom, F.concat(F.lit("dicom:"), opaque)).otherwise(F.col("path")))
             .withColumn("duplicate_rank",
-                        F.row_number().over(Window.partitionBy("image_id").orderBy("source_path"))))
+                        F.row_number().over(Window.partitionBy("image_id").orderBy("path"))))
 
 
 def read_metadata(spark: SparkSession, metadata: str, split_lists: str | None, settings: IngestConfig) -> DataFrame:
-    """Parse a Data_Entry CSV positionally with an explicit schema; add labels, age and split."""
+    """Parse a Data_Entry CSV positionally with an explicit schema; add labels, age and split.
+
+    Positional parsing reads both published layouts: v2020's bracketed header names with commas
+    inside, and 2017 copies whose lines end with an extra empty column (extra fields are dropped).
+    """
     table = (spark.read.schema(SPARK_DDL).option("header", "true").option("mode", "PERMISSIVE")
              .csv(to_url(metadata)))
     has_test_list = split_lists is not None
@@ -161,13 +248,33 @@ def read_metadata(spark: SparkSession, metadata: str, split_lists: str | None, s
     return table.mapInPandas(_metadata_rows(settings_plain, has_test_list), METADATA_OUT)
 
 
+def read_bbox(spark: SparkSession, bbox: str) -> DataFrame:
+    """Parse BBox_List_2017.csv positionally (its header ``Bbox [x,y,w,h],,,`` splits into six names)."""
+    table = spark.read.schema(BBOX_DDL).option("header", "true").option("mode", "PERMISSIVE").csv(to_url(bbox))
+    return table.mapInPandas(_bbox_rows, "image_id string, x double, y double, w double, h double, "
+                                         "finding string, reason string, detail string")
+
+
 def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = None,
-           split_lists: str | None = None, settings: IngestConfig | None = None) -> dict:
-    """Ingest ``images`` (+ ``metadata``) into the raw dataset at ``out``; returns the run's counts."""
+           split_lists: str | None = None, settings: IngestConfig | None = None, *,
+           bbox: str | None = None, mode: str = "overwrite", layout: str = "auto") -> dict:
+    """Ingest ``images`` (+ ``metadata``) into the raw dataset at ``out``; returns the run's counts.
+
+    ``mode="append-new"`` keeps every row of the existing ``out`` and adds only files whose image id
+    is not in it (a file whose id is there with the same SHA-256 is ``skipped_existing``; with other
+    content it is quarantined as ``duplicate_image_id``).
+    """
+    if mode not in MODES or layout not in LAYOUTS:
+        raise ValueError(f"mode must be one of {MODES} (got {mode!r}); layout one of {LAYOUTS} (got {layout!r})")
     settings = settings or load_config().ingest
     started = time.time()
+    if layout == "auto":
+        layout = detect_layout(spark, images)
+    if layout == "kaggle" and metadata:
+        raise ValueError("the Kaggle layout takes its labels from the folders; do not pass --metadata")
+    existing = _existing_dataset(spark, out) if mode == "append-new" else None
     files = list_files(spark, images)  # listed once: pass 1 (index) and pass 2 (copy) share the file index
-    index = _index_files(spark, files).cache()  # one small row per file, no image bytes
+    index = _index_files(spark, files, layout).cache()  # one small row per file, no image bytes
 
     meta = None
     if metadata:
@@ -175,40 +282,89 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
                 .withColumn("meta_rank", F.row_number().over(
                     Window.partitionBy("image_id").orderBy(F.monotonically_increasing_id())))
                 .cache())
-    decided = _decide(index, meta.where("meta_rank = 1").drop("meta_rank") if meta is not None else None)
-    decided.cache()
+    boxes = read_bbox(spark, bbox).cache() if bbox else None
+    first_meta = meta.where("meta_rank = 1").drop("meta_rank") if meta is not None else None
+    decided = _decide(index, first_meta, layout, existing).cache()
 
     with atomic_output(spark, out) as tmp:
-        accepted = decided.where("reason IS NULL").drop("reason", "detail", "kind", "duplicate_rank", "length")
+        accepted = decided.where("reason IS NULL AND NOT skipped").drop(
+            "reason", "detail", "kind", "duplicate_rank", "length", "skipped", "conversion")
         encode_labels = F.pandas_udf(lambda labels: pd.Series(encode_column(RawSchema, "labels", labels)),
                                      "binary")
-        raw = (files.select(F.col("path").alias("source_path"), F.col("content").alias("png"))
+        stored_image = F.pandas_udf(_stored_image, "binary")
+        raw = (files.select("path", "content")
                # No shuffle of image bytes: binaryFile's input splits (spark.sql.files.maxPartitionBytes)
                # already give output files of tens of MB, and the broadcast join keeps them.
-               .join(F.broadcast(accepted.withColumn("labels", encode_labels("labels"))), "source_path")
-               .select(*[F.col(name).cast(RawSchema.fields[name].codec.spark_dtype()).alias(name)
-                         for name in RawSchema.fields]))
+               .join(F.broadcast(accepted.withColumn("labels", encode_labels("labels"))), "path")
+               .withColumn("png", stored_image("content", "format")))
+        raw = _schema_columns(raw)
+        if existing is not None:
+            raw = _schema_columns(existing).unionByName(raw)
         with materialize_dataset(spark, tmp, RawSchema, settings.row_group_size_mb):
             raw.write.parquet(tmp)
-        _quarantine_rows(decided, meta).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
-        counts = _count(spark, tmp, index, meta)
+        _quarantine_rows(decided, meta, boxes).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
+        if boxes is not None:
+            (boxes.where("reason IS NULL").select("image_id", "finding", "x", "y", "w", "h")
+             .coalesce(1).write.parquet(f"{tmp}/{BBOX_DIR}"))
+        counts = _count(spark, tmp, decided, meta, boxes, existing)
+        extra = {"task": "multilabel", "labels": list(LABELS), "layout": layout, "mode": mode}
+        if layout == "kaggle":
+            extra.update(task="binary", binary_label=KAGGLE_CLASSES["PNEUMONIA"])
         finish_manifest(spark, tmp, "ingest", started,
                         config=settings, inputs={"images": to_url(images), "metadata": metadata,
-                                                 "split_lists": split_lists},
-                        counts=counts)
-    index.unpersist()
-    decided.unpersist()
-    if meta is not None:
-        meta.unpersist()
+                                                 "split_lists": split_lists, "bbox": bbox},
+                        counts=counts, extra=extra)
+    for frame in (index, decided, meta, boxes):
+        if frame is not None:
+            frame.unpersist()
     return counts
 
 
-def _decide(index: DataFrame, meta: DataFrame | None) -> DataFrame:
-    """Each listed file with its metadata and, if it cannot be used, a quarantine reason."""
-    if meta is None:
+def _schema_columns(frame: DataFrame) -> DataFrame:
+    """The RawSchema columns, in order and with their Spark types."""
+    return frame.select(*[F.col(name).cast(RawSchema.fields[name].codec.spark_dtype()).alias(name)
+                          for name in RawSchema.fields])
+
+
+def _existing_dataset(spark: SparkSession, out: str) -> DataFrame | None:
+    """The raw dataset already at ``out`` (for append-new), or None when there is none yet."""
+    url = to_url(out)
+    if not FileSystem(spark, url).exists(f"{url}/_common_metadata"):
+        log.info("append-new: no dataset at %s yet; ingesting everything", url)
+        return None
+    return spark.read.parquet(url)
+
+
+def _kaggle_labels(index: DataFrame) -> DataFrame:
+    """Labels and split from ``<split>/<NORMAL|PNEUMONIA>/`` folders (PNEUMONIA sets the Pneumonia bit)."""
+    folders = F.regexp_extract("path", _KAGGLE_PATH, 2)
+    label = F.regexp_extract("path", _KAGGLE_PATH, 3)
+    pneumonia = LABELS.index(KAGGLE_CLASSES["PNEUMONIA"])
+    vector = F.array(*[(F.lit(1) if i == pneumonia else F.lit(0)).cast("smallint") for i in range(NUM_LABELS)])
+    in_layout = folders != ""
+    return (index.withColumn("patient_id", F.lit(None).cast("int"))
+            .withColumn("follow_up", F.lit(None).cast("int"))
+            .withColumn("finding_labels", F.when(label == "PNEUMONIA", F.lit(KAGGLE_CLASSES["PNEUMONIA"]))
+                        .when(in_layout, F.lit("No Finding")))
+            .withColumn("labels", F.when(label == "PNEUMONIA", vector)
+                        .otherwise(F.array_repeat(F.lit(0).cast("smallint"), NUM_LABELS)))
+            .withColumn("split", F.when(in_layout, folders))
+            .withColumn("meta_reason", F.when(~in_layout, F.lit("no_metadata")))
+            .withColumn("meta_detail", F.when(~in_layout, F.lit(
+                "outside the Kaggle layout <train|val|test>/<NORMAL|PNEUMONIA>/: no label"))))
+
+
+def _decide(index: DataFrame, meta: DataFrame | None, layout: str, existing: DataFrame | None) -> DataFrame:
+    """Each listed file with its metadata and, if it cannot be used, a quarantine reason.
+
+    Precedence: the file's own problem, a repeated image id, a clash with the existing dataset,
+    then metadata problems. ``skipped`` marks files already in the existing dataset (append-new).
+    """
+    if layout == "kaggle":
+        labelled, has_meta = _kaggle_labels(index), F.lit(True)
+    elif meta is None:  # unlabeled; DICOM headers still give view, sex and age
         labelled = (index.withColumn("patient_id", F.lit(None).cast("int"))
-                    .withColumn("follow_up", F.lit(None).cast("int")).withColumn("age", F.lit(None).cast("int"))
-                    .withColumn("sex", F.lit(None).cast("string")).withColumn("view", F.lit(None).cast("string"))
+                    .withColumn("follow_up", F.lit(None).cast("int"))
                     .withColumn("finding_labels", F.lit(None).cast("string"))
                     .withColumn("labels", F.array_repeat(F.lit(0).cast("smallint"), NUM_LABELS))
                     .withColumn("split", F.lit("unlabeled"))
@@ -216,59 +372,103 @@ def _decide(index: DataFrame, meta: DataFrame | None) -> DataFrame:
                     .withColumn("meta_detail", F.lit(None).cast("string")))
         has_meta = F.lit(True)
     else:
-        labelled = index.join(meta.withColumn("_has_meta", F.lit(True)), "image_id", "left")
+        labelled = (index.drop("view", "sex", "age")
+                    .join(meta.withColumn("_has_meta", F.lit(True)), "image_id", "left"))
         has_meta = F.col("_has_meta").isNotNull()
+    if existing is not None:
+        labelled = labelled.join(existing.select("image_id", F.col("content_sha256").alias("_existing_sha"))
+                                 .dropDuplicates(["image_id"]), "image_id", "left")
+    else:
+        labelled = labelled.withColumn("_existing_sha", F.lit(None).cast("string"))
+    in_existing = F.col("_existing_sha").isNotNull()
+    same_content = in_existing & (F.col("_existing_sha") == F.col("content_sha256"))
     reason = (F.when(F.col("reason").isNotNull(), F.col("reason"))
               .when(F.col("duplicate_rank") > 1, F.lit("duplicate_image_id"))
+              .when(in_existing & ~same_content, F.lit("duplicate_image_id"))
+              .when(same_content, F.lit(None))
               .when(~has_meta, F.lit("no_metadata"))
               .when(F.col("meta_reason").isNotNull(), F.col("meta_reason")))
     detail = (F.when(F.col("reason").isNotNull(), F.col("detail"))
               .when(F.col("duplicate_rank") > 1, F.concat(F.lit("image id also at an earlier path; kept the first of "),
                                                          F.col("image_id")))
+              .when(in_existing & ~same_content,
+                    F.lit("image id already in the existing dataset with different content (SHA-256)"))
               .when(~has_meta, F.lit("no row in the metadata CSV for this image id"))
               .otherwise(F.col("meta_detail")))
-    return (labelled.withColumn("reason", reason).withColumn("detail", detail)
+    skipped = F.col("reason").isNull() & (F.col("duplicate_rank") == 1) & same_content
+    return (labelled.withColumn("skipped", F.coalesce(skipped, F.lit(False)))
+            .withColumn("reason", reason).withColumn("detail", detail)
             .withColumn("kind", F.lit("file"))
-            .drop("meta_reason", "meta_detail", "_has_meta"))
+            .drop("meta_reason", "meta_detail", "_has_meta", "_existing_sha"))
 
 
-def _quarantine_rows(decided: DataFrame, meta: DataFrame | None) -> DataFrame:
-    """Rejected files, plus metadata rows that name no listed file (or that could not be parsed)."""
+def _quarantine_rows(decided: DataFrame, meta: DataFrame | None, boxes: DataFrame | None) -> DataFrame:
+    """Rejected files, plus metadata rows that name no listed file (or that could not be parsed), plus
+    unusable bounding-box rows."""
     rows = decided.where("reason IS NOT NULL").select("source_path", "image_id", "reason", "detail", "kind")
-    if meta is None:
-        return rows
-    listed = decided.select("image_id").distinct()
-    first, repeated = meta.where("meta_rank = 1"), meta.where("meta_rank > 1")
-    orphans = first.join(listed, "image_id", "left_anti").select(
-        "image_id", F.coalesce("meta_reason", F.lit("no_image")).alias("reason"),
-        F.coalesce("meta_detail", F.lit("metadata row names an image that is not in the dump")).alias("detail"))
-    duplicates = repeated.select(
-        "image_id", F.lit("duplicate_image_id").alias("reason"),
-        F.lit("a later metadata row for an image id already described; the first row was used").alias("detail"))
-    return rows.unionByName(orphans.unionByName(duplicates).select(
-        F.lit(None).cast("string").alias("source_path"), "image_id", "reason", "detail",
-        F.lit("metadata").alias("kind")))
+    others = []
+    if meta is not None:
+        listed = decided.select("image_id").distinct()
+        first, repeated = meta.where("meta_rank = 1"), meta.where("meta_rank > 1")
+        orphans = first.join(listed, "image_id", "left_anti").select(
+            "image_id", F.coalesce("meta_reason", F.lit("no_image")).alias("reason"),
+            F.coalesce("meta_detail", F.lit("metadata row names an image that is not in the dump")).alias("detail"),
+            F.lit("metadata").alias("kind"))
+        duplicates = repeated.select(
+            "image_id", F.lit("duplicate_image_id").alias("reason"),
+            F.lit("a later metadata row for an image id already described; the first row was used").alias("detail"),
+            F.lit("metadata").alias("kind"))
+        others += [orphans, duplicates]
+    if boxes is not None:
+        others.append(boxes.where("reason IS NOT NULL").select("image_id", "reason", "detail",
+                                                               F.lit("bbox").alias("kind")))
+    for other in others:
+        rows = rows.unionByName(other.select(F.lit(None).cast("string").alias("source_path"), "image_id",
+                                             "reason", "detail", "kind"))
+    return rows
 
 
-def _count(spark: SparkSession, tmp: str, index: DataFrame, meta: DataFrame | None) -> dict:
+def _count(spark: SparkSession, tmp: str, decided: DataFrame, meta: DataFrame | None,
+           boxes: DataFrame | None, existing: DataFrame | None) -> dict:
     """Counts from what was written, so they reconcile with the outputs themselves."""
     raw = spark.read.parquet(tmp)
     quarantine = spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{tmp}/{QUARANTINE_DIR}")
     by_kind = {row["kind"]: row["count"] for row in quarantine.groupBy("kind").count().collect()}
     by_reason = {row["reason"]: row["count"] for row in quarantine.groupBy("reason").count().collect()}
     by_split = {row["split"]: row["count"] for row in raw.groupBy("split").count().collect()}
+    fates = {(row["skipped"], row["format"], row["conversion"]): row["count"] for row in
+             decided.where("reason IS NULL").groupBy("skipped", "format", "conversion").count().collect()}
+    previous = existing.count() if existing is not None else 0
+    total = sum(by_split.values())
     counts = {
-        "files_listed": index.count(),
-        "ingested": sum(by_split.values()),
+        "files_listed": decided.count(),
+        "ingested": total - previous,
         "quarantined": by_kind.get("file", 0),
         "metadata_rows": meta.count() if meta is not None else 0,
-        "metadata_matched": (meta.where("meta_rank = 1").join(index.select("image_id").distinct(), "image_id")
+        "metadata_matched": (meta.where("meta_rank = 1").join(decided.select("image_id").distinct(), "image_id")
                              .count() if meta is not None else 0),
         "metadata_quarantined": by_kind.get("metadata", 0),
+        "formats": {fmt: sum(n for (skip, f, _), n in fates.items() if f == fmt and not skip)
+                    for fmt in ("png", "jpeg", "dicom")},
+        # images whose pixels decode_grayscale converts to 8-bit gray (raw keeps the original bytes)
+        "converted": {name: sum(n for (skip, _, c), n in fates.items() if c == name and not skip)
+                      for name in CONVERSIONS},
         "splits": dict(sorted(by_split.items())),
         "quarantine_reasons": dict(sorted(by_reason.items())),
     }
-    if (counts["files_listed"] != counts["ingested"] + counts["quarantined"]
-            or counts["metadata_rows"] != counts["metadata_matched"] + counts["metadata_quarantined"]):
-        raise RuntimeError(f"ingest counts do not reconcile: {counts}")
+    if existing is not None:
+        counts.update(skipped_existing=sum(n for (skip, _, _), n in fates.items() if skip),
+                      previous_rows=previous, rows=total)
+    if boxes is not None:
+        counts.update(bbox_rows=boxes.count(), bbox_written=spark.read.parquet(f"{tmp}/{BBOX_DIR}").count(),
+                      bbox_quarantined=by_kind.get("bbox", 0))
+    problems = []
+    if counts["files_listed"] != counts["ingested"] + counts.get("skipped_existing", 0) + counts["quarantined"]:
+        problems.append("files_listed != ingested + skipped_existing + quarantined")
+    if counts["metadata_rows"] != counts["metadata_matched"] + counts["metadata_quarantined"]:
+        problems.append("metadata_rows != metadata_matched + metadata_quarantined")
+    if boxes is not None and counts["bbox_rows"] != counts["bbox_written"] + counts["bbox_quarantined"]:
+        problems.append("bbox_rows != bbox_written + bbox_quarantined")
+    if problems:
+        raise RuntimeError(f"ingest counts do not reconcile ({'; '.join(problems)}): {counts}")
     return counts

@@ -46,3 +46,34 @@ def parse_age(text: str | None) -> int | None:
     value, unit = int(match.group(1)), match.group(2).upper()
     years = value if unit in ("", "Y") else value // 12 if unit == "M" else value // 365
     return years if 0 <= years <= 120 else None
+
+
+def age_problem(text: str | None) -> str | None:
+    """Why a non-empty age text is unusable (the ``unparseable_age`` detail), or None if it parses or is empty.
+
+    An empty or missing age is simply unknown; text that :func:`parse_age` cannot read (``"58Y?"``,
+    ``"abc"``, an age over 120) is a data error worth a quarantine row.
+
+    >>> age_problem("058Y"), age_problem(""), age_problem("58Y?")
+    (None, None, "Patient Age '58Y?' is not an age in years, months or days (0-120 years)")
+    """
+    if text is None or isinstance(text, float) or not str(text).strip() or parse_age(str(text)) is not None:
+        return None
+    return f"Patient Age {text!r} is not an age in years, months or days (0-120 years)"
+
+
+#: ``BBox_List_2017.csv`` read positionally: its header ``Image Index,Finding Label,Bbox [x,y,w,h],,,``
+#: names six columns through commas inside a bracket (plus trailing empty ones, which are dropped).
+BBOX_DDL = "`image_id` string, `finding_text` string, `x` double, `y` double, `w` double, `h` double"
+
+#: The only DICOM attributes ingest keeps (everything else, names, ids, UIDs and dates included, is dropped).
+DICOM_KEPT = {"view": "ViewPosition", "sex": "PatientSex", "age_text": "PatientAge"}
+
+
+def dicom_metadata(dataset) -> dict:
+    """``view``, ``sex`` and ``age_text`` from a pydicom dataset; None for absent or empty attributes."""
+    values = {}
+    for name, keyword in DICOM_KEPT.items():
+        value = dataset.get(keyword)
+        values[name] = str(value).strip() or None if value is not None else None
+    return values

@@ -20,7 +20,8 @@ def _scalar(name, numpy_type, spark_type, nullable=False):
 
 METADATA_FIELDS = [
     _scalar("image_id", np.str_, T.StringType()),
-    _scalar("patient_id", np.int32, T.IntegerType()),
+    # null when the dump names no patient (generic and Kaggle dumps, DICOM): nothing is invented
+    _scalar("patient_id", np.int32, T.IntegerType(), nullable=True),
     _scalar("follow_up", np.int32, T.IntegerType(), nullable=True),
     _scalar("age", np.int32, T.IntegerType(), nullable=True),
     _scalar("sex", np.str_, T.StringType(), nullable=True),

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED_DATA = ROOT.parent / "shared" / "data"
+# Beside the project in the team's workspace; CXR_SHARED_DATA points elsewhere (e.g. from a git worktree).
+SHARED_DATA = Path(os.environ.get("CXR_SHARED_DATA", ROOT.parent / "shared" / "data"))
 TINY_IMAGES = 96  # enough patients for all three splits, small enough for seconds per stage
 TINY_SIZE = 128  # synthetic image side for tests (the real layout, smaller pixels)
 

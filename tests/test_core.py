@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_spark.images import ImageError, decode_grayscale, encode_png, png_header, resize_square
+from cxr_spark.images import (MAX_PIXELS, ImageError, decode_grayscale, encode_png, image_header, png_header,
+                              resize_square)
 from cxr_spark.labels import LABELS, UnknownFindingError, format_finding_labels, parse_finding_labels
-from cxr_spark.metadata import COLUMN_NAMES, parse_age
+from cxr_spark.metadata import COLUMN_NAMES, age_problem, parse_age
 from cxr_spark.metrics import macro_average, rates
 from cxr_spark.splits import hash_split, official_split
 from cxr_spark.synth import read_data_entry_csv
@@ -59,6 +60,13 @@ def test_parse_age(text, years):
     assert parse_age(text) == years
 
 
+@pytest.mark.parametrize("text,bad", [("58Y?", True), ("abc", True), ("414", True), ("058Y", False), ("61", False),
+                                      ("", False), (None, False)])
+def test_age_problem_flags_text_parse_age_cannot_read(text, bad):
+    assert (age_problem(text) is not None) == bad
+    assert bad == (text is not None and text.strip() != "" and parse_age(text) is None)
+
+
 def test_hash_split_is_stable_and_patient_wise():
     splits = [hash_split(p, seed=3, val_fraction=0.1, test_fraction=0.2) for p in range(20_000)]
     assert splits == [hash_split(p, seed=3, val_fraction=0.1, test_fraction=0.2) for p in range(20_000)]
@@ -89,6 +97,9 @@ def test_decode_converts_rgb_and_16_bit_to_8_bit_gray():
     assert gray.shape == (8, 8) and abs(int(gray[0, 0]) - round(0.587 * 200)) <= 1
     deep = np.full((4, 4), 51400, np.uint16)
     assert decode_grayscale(cv2.imencode(".png", deep)[1].tobytes())[0, 0] == 51400 >> 8
+    twelve_bit = np.random.default_rng(1).integers(0, 4096, (6, 6)).astype(np.uint16)
+    twelve_bit[0, 0] = 4095  # a 12-bit detector in a 16-bit PNG keeps its contrast: >> 4, not >> 8
+    assert np.array_equal(decode_grayscale(cv2.imencode(".png", twelve_bit)[1].tobytes()), twelve_bit >> 4)
 
 
 def test_resize_square_averages_areas():
@@ -115,3 +126,124 @@ def test_model_files_on_a_remote_filesystem_get_a_clear_error(tmp_path):
     assert read_bytes(str(tmp_path / "model" / "model.keras")) == b"weights"
     with pytest.raises(NotImplementedError, match="hdfs://nn/m/model.keras needs a local or mounted path"):
         read_bytes("hdfs://nn/m/model.keras")
+
+
+def _pillow_bytes(image, fmt="PNG", **options) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_image_header_reads_mode_and_size_of_png_and_jpeg():
+    gray = np.random.default_rng(2).integers(0, 256, (20, 30), dtype=np.uint8)
+    l_image = Image.fromarray(gray)
+    cases = {
+        "L": (_pillow_bytes(l_image), None),
+        "RGB": (_pillow_bytes(l_image.convert("RGB")), "rgb"),
+        "RGBA": (_pillow_bytes(l_image.convert("RGBA")), "rgba"),
+        "P": (_pillow_bytes(l_image.convert("P")), "palette"),
+        "I;16": (_pillow_bytes(Image.fromarray(gray.astype(np.uint16) * 257)), "16bit"),
+        "JPEG L": (_pillow_bytes(l_image, "JPEG"), None),
+        "JPEG RGB": (_pillow_bytes(l_image.convert("RGB"), "JPEG", progressive=True), "rgb"),
+    }
+    for name, (data, conversion) in cases.items():
+        header = image_header(data)
+        assert (header.width, header.height, header.conversion) == (30, 20, conversion), name
+        assert header.format == ("jpeg" if name.startswith("JPEG") else "png")
+    for data in (_pillow_bytes(l_image.convert("LA")), _pillow_bytes(l_image.convert("CMYK"), "JPEG")):
+        with pytest.raises(ImageError) as error:
+            image_header(data)
+        assert error.value.reason == "unsupported_format"
+
+
+def test_palette_and_colour_pngs_decode_to_the_gray_pillow_computes():
+    gray = np.random.default_rng(3).integers(0, 256, (16, 24), dtype=np.uint8)
+    for mode in ("P", "RGB", "RGBA"):
+        image = Image.fromarray(gray).convert(mode)
+        expected = np.asarray(image.convert("L"))  # Pillow's own palette lookup and luma
+        decoded = decode_grayscale(_pillow_bytes(image))
+        assert decoded.shape == gray.shape and np.abs(decoded.astype(int) - expected).max() <= 1, mode
+
+
+def big_png_header(width: int, height: int) -> bytes:
+    """A PNG whose (valid-CRC) IHDR claims ``width`` x ``height`` but whose pixel data is tiny."""
+    import struct
+    import zlib
+
+    data = bytearray(encode_png(np.zeros((2, 2), np.uint8)))
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def test_decompression_bomb_is_refused_from_the_header():
+    side = int(MAX_PIXELS ** 0.5) + 1
+    bomb = big_png_header(side, side)
+    assert Image.open(__import__("io").BytesIO(bomb)).size == (side, side)  # Pillow agrees on the header
+    for check in (image_header, decode_grayscale):
+        with pytest.raises(ImageError) as error:
+            check(bomb)
+        assert error.value.reason == "image_too_large" and f"{side}x{side}" in error.value.detail
+
+
+def _dicom_bytes(pixels: np.ndarray, **attributes) -> bytes:
+    """An uncompressed single-frame DICOM file built with pydicom (explicit VR little endian)."""
+    import io
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = pixels.dtype.itemsize * 8
+    ds.BitsStored = ds.BitsAllocated
+    ds.HighBit = ds.BitsStored - 1
+    ds.PixelRepresentation = 0
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    ds.PixelData = pixels.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_dicom_window_rescale_and_monochrome1_match_pydicom_voi():
+    from pydicom import dcmread
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    stored = np.random.default_rng(4).integers(0, 4096, (12, 10)).astype(np.uint16)
+    data = _dicom_bytes(stored, BitsStored=12, HighBit=11, PhotometricInterpretation="MONOCHROME1",
+                        RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=1500, WindowWidth=3000)
+    assert image_header(data).conversion == "16bit"
+    ds = dcmread(__import__("io").BytesIO(data))
+    # pydicom's VOI output spans the rescaled stored range, [0, 4095] * 2 - 1024; scaled to 8 bits and
+    # inverted for MONOCHROME1
+    voi = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)
+    expected = 255 - np.rint((voi + 1024) / (4095 * 2) * 255)
+    assert np.abs(decode_grayscale(data).astype(int) - expected).max() <= 1
+
+
+def test_dicom_without_window_is_stretched_min_to_max():
+    stored = np.array([[100, 200], [300, 1100]], np.uint16)
+    decoded = decode_grayscale(_dicom_bytes(stored))
+    assert decoded.tolist() == np.rint((stored - 100) / 1000 * 255).astype(int).tolist()
+
+
+def test_real_dicom_sample_decodes_like_pydicom(shared_data):
+    from pydicom import dcmread
+
+    path = next((shared_data / "samples").glob("rsna_*.dcm"))
+    data = path.read_bytes()
+    header = image_header(data)
+    assert (header.format, header.width, header.height, header.conversion) == ("dicom", 1024, 1024, None)
+    assert np.array_equal(decode_grayscale(data), dcmread(path).pixel_array)  # 8-bit MONOCHROME2, no window

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import shutil
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -71,18 +73,34 @@ def test_bad_files_are_quarantined_with_reasons(spark, tiny_dump, tmp_path, conf
 
 
 def test_real_samples_get_the_labels_the_real_csv_states(spark, shared_data, tmp_path, config):
+    """The real v2020 metadata (bracketed header names with commas) and the real BBox_List_2017."""
     images = tmp_path / "samples"
     images.mkdir()
     for name in ("00000001_000.png", "00027426_000.png"):
         shutil.copy(shared_data / "samples" / name, images / name)
     metadata = shared_data / "nih" / "Data_Entry_2017_v2020.csv.gz"
-    counts = ingest(spark, str(images), str(tmp_path / "raw"), str(metadata), None, config.ingest)
-    assert counts["ingested"] == 2 and counts["metadata_rows"] == 112_120
+    bbox = shared_data / "nih" / "BBox_List_2017.csv.gz"
+    counts = ingest(spark, str(images), str(tmp_path / "raw"), str(metadata), None, config.ingest, bbox=str(bbox))
+    with gzip.open(metadata, "rt", newline="") as handle:  # the csv module's reading of the same file
+        plain = {row[0]: row for row in list(csv.reader(handle))[1:]}
+    assert counts["ingested"] == 2 and counts["metadata_rows"] == len(plain) == 112_120
     assert counts["metadata_matched"] == 2 and counts["metadata_quarantined"] == 112_118
-    rows = {r.image_id: r for r in read_rows(tmp_path / "raw", ["image_id", "labels", "finding_labels", "height"])}
+    rows = {r.image_id: r for r in read_rows(tmp_path / "raw", ["image_id", "labels", "finding_labels", "height",
+                                                                 "age", "sex", "view", "follow_up"])}
     assert rows["00000001_000.png"].finding_labels == "Cardiomegaly"
     assert np.flatnonzero(rows["00000001_000.png"].labels).tolist() == [1]  # Cardiomegaly is index 1
     assert rows["00027426_000.png"].labels.sum() == 0 and rows["00027426_000.png"].height == 512
+    for image_id, row in rows.items():
+        assert (row.age, row.sex, row.view, row.follow_up) == (int(plain[image_id][4]), plain[image_id][5],
+                                                               plain[image_id][6], int(plain[image_id][2]))
+    with gzip.open(bbox, "rt", newline="") as handle:
+        expected = [row[:6] for row in list(csv.reader(handle))[1:]]
+    boxes = spark.read.parquet(str(tmp_path / "raw" / "_bbox")).toPandas()
+    assert counts["bbox_rows"] == counts["bbox_written"] == len(boxes) == len(expected) == 984
+    canonical = Counter("Infiltration" if row[1] == "Infiltrate" else row[1] for row in expected)
+    assert Counter(boxes["finding"]) == canonical and "Infiltrate" not in set(boxes["finding"])
+    first = boxes[boxes["image_id"] == expected[0][0]].iloc[0]
+    assert [first.x, first.y, first.w, first.h] == pytest.approx([float(v) for v in expected[0][2:6]])
 
 
 def test_failed_run_leaves_previous_output_untouched(spark, tmp_path):

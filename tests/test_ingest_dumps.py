@@ -1,0 +1,202 @@
+"""Generic dumps on local Spark: PNG + JPEG + DICOM without metadata, DICOM privacy, append-new, a run
+killed mid-write, and the Kaggle pneumonia folder layout."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image
+
+from cxr_spark.images import decode_grayscale
+from cxr_spark.ingest import ingest
+from cxr_spark.labels import LABELS
+
+from conftest import ROOT, read_rows
+from test_core import _dicom_bytes
+
+IDENTIFYING = ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
+               "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "PatientBirthDate",
+               "InstitutionName", "AccessionNumber", "ReferringPhysicianName")
+
+
+def _identifying_values(data: bytes) -> set[str]:
+    """The identifying attribute values (non-empty) of a DICOM file, read with pydicom."""
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(data), stop_before_pixels=True)
+    values = {str(ds.get(keyword, "")).strip() for keyword in IDENTIFYING}
+    values.add(str(ds.file_meta.get("MediaStorageSOPInstanceUID", "")).strip())
+    return {value for value in values if len(value) >= 6}  # shorter strings match by chance
+
+
+def _all_cells(path: Path):
+    """Every value of every Parquet file under ``path`` (binary cells as bytes, the rest as text)."""
+    for file in path.rglob("*.parquet"):
+        for column in pq.read_table(file).to_pydict().values():
+            yield from column
+
+
+def test_generic_dump_of_png_jpeg_and_dicom_keeps_no_identifying_dicom_data(spark, tmp_path, config, shared_data):
+    dump = tmp_path / "generic"
+    (dump / "by_patient" / "DOE_JANE").mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(dump / "a.png")
+    Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(dump / "b.jpeg", "JPEG")
+    sample = next((shared_data / "samples").glob("rsna_*.dcm"))
+    (dump / sample.name).write_bytes(sample.read_bytes())  # its name holds the SOPInstanceUID
+    synthetic = _dicom_bytes(rng.integers(0, 4096, (24, 20)).astype(np.uint16), BitsStored=12, HighBit=11,
+                             PhotometricInterpretation="MONOCHROME1", PatientName="DOE^JANE",
+                             PatientID="PID-0042-XYZ", InstitutionName="Saint Example Hospital",
+                             StudyDate="20200315", StudyInstanceUID="1.2.3.4.5.6.7.8.9", PatientAge="045Y",
+                             PatientSex="F", ViewPosition="AP")
+    (dump / "by_patient" / "DOE_JANE" / "IM0001.dcm").write_bytes(synthetic)
+    dicoms = {"sample": sample.read_bytes(), "synthetic": synthetic}
+
+    raw = tmp_path / "raw"
+    counts = ingest(spark, str(dump), str(raw), None, None, config.ingest)
+    assert counts["files_listed"] == 4 == counts["ingested"] and counts["quarantined"] == 0
+    assert counts["splits"] == {"unlabeled": 4} and counts["formats"] == {"png": 1, "jpeg": 1, "dicom": 2}
+
+    rows = read_rows(raw, ["image_id", "png", "view", "sex", "age", "source_path", "split", "width", "height"])
+    dicom_rows = sorted((r for r in rows if r.image_id.endswith(".dcm")), key=lambda r: r.width)
+    assert len(dicom_rows) == 2
+    small, large = dicom_rows  # 20 x 24 synthetic, 1024 x 1024 sample
+    for row, data in ((small, synthetic), (large, sample.read_bytes())):
+        stored = bytes(row.png)
+        assert stored[:8] == b"\x89PNG\r\n\x1a\n"  # re-encoded as PNG: no DICOM header survives
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored))), decode_grayscale(data))
+        assert "dicom" in row.source_path and row.image_id not in ("IM0001.dcm", sample.name)
+    assert (small.view, small.sex, small.age, small.width, small.height) == ("AP", "F", 45, 20, 24)
+    assert (large.view, large.sex, large.age) == ("PA", "M", 62)
+    others = {r.image_id: bytes(r.png) for r in rows if not r.image_id.endswith(".dcm")}
+    assert others == {"a.png": (dump / "a.png").read_bytes(), "b.jpeg": (dump / "b.jpeg").read_bytes()}
+
+    from cxr_spark.config import override
+    from cxr_spark.preprocess import preprocess
+
+    resized = preprocess(spark, str(raw), str(tmp_path / "images_16"),  # rows without a patient id go on
+                         override(config.preprocess, size=16, min_files_per_split=1))
+    assert resized["images"] == 4 and resized["splits"] == {"unlabeled": 4}
+
+    secrets = set().union(*(_identifying_values(data) for data in dicoms.values())) | {"DOE_JANE", "IM0001"}
+    assert {"DOE^JANE", "PID-0042-XYZ", "Saint Example Hospital", "20200315"} <= secrets
+    for path in raw.rglob("*"):  # every byte of every file written, compressed or not
+        if path.is_file():
+            content = path.read_bytes()
+            assert not [s for s in secrets if s.encode() in content], path
+    for cell in _all_cells(raw):  # and every decoded Parquet value
+        text = cell.decode("latin-1") if isinstance(cell, bytes) else str(cell)
+        assert not [s for s in secrets if s in text]
+
+
+def _write_pngs(folder: Path, names, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / name)
+
+
+def _content_hashes(spark, raw: Path) -> list[tuple[str, str]]:
+    return sorted(tuple(r) for r in spark.read.parquet(str(raw)).select("image_id", "content_sha256").collect())
+
+
+def test_append_new_adds_only_new_files_and_twice_adds_nothing(spark, tmp_path, config):
+    import hashlib
+
+    dump, raw = tmp_path / "dump", tmp_path / "raw"
+    first = [f"img_{i:03d}.png" for i in range(12)]
+    _write_pngs(dump, first, seed=1)
+    base = ingest(spark, str(dump), str(raw), None, None, config.ingest)
+    assert base["ingested"] == 12
+    _write_pngs(dump, [f"new_{i}.png" for i in range(5)], seed=2)
+    (dump / "img_000.png").write_bytes((dump / "img_000.png").read_bytes())  # unchanged content: skipped
+    _write_pngs(tmp_path / "changed", ["img_001.png"], seed=3)  # same id, other content: a clash
+    (dump / "img_001.png").write_bytes((tmp_path / "changed" / "img_001.png").read_bytes())
+    before = dict(_content_hashes(spark, raw))
+
+    added = ingest(spark, str(dump), str(raw), None, None, config.ingest, mode="append-new")
+    files = sorted(dump.iterdir())
+    assert added["files_listed"] == len(files) == 17
+    assert added["ingested"] == 5 and added["skipped_existing"] == 11 and added["quarantined"] == 1
+    assert added["files_listed"] == added["ingested"] + added["skipped_existing"] + added["quarantined"]
+    assert added["quarantine_reasons"] == {"duplicate_image_id": 1} and added["rows"] == 17
+    after = dict(_content_hashes(spark, raw))
+    expected_new = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files if p.name.startswith("new_")}
+    assert after == {**before, **expected_new}  # old rows kept exactly, the new five added
+
+    again = ingest(spark, str(dump), str(raw), None, None, config.ingest, mode="append-new")
+    assert again["ingested"] == 0 and again["skipped_existing"] == 16 and again["rows"] == 17
+    assert dict(_content_hashes(spark, raw)) == after
+
+
+def _wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.02)
+    raise AssertionError(f"gave up waiting for {what} after {timeout:.0f} s")
+
+
+def test_killed_ingest_leaves_the_previous_dataset_unchanged(spark, tiny_dump, tmp_path, config):
+    raw = tmp_path / "raw"
+    previous = ingest(spark, str(tiny_dump), str(raw), str(tiny_dump / "Data_Entry_2017.csv"), str(tiny_dump),
+                      config.ingest)
+    before = _content_hashes(spark, raw)
+    manifest_before = (raw / "_manifest.json").read_text()
+    conf = tmp_path / "test.conf"
+    conf.write_text((ROOT / "conf" / "spark" / "local.conf").read_text()
+                    + "\nspark.ui.enabled false\nspark.ui.showConsoleProgress false\n")
+    command = [sys.executable, "-m", "cxr_spark.cli", "ingest", "--images", str(tiny_dump), "--metadata",
+               str(tiny_dump / "Data_Entry_2017.csv"), "--out", str(raw), "--spark-conf", str(conf)]
+    # its own process group, so the kill reaches the driver's JVM as well, and nothing else
+    process = subprocess.Popen(command, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "PYSPARK_PYTHON": sys.executable})
+    try:
+        hidden = _wait_for(lambda: [p for p in tmp_path.iterdir() if p.name.startswith(".raw.tmp-")], 300,
+                           "the hidden temporary output")
+        _wait_for(lambda: any(hidden[0].rglob("*")), 120, "the first file in the temporary output")
+        os.killpg(process.pid, signal.SIGKILL)
+        assert process.wait(60) == -signal.SIGKILL  # killed mid-run, not finished
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert _content_hashes(spark, raw) == before and len(before) == previous["ingested"]
+    assert (raw / "_manifest.json").read_text() == manifest_before
+    visible = [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")]
+    assert sorted(visible) == ["raw", "test.conf"]  # nothing half-written under a real name
+    assert len(read_rows(raw, ["image_id"])) == previous["ingested"]  # still a readable Petastorm dataset
+
+
+def test_kaggle_pneumonia_layout_labels_and_splits_from_folders(spark, tmp_path, config):
+    dump = tmp_path / "chest_xray"
+    rng = np.random.default_rng(9)
+    expected = {}
+    for split, n_normal, n_pneumonia in (("train", 4, 6), ("val", 1, 2), ("test", 2, 3)):
+        for label, n in (("NORMAL", n_normal), ("PNEUMONIA", n_pneumonia)):
+            folder = dump / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                name = f"person{i}_{label.lower()}.jpeg"  # the same names recur across splits
+                Image.fromarray(rng.integers(0, 256, (20, 20), dtype=np.uint8)).save(folder / name, "JPEG")
+                expected[f"{split}/{label}/{name}"] = (split, label == "PNEUMONIA")
+    counts = ingest(spark, str(dump), str(tmp_path / "raw"), None, None, config.ingest)
+    assert counts["files_listed"] == len(expected) == counts["ingested"] and counts["quarantined"] == 0
+    rows = read_rows(tmp_path / "raw", ["image_id", "split", "labels", "finding_labels"])
+    assert {r.image_id: (r.split, bool(r.labels[LABELS.index("Pneumonia")])) for r in rows} == expected
+    assert all(r.labels.sum() == int(expected[r.image_id][1]) for r in rows)
+    splits = {}
+    for split, _ in expected.values():
+        splits[split] = splits.get(split, 0) + 1
+    assert counts["splits"] == splits
+    manifest = json.loads((tmp_path / "raw" / "_manifest.json").read_text())
+    assert manifest["task"] == "binary" and manifest["binary_label"] == "Pneumonia" and manifest["layout"] == "kaggle"
