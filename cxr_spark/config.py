@@ -53,6 +53,7 @@ class FeaturesConfig:
     max_iter: int
     reg_param: float
     balance_classes: bool
+    parallelism: int
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,11 @@ import datetime as dt
 import hashlib
 import logging
 import time
+from multiprocessing.pool import ThreadPool
 
 import numpy as np
 import pandas as pd
+from pyspark import inheritable_thread_target
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -386,16 +388,22 @@ def train_baseline(spark: SparkSession, vectors: DataFrame, out: str, size: int,
         targets += [F.col("labels")[i].cast("double").alias(f"y_{i}"),
                     F.when(F.col("labels")[i] == 1, positive_weight).otherwise(negative_weight).alias(f"w_{i}")]
     scaled_train = scaler.transform(train).select("scaled", *targets).cache()
+
+    def fit(i: int):
+        regression = LogisticRegression(
+            featuresCol="scaled", labelCol=f"y_{i}", weightCol=f"w_{i}", maxIter=settings.max_iter,
+            regParam=settings.reg_param, standardization=False, family="binomial",
+            probabilityCol=f"probability_{i}", rawPredictionCol=f"raw_{i}", predictionCol=f"prediction_{i}")
+        fitted = regression.fit(scaled_train)
+        log.info("baseline %s: %d/%d train positives, %d iterations", LABELS[i], positives[i], n_train,
+                 fitted.summary.totalIterations if positives[i] not in (0, n_train) else 0)
+        return fitted
+
     try:
-        models = []
-        for i, name in enumerate(LABELS):
-            regression = LogisticRegression(
-                featuresCol="scaled", labelCol=f"y_{i}", weightCol=f"w_{i}", maxIter=settings.max_iter,
-                regParam=settings.reg_param, standardization=False, family="binomial",
-                probabilityCol=f"probability_{i}", rawPredictionCol=f"raw_{i}", predictionCol=f"prediction_{i}")
-            models.append(regression.fit(scaled_train))
-            log.info("baseline %s: %d/%d train positives, %d iterations", name, positives[i], n_train,
-                     models[-1].summary.totalIterations if positives[i] not in (0, n_train) else 0)
+        # Each L-BFGS iteration is a tiny Spark job whose cost is mostly scheduling, so a few findings are
+        # fitted at once from driver threads (as pyspark's OneVsRest does with its `parallelism`).
+        with ThreadPool(max(1, settings.parallelism)) as pool:
+            models = pool.map(inheritable_thread_target(fit), range(n_labels))
     finally:
         scaled_train.unpersist()
     model = PipelineModel(stages=[scaler, *models])
