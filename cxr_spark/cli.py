@@ -15,7 +15,7 @@ import logging
 import sys
 from types import ModuleType
 
-from cxr_spark import __version__, batch_score, ingest, preprocess, report, score, train
+from cxr_spark import __version__, batch_score, features, ingest, preprocess, report, score, train
 from cxr_spark.config import load_config
 from cxr_spark.session import build_session
 
@@ -24,9 +24,11 @@ log = logging.getLogger("cxr_spark")
 SPARK_STAGES: dict[str, tuple[ModuleType, str]] = {
     "ingest": (ingest, "read an image dump and its metadata into the raw Petastorm dataset, with a quarantine"),
     "preprocess": (preprocess, "decode and resize raw images into images_<size>, with train mean/std"),
+    "features": (features, "compute per-image feature vectors (histogram, moments, edges, texture, lung regions) "
+                           "and optionally an MLlib logistic-regression baseline scored like the CNN"),
     "train": (train, "train a CNN with Horovod-on-Spark, one Petastorm shard per process"),
     "score": (score, "score a split of an images dataset with a trained model into predictions"),
-    "report": (report, "compute confusion-matrix metrics and AUROC with Spark; write metrics.json and report.md"),
+    "report": (report, "confusion matrices, AUROC and average precision by Spark: metrics.json, report.md and report.html"),
     "batch-score": (batch_score, "score the new files of an unlabelled image dump (PNG, JPEG, DICOM) into a "
                                  "predictions store, skipping images this model version already scored"),
 }

@@ -63,11 +63,20 @@ class ScoreConfig:
 
 
 @dataclass(frozen=True)
+class FeaturesConfig:
+    max_iter: int
+    reg_param: float
+    balance_classes: bool
+    parallelism: int
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     ingest: IngestConfig
     preprocess: PreprocessConfig
     train: TrainConfig
     score: ScoreConfig
+    features: FeaturesConfig
 
 
 def load_config(path: str | Path | None = None) -> PipelineConfig:

@@ -135,7 +135,7 @@ def test_spark_submit_runs_a_job_file_with_the_cli_arguments(tiny_dump, tmp_path
 
 
 def test_every_command_has_help():
-    for stage in ("synth", "ingest", "preprocess", "train", "score", "report", "batch-score", "demo"):
+    for stage in ("synth", "ingest", "preprocess", "features", "train", "score", "report", "batch-score", "demo"):
         done = subprocess.run([sys.executable, "-m", "cxr_spark.cli", stage, "--help"], capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0 and f"cxr-spark {stage}" in done.stdout, stage

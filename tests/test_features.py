@@ -1,0 +1,273 @@
+"""Features: each pure feature family against an independent numpy/scipy computation; the Spark stage
+against the pure function on independently read images; the MLlib baseline through the report."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import ndimage, stats
+from sklearn.metrics import roc_auc_score
+
+from cxr_spark import features as feat
+from cxr_spark.labels import LABELS
+from cxr_spark.metrics import tune_thresholds
+from cxr_spark.report import report
+from cxr_spark.schemas import images_schema
+
+from conftest import read_rows
+
+
+@pytest.fixture(scope="module")
+def stack() -> np.ndarray:
+    """Six 24-pixel images: uniform noise, a smooth ramp with noise, dark, bright, constant and a step."""
+    rng = np.random.default_rng(5)
+    ramp = np.add.outer(np.arange(24), np.arange(24)) * 5
+    images = [rng.integers(0, 256, (24, 24)), np.clip(ramp + rng.integers(-20, 20, (24, 24)), 0, 255),
+              rng.integers(0, 40, (24, 24)), rng.integers(200, 256, (24, 24)), np.full((24, 24), 77),
+              np.where(np.arange(24)[None, :] < 12, 30, 220).repeat(24, axis=0)]
+    return np.stack(images).astype(np.uint8)
+
+
+def test_histogram_equals_numpy_histogram(stack):
+    got = feat.intensity_histogram(stack)
+    for image, row in zip(stack, got):
+        counts, _ = np.histogram(image, bins=32, range=(0, 256))
+        np.testing.assert_allclose(row, counts / image.size, rtol=0, atol=1e-15)
+
+
+def test_moments_equal_scipy(stack):
+    got = feat.intensity_moments(stack)
+    for image, (mean, std, skewness, kurtosis, entropy) in zip(stack, got):
+        x = image.ravel() / 255.0
+        assert mean == pytest.approx(np.mean(x), abs=1e-12) and std == pytest.approx(np.std(x), abs=1e-12)
+        if np.ptp(x) == 0:
+            assert skewness == 0 and kurtosis == 0  # undefined for a constant image: kept finite
+        else:
+            assert skewness == pytest.approx(stats.skew(x), abs=1e-9)
+            assert kurtosis == pytest.approx(stats.kurtosis(x, fisher=True, bias=True), abs=1e-9)
+        assert entropy == pytest.approx(stats.entropy(np.bincount(image.ravel(), minlength=256), base=2), abs=1e-9)
+
+
+def test_percentiles_equal_scipy(stack):
+    got = feat.intensity_percentiles(stack)
+    for image, row in zip(stack, got):
+        expected = [stats.scoreatpercentile(image.ravel() / 255.0, q) for q in (5, 25, 50, 75, 95)]
+        np.testing.assert_allclose(row, expected, atol=1e-12)
+
+
+def test_gradient_statistics_equal_scipy_sobel_on_the_interior(stack):
+    got = feat.gradient_statistics(stack)
+    for image, row in zip(stack, got):
+        x = image / 255.0
+        d_x = ndimage.sobel(x, axis=1)[1:-1, 1:-1]  # the border depends on a padding rule; the interior does not
+        d_y = ndimage.sobel(x, axis=0)[1:-1, 1:-1]
+        magnitude = np.sqrt(d_x ** 2 + d_y ** 2)
+        expected = [magnitude.mean(), magnitude.std(), stats.scoreatpercentile(magnitude.ravel(), 90),
+                    np.count_nonzero(magnitude > feat.EDGE_THRESHOLD) / magnitude.size,
+                    np.abs(d_x).mean(), np.abs(d_y).mean()]
+        np.testing.assert_allclose(row, expected, atol=1e-12)
+    assert got[5, 4] > 0 and got[5, 5] == 0  # a vertical edge: horizontal derivative only
+
+
+def _naive_glcm(image: np.ndarray) -> np.ndarray:
+    levels = image // 16
+    counts = np.zeros((16, 16))
+    rows, cols = levels.shape
+    for r in range(rows):
+        for c in range(cols):
+            for dr, dc in ((0, 1), (1, 0)):
+                if r + dr < rows and c + dc < cols:
+                    a, b = levels[r, c], levels[r + dr, c + dc]
+                    counts[a, b] += 1
+                    counts[b, a] += 1
+    return counts / counts.sum()
+
+
+def test_glcm_statistics_equal_a_pixel_loop(stack):
+    got = feat.glcm_statistics(stack)
+    for image, (contrast, homogeneity, energy, correlation, entropy) in zip(stack, got):
+        glcm = _naive_glcm(image)
+        np.testing.assert_allclose(feat.cooccurrence(image)[0], glcm, atol=1e-15)
+        i, j = np.indices(glcm.shape)
+        assert contrast == pytest.approx((glcm * (i - j) ** 2).sum(), abs=1e-12)
+        assert homogeneity == pytest.approx((glcm / (1 + (i - j) ** 2)).sum(), abs=1e-12)
+        assert energy == pytest.approx(np.sqrt((glcm ** 2).sum()), abs=1e-12)
+        nonzero = glcm[glcm > 0]
+        assert entropy == pytest.approx(-(nonzero * np.log2(nonzero)).sum(), abs=1e-12)
+        rows, cols = i.ravel(), j.ravel()
+        weights = glcm.ravel()
+        if np.count_nonzero(np.bincount(rows, weights=weights)) > 1:
+            expected = np.cov(rows, cols, aweights=weights, bias=True)
+            assert correlation == pytest.approx(expected[0, 1] / np.sqrt(expected[0, 0] * expected[1, 1]), abs=1e-9)
+        else:
+            assert correlation == 1.0
+
+
+def test_lung_regions_tile_the_lung_box_as_documented():
+    for size in (16, 32, 100, 224):
+        regions = feat.lung_regions(size)
+        covered = np.zeros((size, size), int)
+        for r0, r1, c0, c1 in regions.values():
+            assert r1 > r0 and c1 > c0
+            covered[r0:r1, c0:c1] += 1
+        box = np.zeros((size, size), int)
+        box[round(0.12 * size):round(0.78 * size), round(0.12 * size):round(0.88 * size)] = 1
+        np.testing.assert_array_equal(covered, box)  # disjoint, and exactly the documented lung box
+        strip = regions["mediastinum"]
+        assert (strip[2], strip[3]) == (round(0.43 * size), round(0.57 * size))
+    with pytest.raises(ValueError, match="at least 16px"):
+        feat.lung_regions(8)
+
+
+def test_region_statistics_equal_numpy_slices_and_see_one_bright_region():
+    rng = np.random.default_rng(2)
+    image = rng.integers(0, 60, (64, 64)).astype(np.uint8)
+    regions = feat.lung_regions(64)
+    r0, r1, c0, c1 = regions["image_right_lower"]
+    image[r0:r1, c0:c1] = 250
+    row = feat.region_statistics(image)[0]
+    values = dict(zip(feat.FAMILY_NAMES["regions"], row))
+    for name, (a, b, c, d) in regions.items():
+        patch = image[a:b, c:d] / 255.0
+        assert values[f"{name}_mean"] == pytest.approx(patch.mean(), abs=1e-12)
+        assert values[f"{name}_std"] == pytest.approx(patch.std(), abs=1e-12)
+    brightest = max(feat.REGION_NAMES, key=lambda name: values[f"{name}_mean"])
+    assert brightest == "image_right_lower"
+    assert values["asym_lower"] == pytest.approx(abs(values["image_left_lower_mean"] - values["image_right_lower_mean"]))
+    assert values["asym_lower"] > 0.5 > max(values["asym_upper"], values["asym_middle"])
+
+
+def test_feature_vector_is_the_families_in_the_named_order(stack):
+    matrix = feat.image_features(stack)
+    assert matrix.shape == (len(stack), len(feat.FEATURE_NAMES)) and np.isfinite(matrix).all()
+    assert len(set(feat.FEATURE_NAMES)) == len(feat.FEATURE_NAMES)
+    np.testing.assert_array_equal(feat.image_features(stack[1]), matrix[1])  # a batch changes nothing
+    index = feat.FEATURE_NAMES.index
+    image = stack[0] / 255.0
+    assert matrix[0, index("mean")] == pytest.approx(image.mean())
+    assert matrix[0, index("p50")] == pytest.approx(np.median(image))
+    assert matrix[0, index("hist_31")] == pytest.approx(np.count_nonzero(stack[0] >= 248) / stack[0].size)
+
+
+@pytest.mark.parametrize("bad, message", [(np.zeros((8, 8), np.uint8), "at least 16px"),
+                                          (np.zeros((20, 24), np.uint8), "square"),
+                                          (np.zeros((20, 20), np.float32), "uint8")])
+def test_bad_images_are_refused_with_the_reason(bad, message):
+    with pytest.raises(ValueError, match=message):
+        feat.image_features(bad)
+
+
+# ---------------------------------------------------------------------------------------------
+# Spark
+
+
+@pytest.fixture(scope="module")
+def stage(spark, tiny_images, config, tmp_path_factory):
+    images, _ = tiny_images
+    out = tmp_path_factory.mktemp("features")
+    counts = feat.features(spark, str(images), str(out / "features"), config.features,
+                           baseline_out=str(out / "baseline"))
+    return images, out / "features", out / "baseline", counts
+
+
+@pytest.fixture(scope="module")
+def image_rows(stage):
+    images = stage[0]
+    return {row.image_id: row for row in read_rows(images, ["image_id", "split", "labels", "image"])}
+
+
+def test_one_feature_row_per_image_with_the_named_vector(spark, stage, image_rows):
+    _, features_dir, _, counts = stage
+    written = spark.read.parquet(str(features_dir))
+    assert written.columns == ["image_id", "split", "labels", "features"]
+    assert written.count() == len(image_rows) == counts["images"]
+    expected_splits = {}
+    for row in image_rows.values():
+        expected_splits[row.split] = expected_splits.get(row.split, 0) + 1
+    assert counts["splits"] == expected_splits
+    manifest = json.loads((features_dir / "_manifest.json").read_text())
+    assert manifest["feature_names"] == list(feat.FEATURE_NAMES)
+    assert manifest["counts"]["n_features"] == len(feat.FEATURE_NAMES)
+    sizes = {row.features.size for row in written.select("features").collect()}
+    assert sizes == {len(feat.FEATURE_NAMES)}
+
+
+def test_spark_features_equal_the_pure_function_on_images_read_independently(spark, stage, image_rows):
+    _, features_dir, _, _ = stage
+    chosen = sorted(image_rows)[::17][:6]
+    written = (spark.read.parquet(str(features_dir)).where(f"image_id in ({','.join(repr(i) for i in chosen)})")
+               .collect())
+    assert len(written) == len(chosen)
+    for row in written:
+        source = image_rows[row.image_id]
+        np.testing.assert_allclose(row.features.toArray(), feat.image_features(source.image), rtol=1e-12, atol=1e-15)
+        assert list(row.labels) == list(source.labels) and row.split == source.split
+
+
+def test_baseline_predictions_have_scores_format_and_the_test_labels(spark, stage, image_rows):
+    _, _, baseline_dir, counts = stage
+    predictions = spark.read.parquet(str(baseline_dir))
+    assert dict(predictions.dtypes) == {"image_id": "string", "split": "string", "labels": "array<smallint>",
+                                        "probabilities": "array<float>", "model_version": "string",
+                                        "scored_at": "timestamp"}
+    rows = predictions.collect()
+    test_ids = {image_id for image_id, row in image_rows.items() if row.split == "test"}
+    assert {row.image_id for row in rows} == test_ids and len(rows) == len(test_ids) == counts["baseline"]["scored"]
+    for row in rows:
+        assert list(row.labels) == list(image_rows[row.image_id].labels)
+        assert len(row.probabilities) == len(LABELS) and all(0.0 <= p <= 1.0 for p in row.probabilities)
+    model = json.loads((baseline_dir / "_manifest.json").read_text())["model"]
+    assert set(model) >= {"model", "model_version", "task", "labels", "input_size", "thresholds"}
+    assert model["labels"] == list(LABELS) and list(model["thresholds"]) == list(LABELS)
+    assert model["input_size"] == images_schema(32).fields["image"].shape[0]
+
+
+def test_saved_mllib_models_reproduce_the_predictions_and_thresholds_come_from_val(spark, stage):
+    from pyspark.ml import PipelineModel
+    from pyspark.ml.functions import vector_to_array
+
+    _, features_dir, baseline_dir, _ = stage
+    model = PipelineModel.load(str(baseline_dir / feat.MLLIB_FOLDER))
+    scored = model.transform(spark.read.parquet(str(features_dir)).where("split in ('val', 'test')"))
+    probability = [vector_to_array(f"probability_{i}")[1].alias(f"p{i}") for i in range(len(LABELS))]
+    rows = scored.select("image_id", "split", "labels", *probability).collect()
+    saved = {row.image_id: row.probabilities for row in spark.read.parquet(str(baseline_dir)).collect()}
+    test = [row for row in rows if row.split == "test"]
+    assert len(test) == len(saved)
+    for row in test:
+        np.testing.assert_allclose([row[f"p{i}"] for i in range(len(LABELS))], saved[row.image_id], rtol=1e-6)
+    val = [row for row in rows if row.split == "val"]
+    labels = np.array([row.labels for row in val])
+    scores = np.array([[row[f"p{i}"] for i in range(len(LABELS))] for row in val], np.float32)
+    thresholds = json.loads((baseline_dir / "_manifest.json").read_text())["model"]["thresholds"]
+    assert list(thresholds.values()) == pytest.approx(tune_thresholds(labels, scores))
+
+
+def test_report_on_the_baseline_equals_sklearn(spark, stage, tmp_path):
+    _, features_dir, baseline_dir, counts = stage
+    metrics = report(spark, str(baseline_dir), str(tmp_path / "report"))
+    rows = spark.read.parquet(str(baseline_dir)).collect()
+    labels = np.array([row.labels for row in rows])
+    scores = np.array([row.probabilities for row in rows])
+    aurocs = []
+    for i, name in enumerate(LABELS):
+        if 0 < labels[:, i].sum() < len(labels):
+            aurocs.append(roc_auc_score(labels[:, i], scores[:, i]))
+            assert metrics["per_label"][name]["auroc"] == pytest.approx(aurocs[-1], abs=1e-12), name
+        else:
+            assert metrics["per_label"][name]["auroc"] is None
+    assert metrics["macro"]["auroc"] == pytest.approx(np.mean(aurocs), abs=1e-12)
+    assert metrics["model"]["name"] == feat.BASELINE_MODEL and metrics["n_images"] == len(rows)
+    manifest = json.loads((features_dir / "_manifest.json").read_text())
+    assert manifest["counts"]["baseline_test_macro_auroc"] == pytest.approx(np.mean(aurocs), abs=1e-12)
+    assert counts["baseline_test_macro_auroc"] == manifest["counts"]["baseline_test_macro_auroc"]
+
+
+def test_a_dataset_without_image_size_is_refused_and_the_previous_output_kept(spark, stage, tiny_raw, config):
+    _, features_dir, _, _ = stage
+    before = sorted(p.name for p in Path(features_dir).iterdir())
+    with pytest.raises(ValueError, match="not an images_<size> dataset"):
+        feat.features(spark, str(tiny_raw[0]), str(features_dir), config.features)
+    assert sorted(p.name for p in Path(features_dir).iterdir()) == before
