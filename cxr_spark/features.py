@@ -436,7 +436,8 @@ def train_baseline(spark: SparkSession, vectors: DataFrame, out: str, size: int,
         model.write().save(f"{tmp}/{MLLIB_FOLDER}")
         written = spark.read.schema(PREDICTIONS_DDL + ", model_version string, scored_at timestamp").parquet(tmp)
         n_scored = written.count()
-        macro_auroc = macro_average(label_metrics(written, list(LABELS), thresholds))["auroc"] if n_scored else None
+        macro_auroc = (macro_average(label_metrics(written, list(LABELS), thresholds)[0].values())["auroc"]
+                       if n_scored else None)
         counts = {"scored": n_scored, "split": EVAL_SPLIT, "train": n_train, "val": len(val_rows),
                   "macro_auroc": macro_auroc}
         finish_manifest(spark, tmp, "features-baseline", started, config=settings, inputs=inputs, counts=counts,
