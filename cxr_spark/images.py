@@ -24,6 +24,11 @@ DICOM_MAGIC_OFFSET = 128  # a DICOM Part 10 file: 128-byte preamble, then b"DICM
 #: ``image_too_large`` before it is decoded (a 50 MP 8-bit image decodes to 50 MB; NIH's are 1 MP,
 #: the largest digital radiographs about 10 MP). Change it here; ingest and decoding both use it.
 MAX_PIXELS = 50_000_000
+#: What ingest reads of a PNG: the signature and IHDR chunk at its start, and its end, where a complete
+#: PNG has its IEND chunk (a truncated one does not). Its pixels are checked when preprocess decodes it.
+PNG_HEAD_BYTES = 64
+PNG_TAIL_BYTES = 1024
+_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # length 0, type, CRC
 #: Pixel formats that are converted to 8-bit grayscale when decoded (and counted by ingest).
 CONVERSIONS = ("rgb", "rgba", "16bit", "palette")
 # OpenCV's own threads would fight Spark's task slots and Horovod's processes for the same cores.
@@ -76,6 +81,15 @@ def png_header(data: bytes) -> tuple[int, int, int, int]:
         raise ImageError("corrupt_image", f"PNG header truncated or IHDR missing ({len(data)} bytes)")
     width, height, bit_depth, colour_type = struct.unpack(">IIBB", data[16:26])
     return width, height, bit_depth, colour_type
+
+
+def check_png_end(tail: bytes) -> None:
+    """ImageError ``corrupt_image`` unless ``tail`` (a PNG's last bytes) holds the IEND chunk.
+
+    >>> check_png_end(encode_png(np.zeros((3, 5), np.uint8))[-PNG_TAIL_BYTES:])
+    """
+    if _IEND_CHUNK not in tail:
+        raise ImageError("corrupt_image", f"PNG truncated: no IEND chunk in its last {len(tail)} bytes")
 
 
 # PNG colour types (IHDR) and the conversion each needs; 4 = gray + alpha has no safe reading of the
