@@ -109,6 +109,18 @@ def test_resize_square_averages_areas():
     assert small.tolist() == [[200, 0], [0, 0]]
 
 
+def test_resize_square_takes_an_integer_box_average_first_and_stays_near_one_area_step():
+    import cv2
+
+    smooth = cv2.GaussianBlur(np.random.default_rng(4).integers(0, 256, (1024, 1024)).astype(np.uint8), (0, 0), 3)
+    for side, size in ((1024, 224), (512, 224), (1024, 256), (1000, 224), (1024, 1024)):
+        image = smooth[:side, :side]
+        small, one_step = resize_square(image, size), cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        assert small.shape == (size, size) and small.dtype == np.uint8
+        assert np.abs(small.astype(int) - one_step).mean() < 1.0, (side, size)  # 0.5 on real radiographs
+    assert np.array_equal(resize_square(smooth, 256), cv2.resize(smooth, (256, 256), interpolation=cv2.INTER_AREA))
+
+
 def test_png_end_check_finds_a_truncated_file_from_its_last_bytes():
     from cxr_spark.ingest import inspect_file
 
