@@ -316,8 +316,8 @@ def boxed_scored(predictions: DataFrame, boxes: DataFrame, labels: list[str], li
         "image_id", "split", "label", "p", "boxes",
         F.row_number().over(Window.partitionBy("label").orderBy(F.col("p").desc(), "image_id")).alias("rank"),
         F.count("*").over(Window.partitionBy("label")).alias("n_boxed"))
-    rows = ranked.where(F.col("rank") <= limit).collect()
-    return rows, {labels[row["label"]]: int(row["n_boxed"]) for row in rows}
+    rows = ranked.where(F.col("rank") <= max(limit, 1)).collect()  # rank 1 carries the count even for limit 0
+    return [row for row in rows if row["rank"] <= limit], {labels[row["label"]]: int(row["n_boxed"]) for row in rows}
 
 
 def read_films(spark: SparkSession, images_url: str, wanted: dict[str, str], size: int) -> dict[str, tuple]:
@@ -330,6 +330,9 @@ def read_films(spark: SparkSession, images_url: str, wanted: dict[str, str], siz
         raise ValueError(f"the images dataset {images_url} lacks {len(missing)} scored image(s), e.g. {missing[:3]}; "
                          "give the images dataset the predictions were scored from (--images)")
     pixels = decode_column(images_schema(size), "image", [row["image"] for row in rows])
+    shapes = {film.shape for film in pixels} - {(size, size)}
+    if shapes:
+        raise ValueError(f"the model takes {size}px images but {images_url} holds images of shape {shapes.pop()}")
     return {row["image_id"]: (film, row["width"], row["height"]) for row, film in zip(rows, pixels)}
 
 

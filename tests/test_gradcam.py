@@ -14,8 +14,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cxr_spark.gradcam import (GradCam, GradcamRequest, bbox_table, default_bbox, feature_layer, hit_fraction,
-                               in_boxes, overlay_path, peak_point)
+from cxr_spark.gradcam import (GradCam, GradcamRequest, bbox_table, boxed_scored, default_bbox, feature_layer,
+                               hit_fraction, in_boxes, overlay_path, peak_point)
 from cxr_spark.models import build_model
 from cxr_spark.report import report
 from cxr_spark.score import score
@@ -146,6 +146,24 @@ def test_boxes_come_from_nihs_csv_or_the_raw_dataset_behind_the_images(spark, tm
     assert default_bbox(spark, f"file://{images}") == f"file://{raw}/_bbox"
     for source in (raw, raw / "_bbox"):
         assert sorted(tuple(row) for row in bbox_table(spark, str(source)).collect()) == rows
+
+
+def test_boxed_images_are_the_scored_ones_with_a_box_for_a_predicted_finding(spark):
+    predictions = spark.createDataFrame(
+        [("a", "test", [0.2, 0.9]), ("b", "test", [0.7, 0.1]), ("c", "test", [0.4, 0.3]), ("d", "test", [0.9, 0.9])],
+        "image_id string, split string, probabilities array<float>")
+    boxes = spark.createDataFrame(
+        [("a", "Effusion", 1.0, 2.0, 3.0, 4.0), ("a", "Effusion", 5.0, 6.0, 7.0, 8.0), ("b", "Effusion", 0.0, 0.0, 1.0, 1.0),
+         ("c", "Mass", 9.0, 9.0, 9.0, 9.0), ("e", "Effusion", 0.0, 0.0, 5.0, 5.0), ("d", "Atelectasis", 0.0, 0.0, 5.0, 5.0)],
+        "image_id string, finding string, x double, y double, w double, h double")
+    for limit, expected in ((5, [("b", 0), ("a", 0), ("c", 1)]), (1, [("b", 0), ("c", 1)]), (0, [])):
+        rows, counts = boxed_scored(predictions, boxes, ["Effusion", "Mass"], limit)
+        assert sorted((row["image_id"], row["label"]) for row in rows) == sorted(expected), limit
+        assert counts == {"Effusion": 2, "Mass": 1}  # e is not scored; nobody predicts Atelectasis
+    rows, _ = boxed_scored(predictions, boxes, ["Effusion", "Mass"], 5)
+    a = next(row for row in rows if row["image_id"] == "a")
+    assert sorted(a["boxes"]) == [[1.0, 2.0, 3.0, 4.0], [5.0, 6.0, 7.0, 8.0]] and a["p"] == pytest.approx(0.2)
+    assert [row["rank"] for row in sorted(rows, key=lambda row: (row["label"], row["rank"]))] == [1, 2, 1]
 
 
 # ---------------------------------------------------------------------------------------------
