@@ -45,17 +45,24 @@ def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) 
     return score(spark, args.input, args.model, args.out, settings.split, settings.batch_size)
 
 
+def load_model_bytes(model_bytes: bytes):
+    """A Keras model from the bytes of a ``model.keras`` file (not compiled: inference only)."""
+    import tensorflow as tf
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, MODEL_FILE)
+        with open(path, "wb") as handle:
+            handle.write(model_bytes)
+        return tf.keras.models.load_model(path, compile=False)
+
+
 def loaded_model(version: str, model_bytes: bytes):
     """Deserialise a model at most once per Python worker process."""
     if version not in _LOADED_MODELS:
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(1)  # one Spark task slot, one core
-        with tempfile.TemporaryDirectory() as folder:
-            path = os.path.join(folder, MODEL_FILE)
-            with open(path, "wb") as handle:
-                handle.write(model_bytes)
-            _LOADED_MODELS[version] = tf.keras.models.load_model(path, compile=False)
+        _LOADED_MODELS[version] = load_model_bytes(model_bytes)
         log.info("worker %d loaded model %s", os.getpid(), version)
     return _LOADED_MODELS[version]
 
