@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # view, sex and age ride along for the report's dataset summary (no names or other identifying fields).
 PREDICTIONS_DDL = ("image_id string, split string, labels array<smallint>, probabilities array<float>, "
                    "view string, sex string, age int")
-TASKS_PER_SLOT = 4  # scoring tasks per Spark task slot, at the least (see _spread_over_slots)
+TASKS_PER_SLOT = 4  # below this many scan partitions per task slot, rows are spread evenly (_spread_over_slots)
 _LOADED_MODELS: dict[str, object] = {}  # per Python worker: model_version -> Keras model
 
 
@@ -96,17 +96,20 @@ def _score_partition(card: dict, model_broadcast, batch_size: int):
 
 
 def _spread_over_slots(spark: SparkSession, images):
-    """At least ``TASKS_PER_SLOT`` tasks per task slot, rows spread evenly, for a dataset that has fewer.
+    """One task per task slot, rows dealt out evenly, for a dataset the file scan splits into few partitions.
 
     A row costs far more to score than to read, so the slowest task sets the job's time. Spark packs
     small files into as few partitions as there are slots and weighs each file by a fixed 4 MB open cost,
-    not by its rows: for the bench's 200 images, one of two tasks held 165 rows. Larger datasets already
-    split into many byte-balanced partitions and are left as they are (no shuffle).
+    not by its rows: for a 1000-image ``images_128`` the two scoring tasks held 840 and 160 rows. More
+    tasks than slots would balance too, but each Python task costs about 0.4 CPU-seconds before it runs:
+    PySpark 3.5's worker calls ``importlib.invalidate_caches()`` per task, which on Python 3.11 re-reads
+    ``pyspark.zip``'s directory once per importer (CPython gh-103200, fixed in 3.12; SPARK-54744). Larger
+    datasets, already split into many byte-balanced partitions, are left as they are (no shuffle).
     """
-    tasks = TASKS_PER_SLOT * spark.sparkContext.defaultParallelism
-    if images.rdd.getNumPartitions() >= tasks:
+    slots = spark.sparkContext.defaultParallelism
+    if images.rdd.getNumPartitions() >= TASKS_PER_SLOT * slots:
         return images
-    return images.repartition(tasks, "image_id")
+    return images.repartition(slots)
 
 
 def score(spark: SparkSession, input_url: str, model_dir: str, out: str, split: str = "test",
