@@ -34,7 +34,7 @@ test-fast: install  ## the tests that need no Horovod run
 cluster-test: install $(ENV_ARCHIVE)  ## a Spark standalone master + 2 workers on 127.0.0.1: the pipeline via spark-submit, a killed executor, the shipped environment
 	$(BIN)/python -m pytest -q -m cluster tests/cluster
 
-bench: install  ## ingest + preprocess throughput vs the PNG-decoding limit, measured side by side (no timed tests)
+bench: install  ## ingest, training input vs model + Horovod scaling, and scoring throughput as ratios, measured side by side (no timed tests)
 	$(BIN)/python -m cxr_spark.bench $(BENCH_ARGS)
 
 package: $(ENV_ARCHIVE)  ## dist/: the project wheel and a relocatable environment archive for --archives

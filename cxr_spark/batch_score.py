@@ -42,7 +42,7 @@ from cxr_spark.images import PNG_SIGNATURE, ImageError, decode_grayscale, resize
 from cxr_spark.ingest import QUARANTINE_DIR
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.input_pipeline import model_inputs
-from cxr_spark.score import loaded_model
+from cxr_spark.score import loaded_model, predict_probabilities
 from cxr_spark.storage import FileSystem, local_path, read_bytes, read_json, to_url
 from cxr_spark.train import MODEL_FILE, load_model_card
 
@@ -179,8 +179,7 @@ def _score_files(plain: dict, model_broadcast, batch_size: int):
             if pixels:
                 model = loaded_model(plain["model_version"], model_broadcast.value)
                 inputs = model_inputs(np.stack(pixels), plain["normalization"])
-                probabilities = np.concatenate([model(inputs[i:i + batch_size], training=False).numpy()
-                                                for i in range(0, len(inputs), batch_size)]).astype(np.float32)
+                probabilities = predict_probabilities(model, inputs, batch_size, len(labels))
                 flags = flag_findings(probabilities, thresholds, labels)
                 usable = (row for row in rows if row["reason"] is None)
                 for row, vector, flagged in zip(usable, probabilities, flags):

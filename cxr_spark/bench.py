@@ -1,8 +1,12 @@
-"""``make bench``: ingest + preprocess throughput against the PNG-decoding limit, measured side by side.
+"""``make bench``: ingest + preprocess throughput against the PNG-decoding limit, the training input
+pipeline against the model's step rate and Horovod's scaling (:mod:`cxr_spark.bench_train`), and the
+Spark scoring job against N x one process predicting in memory (:mod:`cxr_spark.bench_score`),
+measured side by side.
 
-Everything is measured in one run on the same synthetic 1024×1024 PNGs; repeated measurements are
-summarised by their median, and goals are stated as ratios, never as absolute times (machines here
-are shared and noisy).
+Everything is measured in one run: the ingest part on synthetic 1024×1024 PNGs, the training and
+scoring parts on one ``images_<size>`` dataset of their own (synthetic films ingested and preprocessed
+first, untimed). Repeated measurements are summarised by their median, and goals are stated as ratios,
+never as absolute times (machines here are shared and noisy).
 """
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ import shutil
 import statistics
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import cv2
@@ -24,6 +29,8 @@ from cxr_spark.images import decode_grayscale, resize_square
 
 log = logging.getLogger(__name__)
 NIH_IMAGES = 112_120
+PARTS = ("ingest", "train", "score")
+MODEL_DUMP_SIZE = 256  # side of the synthetic films behind the training and scoring dataset
 
 
 def _median_rate(work, n_images: int, repeats: int) -> float:
@@ -182,24 +189,34 @@ def keras_flow_rate(dump: Path, size: int, repeats: int) -> float:
     return _median_rate(flow, n_images, repeats)
 
 
-def run(n_images: int, size: int, repeats: int, keep: str | None) -> dict:
+def _synthetic_dump(dump: Path, n_images: int, size: int, seed: int) -> None:
+    """Generate a synthetic NIH-style dump unless one of ``n_images`` is already there (``--keep`` reuses it)."""
     from cxr_spark.synth import SynthSpec, generate
 
-    base = Path(keep or tempfile.mkdtemp(prefix="cxr-bench-"))
+    metadata = dump / "Data_Entry_2017.csv"
+    if metadata.exists() and len(metadata.read_text().splitlines()) - 1 == n_images:
+        return
+    shutil.rmtree(dump, ignore_errors=True)
+    generate(SynthSpec(out=str(dump), n_images=n_images, size=size, seed=seed))
+
+
+def _load_average() -> float:
+    """The machine's 1-minute load average: shared machines make every figure relative to it."""
+    return os.getloadavg()[0]
+
+
+def ingest_figures(base: Path, n_images: int, size: int, repeats: int) -> dict:
+    """The ingest part: decoders, Spark ingest + preprocess, Spark's image source and Keras on 1024 px PNGs."""
+    load_before = _load_average()
     dump = base / "dump"
-    if not (dump / "Data_Entry_2017.csv").exists():
-        generate(SynthSpec(out=str(dump), n_images=n_images, size=1024, seed=11))
+    _synthetic_dump(dump, n_images, 1024, seed=11)
     paths = sorted(dump.rglob("*.png"))
     n_small = max(1, len(paths) // 4)
     dumps = {"small": subset_dump(dump, base / f"dump_first_{n_small}", n_small), "full": dump}
     log.info("bench: %d PNGs of 1024x1024 in %s (and the first %d of them)", len(paths), dump, n_small)
-    try:
-        decoders = decoder_rates(paths, size, repeats)
-        spark = spark_rates(dumps, base / "work", size, repeats)
-        keras = keras_flow_rate(dump, size, repeats)
-    finally:
-        if not keep:
-            shutil.rmtree(base, ignore_errors=True)
+    decoders = decoder_rates(paths, size, repeats)
+    spark = spark_rates(dumps, base / "work", size, repeats)
+    keras = keras_flow_rate(dump, size, repeats)
     limit = max(decoder["images_per_s"] for decoder in decoders.values())
     slots = spark["slots"]
     n_full = len(paths)
@@ -222,34 +239,114 @@ def run(n_images: int, size: int, repeats: int, keep: str | None) -> dict:
         "spark_image_source_ratio_to_ours": (n_full / spark["spark image source"]) / plain,
         "keras_flow_from_directory_ratio_to_ours": keras / plain,
         "projected_full_nih_hours_per_core": NIH_IMAGES / (marginal["total"] / slots) / 3600,
+        "load_average_1min": [load_before, _load_average()],
     }
 
 
+def model_dataset(spark, base: Path, n_images: int, size: int) -> str:
+    """The training and scoring parts' ``images_<size>``: synthetic films ingested and preprocessed (untimed)."""
+    from cxr_spark.config import load_config, override
+    from cxr_spark.ingest import ingest
+    from cxr_spark.preprocess import preprocess
+
+    dump, work = base / "model_dump", base / "model_work"
+    images = work / f"images_{size}"
+    manifest = images / "_manifest.json"
+    counts = json.loads(manifest.read_text())["counts"] if manifest.exists() else {}
+    if (counts.get("images"), counts.get("size")) == (n_images, size):
+        log.info("bench: reusing %s", images)
+        return str(images)
+    _synthetic_dump(dump, n_images, MODEL_DUMP_SIZE, seed=12)
+    config = load_config()
+    log.info("bench: ingesting and preprocessing %d synthetic films to %dpx for the training and scoring parts",
+             n_images, size)
+    ingest(spark, str(dump), str(work / "raw"), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest)
+    preprocess(spark, str(work / "raw"), str(images), override(config.preprocess, size=size))
+    return str(images)
+
+
+def model_figures(base: Path, parts: set[str], n_images: int, size: int, steps: int, repeats: int,
+                  score_batch_size: int) -> dict:
+    """The training and scoring parts, in one Spark session, on one dataset."""
+    from cxr_spark.bench_score import run_scoring_bench
+    from cxr_spark.bench_train import run_training_bench
+    from cxr_spark.session import build_session
+
+    spark = build_session("cxr-spark bench (training, scoring)")
+    try:
+        images = model_dataset(spark, base, n_images, size)
+        result = {}
+        if "train" in parts:
+            load_before = _load_average()
+            result["training"] = run_training_bench(spark, images, steps, repeats)
+            result["training"]["load_average_1min"] = [load_before, _load_average()]
+        if "score" in parts:
+            load_before = _load_average()
+            result["scoring"] = run_scoring_bench(spark, images, base / "model_work", repeats, score_batch_size)
+            result["scoring"]["load_average_1min"] = [load_before, _load_average()]
+        return result
+    finally:
+        spark.stop()
+
+
+def run(n_images: int, size: int, repeats: int, keep: str | None, parts: set[str] = frozenset(PARTS),
+        model_images: int = 1000, train_size: int = 128, train_steps: int = 10, score_batch_size: int = 64) -> dict:
+    base = Path(keep).resolve() if keep else Path(tempfile.mkdtemp(prefix="cxr-bench-"))
+    result = {}
+    try:
+        if "ingest" in parts:
+            result.update(ingest_figures(base, n_images, size, repeats))
+        if parts & {"train", "score"}:
+            result.update(model_figures(base, parts, model_images, train_size, train_steps, repeats,
+                                        score_batch_size))
+    finally:
+        if not keep:
+            shutil.rmtree(base, ignore_errors=True)
+    return result
+
+
+def _load_line(load: list[float]) -> str:
+    return f"   (1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end, on {os.cpu_count()} cores)"
+
+
 def format_report(result: dict) -> str:
-    seconds, marginal = result["spark_seconds"], result["spark_marginal_images_per_s"]
-    n, small, slots = result["images"], result["small_images"], result["spark_slots"]
-    lines = [f"Ingest + preprocess benchmark: {n} synthetic 1024x1024 PNGs -> {result['size']}px, "
-             f"median of {result['repeats']} runs, {slots} Spark slots on {result['cores']} cores", "",
-             "1. single-process decode + resize (images/s on one core):"]
-    lines += [f"     {rate['images_per_s']:8.1f}  {name}  (mean |diff| from one INTER_AREA step: "
-              f"{rate['mean_abs_diff']:.2f} gray levels)" for name, rate in result["single_process_rates"].items()]
-    lines += [
-        f"   limit = the fastest: {result['limit_images_per_s_per_core']:.1f} images/s per core",
-        f"2. Spark ingest + preprocess, local[{slots}] (N = {slots}):",
-        f"     marginal: {marginal['total']:.1f} images/s = {result['marginal_ratio_to_n_x_limit']:.2f} x (N x limit)  "
-        f"(goal >= 0.80)  [({n} - {small}) images / (time for {n} - time for {small})]",
-        f"       ingest {1000 / marginal['ingest']:.1f} ms + preprocess {1000 / marginal['preprocess']:.1f} ms "
-        f"per image on {slots} slots",
-        f"     plain: {result['spark_plain_images_per_s']:.1f} images/s = {result['plain_ratio_to_n_x_limit']:.2f} x "
-        f"(N x limit)  [{n} images in {seconds['full']['total']:.1f} s: ingest {seconds['full']['ingest']:.1f} s + "
-        f"preprocess {seconds['full']['preprocess']:.1f} s, of which ~{result['fixed_seconds_per_run']:.1f} s "
-        f"fixed per run]",
-        f"3. Spark image source + same resize: {result['spark_image_source_ratio_to_ours']:.2f} x ours; "
-        f"Keras flow_from_directory: {result['keras_flow_from_directory_ratio_to_ours']:.2f} x ours  (plain rates)",
-        f"4. projected for all {NIH_IMAGES:,} NIH images at the marginal rate: "
-        f"{result['projected_full_nih_hours_per_core']:.2f} hours per core",
-    ]
-    return "\n".join(lines)
+    from cxr_spark.bench_score import format_scoring_report
+    from cxr_spark.bench_train import format_training_report
+
+    sections = []
+    if "images" in result:
+        seconds, marginal = result["spark_seconds"], result["spark_marginal_images_per_s"]
+        n, small, slots = result["images"], result["small_images"], result["spark_slots"]
+        lines = [f"Ingest + preprocess benchmark: {n} synthetic 1024x1024 PNGs -> {result['size']}px, "
+                 f"median of {result['repeats']} runs, {slots} Spark slots on {result['cores']} cores", "",
+                 "1. single-process decode + resize (images/s on one core):"]
+        lines += [f"     {rate['images_per_s']:8.1f}  {name}  (mean |diff| from one INTER_AREA step: "
+                  f"{rate['mean_abs_diff']:.2f} gray levels)" for name, rate in result["single_process_rates"].items()]
+        lines += [
+            f"   limit = the fastest: {result['limit_images_per_s_per_core']:.1f} images/s per core",
+            f"2. Spark ingest + preprocess, local[{slots}] (N = {slots}):",
+            f"     marginal: {marginal['total']:.1f} images/s = {result['marginal_ratio_to_n_x_limit']:.2f} x (N x limit)  "
+            f"(goal >= 0.80)  [({n} - {small}) images / (time for {n} - time for {small})]",
+            f"       ingest {1000 / marginal['ingest']:.1f} ms + preprocess {1000 / marginal['preprocess']:.1f} ms "
+            f"per image on {slots} slots",
+            f"     plain: {result['spark_plain_images_per_s']:.1f} images/s = {result['plain_ratio_to_n_x_limit']:.2f} x "
+            f"(N x limit)  [{n} images in {seconds['full']['total']:.1f} s: ingest {seconds['full']['ingest']:.1f} s + "
+            f"preprocess {seconds['full']['preprocess']:.1f} s, of which ~{result['fixed_seconds_per_run']:.1f} s "
+            f"fixed per run]",
+            f"3. Spark image source + same resize: {result['spark_image_source_ratio_to_ours']:.2f} x ours; "
+            f"Keras flow_from_directory: {result['keras_flow_from_directory_ratio_to_ours']:.2f} x ours  (plain rates)",
+            f"4. projected for all {NIH_IMAGES:,} NIH images at the marginal rate: "
+            f"{result['projected_full_nih_hours_per_core']:.2f} hours per core",
+            _load_line(result["load_average_1min"]),
+        ]
+        sections.append("\n".join(lines))
+    if "training" in result:
+        sections.append(format_training_report(result["training"]) + "\n" +
+                        _load_line(result["training"]["load_average_1min"]))
+    if "scoring" in result:
+        sections.append(format_scoring_report(result["scoring"]) + "\n" +
+                        _load_line(result["scoring"]["load_average_1min"]))
+    return "\n\n".join(sections)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -258,12 +355,32 @@ def main(argv: list[str] | None = None) -> int:
                         help="synthetic 1024x1024 PNGs (default 400); the marginal rate also times the first quarter")
     parser.add_argument("--size", type=int, default=224, help="resize target (default 224)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is shown")
+    parser.add_argument("--skip", action="append", choices=PARTS, default=[],
+                        help="leave out a part (repeatable): ingest, train (input pipeline, steps, Horovod scaling) "
+                             "or score (Spark scoring vs model.predict)")
+    parser.add_argument("--model-images", type=int, default=1000,
+                        help="synthetic films in the training and scoring parts' dataset (default 1000)")
+    parser.add_argument("--train-size", type=int, default=128,
+                        help="image side of the training and scoring parts' dataset (default 128, the demo's)")
+    parser.add_argument("--train-steps", type=int, default=10,
+                        help="training steps per process in one measurement (default 10)")
+    parser.add_argument("--score-batch-size", type=int,
+                        help="images per model call when scoring (default from conf [score])")
     parser.add_argument("--keep", help="keep the images and outputs in this folder (reused on the next run)")
     parser.add_argument("--json", help="also write the figures as JSON here")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    result = run(args.n_images, args.size, args.repeats, args.keep)
+    for handler in logging.getLogger().handlers:  # py4j's notes (some on the root logger) as Horovod's threads end
+        handler.addFilter(lambda record: record.levelno >= logging.WARNING or "py4j" not in record.pathname)
+    # petastorm 0.13.1's pyarrow deprecation warnings, in this process and every child
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    from cxr_spark.config import load_config
+
+    score_batch_size = args.score_batch_size or load_config().score.batch_size
+    result = run(args.n_images, args.size, args.repeats, args.keep, set(PARTS) - set(args.skip), args.model_images,
+                 args.train_size, args.train_steps, score_batch_size)
     print(format_report(result))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))

@@ -52,6 +52,7 @@ class TrainConfig:
     shear_deg: float
     zoom: float
     horizontal_flip: bool
+    fill_mode: str
     mixed_precision: str
     start_timeout_s: int
 

@@ -5,15 +5,18 @@ import argparse
 import json
 import logging
 import time
+from functools import partial
 from pathlib import Path
 
 from cxr_spark.config import load_config, override
+from cxr_spark.features import features
+from cxr_spark.gradcam import GradcamRequest
 from cxr_spark.ingest import ingest
 from cxr_spark.preprocess import preprocess
 from cxr_spark.report import report
 from cxr_spark.score import score
 from cxr_spark.session import build_session
-from cxr_spark.synth import SynthSpec, generate
+from cxr_spark.synth import BBOX_FILE, SynthSpec, generate
 from cxr_spark.train import train
 
 log = logging.getLogger(__name__)
@@ -23,7 +26,9 @@ SYNTH_SPEC_FILE = "_synth.json"
 def _synthesize(spec: SynthSpec) -> dict:
     """Generate the dump unless the same spec was already generated there (a re-run reuses it)."""
     marker = Path(spec.out) / SYNTH_SPEC_FILE
-    wanted = {"n_images": spec.n_images, "size": spec.size, "seed": spec.seed, "metadata": spec.metadata}
+    # files: dumps written before synth wrote BBox_List_2017.csv are generated again
+    wanted = {"n_images": spec.n_images, "size": spec.size, "seed": spec.seed, "metadata": spec.metadata,
+              "files": [BBOX_FILE]}
     if marker.exists() and json.loads(marker.read_text()).get("spec") == wanted:
         log.info("demo: reusing the synthetic dump in %s", spec.out)
         return json.loads(marker.read_text())["counts"]
@@ -41,6 +46,18 @@ def format_auroc_table(metrics: dict) -> str:
         lines.append(f"{name:<{width}}{row['support']:>8}  {auroc}")
     lines.append(f"{'macro':<{width}}{'':>8}  {metrics['macro']['auroc']:6.3f}")
     return "\n".join(lines)
+
+
+def format_gradcam_line(metrics: dict, report_dir: Path) -> str:
+    """Where the Grad-CAM overlays are and each boxed finding's fraction of heatmap peaks inside its box."""
+    gradcam = metrics.get("gradcam") or {}
+    if gradcam.get("status") != "computed":
+        return f"Grad-CAM: not computed ({gradcam.get('reason')})"
+    fractions = ", ".join(f"{name} {row['peaks_in_box']}/{row['boxed_images']}"
+                          for name, row in gradcam["per_label"].items() if row["boxed_images"])
+    n = sum(len(row["top"]) for row in gradcam["per_label"].values())
+    return (f"Grad-CAM: {n} overlays in {report_dir / 'gradcam'}; heatmap peaks inside the box: "
+            f"{fractions or 'no scored image has a box'}")
 
 
 def run_demo(args: argparse.Namespace) -> dict:
@@ -64,19 +81,28 @@ def run_demo(args: argparse.Namespace) -> dict:
     spark = build_session("cxr-spark demo", args.spark_conf)
     try:
         dump, raw, images = str(run / "dump"), str(run / "raw"), str(run / f"images_{args.size}")
-        timed("ingest", ingest, spark, dump, raw, f"{dump}/Data_Entry_2017.csv", dump, config.ingest)
+        timed("ingest", partial(ingest, bbox=f"{dump}/{BBOX_FILE}"), spark, dump, raw, f"{dump}/Data_Entry_2017.csv",
+              dump, config.ingest)
         timed("preprocess", preprocess, spark, raw, images, override(config.preprocess, size=args.size))
+        # the classical big-data baseline the report sets beside the CNN
+        baseline = timed("features", features, spark, images, str(run / "features"), config.features,
+                         str(run / "baseline"))
         timed("train", train, spark, images, str(run / "model"),
               override(config.train, epochs=args.epochs, num_proc=args.num_proc))
         timed("score", score, spark, images, str(run / "model"), str(run / "predictions"), "test",
               config.score.batch_size)
-        metrics = timed("report", report, spark, str(run / "predictions"), str(run / "report"))
+        # Grad-CAM of the scored images and model; the boxes come from raw/_bbox, found through images' manifest
+        metrics = timed("report", partial(report, gradcam=GradcamRequest(images=images, model=str(run / "model"))),
+                        spark, str(run / "predictions"), str(run / "report"), str(run / "baseline"))
     finally:
         spark.stop()
     total = round(time.time() - started, 1)
     print()
     print(f"Test split: {metrics['n_images']} images, model {metrics['model']['version']}")
     print(format_auroc_table(metrics))
+    print(f"MLlib baseline on {baseline['n_features']} hand-crafted features: test macro AUROC "
+          f"{baseline['baseline_test_macro_auroc']:.3f}")
+    print(format_gradcam_line(metrics, run / "report"))
     print(f"\nStage times (s): {json.dumps(timings)}; total {total} s")
     print(f"Report: {run / 'report' / 'report.md'}; training curves: {run / 'model' / 'training_curves.png'}")
     return {"macro_auroc": metrics["macro"]["auroc"], "test_images": metrics["n_images"], "seconds": total,

@@ -95,6 +95,7 @@ class Augmentation:
     zoom: float = 0.1
     horizontal_flip: bool = False
     enabled: bool = True
+    fill_mode: str = "nearest"  # what is shifted in: "nearest" edge pixels (Keras' default) or "constant" black
 
 
 def affine_matrix(size: int, rotation_deg: float, shift_x: float, shift_y: float, shear_deg: float,
@@ -115,12 +116,22 @@ def affine_matrix(size: int, rotation_deg: float, shift_x: float, shift_y: float
     return back @ mirror @ scale @ skew @ rotate @ to_centre @ shift
 
 
+# Keras' ImageDataGenerator (the seed papers) fills with "nearest" by default. Black ("constant") borders
+# shift the train images' pixel statistics away from the unaugmented validation films (measured on the
+# demo: 16% of pixels black, mean 103 -> 93), which batch normalisation then carries into evaluation.
+FILL_MODES = {"nearest": 1, "constant": 0}  # cv2.BORDER_REPLICATE, cv2.BORDER_CONSTANT
+
+
 def augment_batch(images: np.ndarray, rng: np.random.Generator, params: Augmentation) -> np.ndarray:
-    """Augment a (N, H, W) uint8 batch: one random affine warp per image (bilinear, black borders)."""
+    """Augment a (N, H, W) uint8 batch: one random affine warp per image (bilinear; borders filled by
+    ``params.fill_mode``)."""
     import cv2
 
     if not params.enabled or len(images) == 0:
         return images
+    if params.fill_mode not in FILL_MODES:
+        raise ValueError(f"fill_mode {params.fill_mode!r}: expected one of {sorted(FILL_MODES)}")
+    border = FILL_MODES[params.fill_mode]
     size = images.shape[1]
     out = np.empty_like(images)
     for i, image in enumerate(images):
@@ -130,7 +141,7 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, params: Augmenta
             rng.uniform(-params.shear_deg, params.shear_deg), rng.uniform(1 - params.zoom, 1 + params.zoom),
             bool(params.horizontal_flip and rng.random() < 0.5))
         out[i] = cv2.warpAffine(image, matrix[:2], (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
-                                borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+                                borderMode=border, borderValue=0)
     return out
 
 

@@ -16,10 +16,15 @@ Every figure is exact and computed by Spark; only small per-label rows reach the
 The ROC and precision-recall curves drawn in the HTML are the running counts at each distinct score;
 a label with more than ``max_curve_points`` distinct scores is drawn through an evenly spaced subset
 of its exact points (said so in the report). The metrics never use the subset.
+
+Given the images dataset and the model (``--images``, ``--model``), the report also holds Grad-CAM
+heatmaps of each finding's highest-scoring images and, where bounding boxes exist, how often their peaks
+fall inside them (:mod:`cxr_spark.gradcam`).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,7 +39,7 @@ from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.metrics import (AGE_BANDS, COUNT_NAMES, RANKING_NAMES, THRESHOLD_RATE_NAMES, UNKNOWN,
                                macro_average, micro_counts, rates)
 from cxr_spark.report_render import render_html, render_markdown
-from cxr_spark.storage import atomic_output, read_json, to_url, write_json, write_text
+from cxr_spark.storage import atomic_output, read_json, to_url, write_bytes, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +58,37 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="a second predictions dataset of the same images and labels (e.g. the MLlib "
                              "feature baseline); its metrics appear beside the CNN's in the report and under "
                              "'baseline' in metrics.json")
+    from cxr_spark.gradcam import DEFAULT_MAX_BOXED, DEFAULT_TOP_K  # imports this module: not at the top
+
+    gradcam = parser.add_argument_group(
+        "Grad-CAM", "heatmaps of the highest-scoring images of each finding, saved as OUT/gradcam/<finding>/*.png "
+                    "and shown in the report, with the fraction of heatmap peaks inside NIH's boxes. Computed when "
+                    "--images or --model is given (the other defaults to what the predictions were scored from).")
+    gradcam.add_argument("--images", help="images_<size> dataset the predictions were scored from")
+    gradcam.add_argument("--model", help="model folder the predictions were scored with")
+    gradcam.add_argument("--bbox", help="BBox_List_2017.csv[.gz], or the Parquet table ingest --bbox wrote "
+                                        "(<raw>/_bbox or the raw dataset); default: <raw>/_bbox of the raw dataset "
+                                        "behind --images, when there is one")
+    gradcam.add_argument("--gradcam-top-k", type=int, default=DEFAULT_TOP_K,
+                         help=f"highest-scoring images per finding to draw (default {DEFAULT_TOP_K})")
+    gradcam.add_argument("--gradcam-layer", help="layer to take heatmaps from (default: the deepest spatial "
+                                                 "feature map after the last convolution)")
+    gradcam.add_argument("--gradcam-max-boxed", type=int, default=DEFAULT_MAX_BOXED,
+                         help="boxed images per finding whose heatmap peaks are checked, the highest-scoring "
+                              f"first (default {DEFAULT_MAX_BOXED})")
     parser.epilog = ("Writes OUT/metrics.json, OUT/report.md and OUT/report.html (self-contained: open it in a "
                      "browser). Per label: confusion matrices at the model's tuned threshold and at 0.5, "
                      "accuracy, precision, recall, specificity, F1, exact AUROC and average precision; macro and "
-                     "micro averages; dataset summary; ROC/PR curves; training curves; published reference "
-                     "figures, marked as references.")
+                     "micro averages; dataset summary; ROC/PR curves; training curves; Grad-CAM heatmaps; "
+                     "published reference figures, marked as references.")
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
-    return report(spark, args.predictions, args.out, baseline_url=args.baseline)
+    from cxr_spark.gradcam import GradcamRequest
+
+    request = GradcamRequest(images=args.images, model=args.model, bbox=args.bbox, top_k=args.gradcam_top_k,
+                             layer=args.gradcam_layer, max_boxed=args.gradcam_max_boxed)
+    return report(spark, args.predictions, args.out, baseline_url=args.baseline, gradcam=request)
 
 
 @dataclass
@@ -73,10 +100,12 @@ class Evaluation:
     manifest: dict = field(default_factory=dict)
 
 
-def _long_form(predictions: DataFrame) -> DataFrame:
-    """One row per (image, label): ``label`` (index), ``y`` (0/1), ``p`` (the probability, its own type)."""
-    pairs = predictions.select(F.posexplode(F.arrays_zip("labels", "probabilities")).alias("label", "pair"))
-    return pairs.select("label", F.col("pair.labels").cast("int").alias("y"), F.col("pair.probabilities").alias("p"))
+def long_form(predictions: DataFrame, *keep: str) -> DataFrame:
+    """One row per (image, label): the ``keep`` columns, ``label`` (index), ``y`` (0/1), ``p`` (the
+    probability, its own type)."""
+    pairs = predictions.select(*keep, F.posexplode(F.arrays_zip("labels", "probabilities")).alias("label", "pair"))
+    return pairs.select(*keep, "label", F.col("pair.labels").cast("int").alias("y"),
+                        F.col("pair.probabilities").alias("p"))
 
 
 def _confusion(prefix: str, predicted: Column) -> list[Column]:
@@ -163,7 +192,7 @@ def label_metrics(predictions: DataFrame, labels: list[str], thresholds: list[fl
                   max_curve_points: int = MAX_CURVE_POINTS) -> tuple[dict[str, dict], dict, dict[str, dict]]:
     """Per-label metrics, the micro averages and the curve points of one predictions DataFrame, by Spark."""
     score_type = predictions.schema["probabilities"].dataType.elementType.simpleString()
-    long = _long_form(predictions)
+    long = long_form(predictions)
     counts = confusion_counts(long, labels, thresholds, score_type)
     ranked, points = ranking(long, max_curve_points)
     per_label, curves = {}, {}
@@ -316,9 +345,11 @@ def _compare_images(spark: SparkSession, first_url: str, second_url: str) -> dic
 
 
 def report(spark: SparkSession, predictions_url: str, out: str, baseline_url: str | None = None,
-           max_curve_points: int = MAX_CURVE_POINTS) -> dict:
+           max_curve_points: int = MAX_CURVE_POINTS, gradcam=None) -> dict:
     """Write ``metrics.json``, ``report.md`` and ``report.html`` for a predictions dataset (and, with
-    ``baseline_url``, a second one shown beside it); returns the metrics."""
+    ``baseline_url``, a second one shown beside it; with ``gradcam``, a
+    :class:`cxr_spark.gradcam.GradcamRequest`, Grad-CAM overlays in ``gradcam/``); returns the metrics."""
+    from cxr_spark import gradcam as gradcam_module  # imports this module: not at the top
     from cxr_spark.plots import report_figures  # matplotlib only when a report is drawn
 
     started = time.time()
@@ -337,14 +368,22 @@ def report(spark: SparkSession, predictions_url: str, out: str, baseline_url: st
             log.warning("baseline and model predictions cover different images: %s", comparison)
         metrics["baseline"] = {**baseline.metrics, "image_overlap": comparison}
         inputs["baseline"] = input_version(spark, baseline.metrics["predictions"])
+    explained = gradcam_module.run(spark, metrics["predictions"], evaluation.manifest, gradcam)
+    metrics["gradcam"] = explained.summary
+    inputs.update({f"gradcam_{key}": input_version(spark, url) for key, url in explained.inputs.items()})
     figures = report_figures(metrics, evaluation.curves, baseline.curves if baseline else None,
                              history["history"] if history else None)
+    figures.update(explained.overlays)
     training = {key: history[key] for key in ("model_dir", "model_version")} if history else None
     with atomic_output(spark, out) as tmp:
         write_json(spark, f"{tmp}/metrics.json", metrics)
         write_text(spark, f"{tmp}/report.md", render_markdown(metrics))
         write_text(spark, f"{tmp}/report.html", render_html(metrics, figures, training, max_curve_points))
-        finish_manifest(spark, tmp, "report", started, config={"max_curve_points": max_curve_points},
-                        inputs=inputs,
-                        counts={"n_images": metrics["n_images"], "macro_auroc": metrics["macro"]["auroc"]})
+        for path, data in explained.overlays.items():
+            write_bytes(f"{tmp}/{path}", data)
+        finish_manifest(spark, tmp, "report", started, inputs=inputs,
+                        config={"max_curve_points": max_curve_points,
+                                "gradcam": dataclasses.asdict(gradcam) if gradcam else None},
+                        counts={"n_images": metrics["n_images"], "macro_auroc": metrics["macro"]["auroc"],
+                                "gradcam_overlays": len(explained.overlays)})
     return metrics

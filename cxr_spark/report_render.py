@@ -36,6 +36,7 @@ class Section:
     text: list[str] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     figures: list[tuple[str, str]] = field(default_factory=list)  # (figure key, caption)
+    figure_files: bool = False  # the figure keys are PNG files beside report.md (linked from it)
 
 
 def fmt(value) -> str:
@@ -207,11 +208,57 @@ def _references_section(metrics: dict) -> Section:
     return section
 
 
+def _point(point: list | None) -> str:
+    return NOT_AVAILABLE if point is None else f"({point[0]:.0f}, {point[1]:.0f})"
+
+
+def _in_box(value: bool | None) -> str:
+    return "no box" if value is None else "yes" if value else "no"
+
+
+def _gradcam_section(metrics: dict) -> Section:
+    section = Section("gradcam", "Grad-CAM heatmaps", figure_files=True)
+    gradcam = metrics.get("gradcam") or {"status": "skipped", "reason": "not computed by this version"}
+    if gradcam["status"] != "computed":
+        section.text.append(f"Not computed: {gradcam['reason']}.")
+        return section
+    section.text.append(
+        f"Where model {gradcam['model_version']} looks: {gradcam['method']} over layer {gradcam['layer']}, for each "
+        f"finding's {gradcam['target']}, on the {gradcam['top_k']} highest-scoring images of each finding (from "
+        f"{gradcam['images']}). Hot colours mark where the finding's score rises most with that layer's "
+        "activations; the white cross is the heatmap's peak, green rectangles are bounding boxes.")
+    if gradcam["bbox"]:
+        section.text.append(
+            f"Boxes from {gradcam['bbox']}. A peak is in the box when the centre of the heatmap's hottest cell, "
+            "mapped onto the image as ingested, lies inside that image's box for that finding. Each finding's hit "
+            "fraction is over its scored images with a box (at most "
+            f"{gradcam['max_boxed_per_finding']} per finding, the highest-scoring first); a heatmap that is zero "
+            f"everywhere has no peak and counts as outside. {NOT_AVAILABLE}: no scored image has a box for it.")
+    else:
+        section.text.append(f"No bounding boxes, so no hit fractions ({NOT_AVAILABLE}): give cxr-spark report "
+                            "--bbox BBox_List_2017.csv, or ingest with --bbox.")
+    per_label = gradcam["per_label"]
+    section.tables.append(Table("Heatmap peaks inside the bounding box, per finding",
+                                ["finding", "scored images with a box", "checked", "peaks in box", "hit fraction"],
+                                [[name, row["boxed_images_scored"], row["boxed_images"], row["peaks_in_box"],
+                                  row["bbox_hit_fraction"]] for name, row in per_label.items()]))
+    entries = [(name, entry) for name, row in per_label.items() for entry in row["top"]]
+    section.tables.append(Table(
+        f"The {gradcam['top_k']} highest-scoring images per finding",
+        ["finding", "rank", "image", "probability", "label", "peak (x, y)", "peak in box", "overlay"],
+        [[name, entry["rank"], entry["image_id"], entry["probability"], entry["label"], _point(entry["peak"]),
+          _in_box(entry["peak_in_box"]), entry["overlay"]] for name, entry in entries]))
+    section.figures += [(entry["overlay"], f"{name} #{entry['rank']}: {entry['image_id']}, p = "
+                                           f"{entry['probability']:.3f}, label {entry['label']}")
+                        for name, entry in entries]
+    return section
+
+
 def build_sections(metrics: dict, training: dict | None = None, max_curve_points: int | None = None) -> list[Section]:
     """The report's sections in order, from ``metrics.json`` (and where the training curves came from)."""
     return [_dataset_section(metrics), _metrics_section(metrics), _curves_section(metrics, max_curve_points),
             _confusion_section(), _training_section(training), _baseline_section(metrics),
-            _references_section(metrics)]
+            _gradcam_section(metrics), _references_section(metrics)]
 
 
 def _title(metrics: dict) -> str:
@@ -225,7 +272,9 @@ def render_markdown(metrics: dict) -> str:
         lines += [f"## {section.title}", ""]
         for paragraph in section.text:
             lines += [paragraph, ""]
-        if section.figures:
+        if section.figure_files:
+            lines += [f"![{caption}]({key})" for key, caption in section.figures] + [""] * bool(section.figures)
+        elif section.figures:
             lines += ["Figures: " + ", ".join(caption for _, caption in section.figures) + " (see report.html).", ""]
         for table in section.tables:
             lines += [f"**{table.caption}**", "", "| " + " | ".join(table.header) + " |",
@@ -244,6 +293,8 @@ caption { text-align: left; font-weight: bold; padding: 0.3em 0; }
 section#references { border-left: 4px solid #c60; padding-left: 1em; background: #fff8f0; }
 .reference { color: #a40; font-weight: bold; }
 img { max-width: 100%; }
+section#gradcam figure { display: inline-block; width: 264px; margin: 0 0.5em 1em 0; vertical-align: top; }
+section#gradcam figcaption { font-size: 0.8em; overflow-wrap: anywhere; }
 """
 
 

@@ -5,6 +5,12 @@ clavicles, noise) drawn at a 256-pixel working resolution, upsampled to the requ
 given full-resolution grain. Each of the 14 findings draws its own pattern in its own place and
 texture, so a small CNN can tell them apart at 128–224 pixels. Everything is a function of
 ``seed``: the metadata from one generator, each image from a generator seeded by its index.
+
+Like NIH's download, the dump has a ``BBox_List_2017.csv``: the true box of each drawn pattern of the
+findings NIH boxed (:data:`BOX_FINDINGS`), in the image's pixel coordinates and NIH's exact format. The
+box encloses the pixels where the pattern's layer (before its strength is applied) is at least half
+its full value, clipped to where it shows (the lung fields for patterns drawn inside them). Nodule is
+left out: its several nodules scatter over both lungs and have no one box.
 """
 from __future__ import annotations
 
@@ -38,6 +44,12 @@ REAL_FREQUENCY = {
 }
 DEMO_PREVALENCE = np.array([max(REAL_FREQUENCY[name], 0.10) for name in LABELS])
 TEST_FRACTION = 0.2  # of patients, for the generated test_list.txt (NIH's is ~23% of images)
+#: The findings the dump boxes (NIH boxed these and Nodule), with BBox_List_2017.csv's spelling of each.
+BOX_FINDINGS = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "Effusion": "Effusion",
+                "Infiltration": "Infiltrate", "Mass": "Mass", "Pneumonia": "Pneumonia",
+                "Pneumothorax": "Pneumothorax"}
+BBOX_FILE = "BBox_List_2017.csv"
+BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # NIH's header, trailing commas included
 
 
 @dataclass(frozen=True)
@@ -169,17 +181,25 @@ class _Film:
         img += 28 * self.ribs
         img += 70 * _blur(_ellipse_mask(0.5, 0.5, 0.045, 0.45), 0.01)  # mediastinum and spine
         heart = 1.55 if cardiomegaly else 1.0
-        img += 75 * _blur(_ellipse_mask(0.54, 0.64, 0.1 * heart + jitter(0.008), 0.085 * heart), 0.01)
+        self.heart = _blur(_ellipse_mask(0.54, 0.64, 0.1 * heart + jitter(0.008), 0.085 * heart), 0.01)
+        img += 75 * self.heart
         for side in (-1, 1):  # clavicles
             cv2.line(img, (int(0.5 * WORK), int(0.17 * WORK)),
                      (int((0.5 + side * 0.3) * WORK), int(0.13 * WORK)), 190, WORK // 60, cv2.LINE_AA)
         self.img = img
+        self.extent = np.zeros((WORK, WORK), np.float32)  # the current finding's pattern, where it shows
 
     def lung(self, side=None):
         return self.lungs[self.rng.integers(2) if side is None else side]
 
     def add(self, amount, layer, in_lung=True):
-        self.img += amount * layer * (self.lung_mask if in_lung else 1.0)
+        shown = layer * (self.lung_mask if in_lung else 1.0)
+        self.img += amount * shown
+        self.mark(shown)
+
+    def mark(self, layer):
+        """Record where the current finding's pattern is (its box is taken from here)."""
+        self.extent = np.maximum(self.extent, np.abs(layer))
 
 
 def _draw_finding(film: _Film, name: str) -> None:
@@ -226,6 +246,7 @@ def _draw_finding(film: _Film, name: str) -> None:
         sign = -1 if side == 0 else 1
         mask = _ellipse_mask(cx + sign * ax * 0.45, cy - ay * 0.35, ax * 0.6, ay * 0.6) * film.lung_mask
         film.img = film.img * (1 - mask) + mask * (film.img - 28 * film.ribs - 25)
+        film.mark(mask)
         edge = cv2.morphologyEx((mask > 0.5).astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8))
         film.add(70, edge.astype(np.float32), in_lung=False)
     elif name == "Consolidation":  # dense homogeneous upper-lobe opacity stopped by the fissure
@@ -271,18 +292,40 @@ def _draw_finding(film: _Film, name: str) -> None:
         raise ValueError(f"no pattern for finding {name!r}")
 
 
+def _box(extent: np.ndarray, size: int) -> tuple[float, float, float, float] | None:
+    """``(x, y, w, h)`` in ``size``-pixel coordinates around the working pixels where ``extent`` >= 0.5."""
+    rows, columns = np.nonzero(extent >= 0.5)
+    if not len(rows):
+        return None
+    scale = size / WORK
+    return (columns.min() * scale, rows.min() * scale, (columns.max() + 1 - columns.min()) * scale,
+            (rows.max() + 1 - rows.min()) * scale)
+
+
 def draw_radiograph(labels: np.ndarray, size: int, seed: int, index: int) -> np.ndarray:
     """Draw one ``size``×``size`` uint8 chest film showing the findings flagged in ``labels``."""
+    return draw_radiograph_and_boxes(labels, size, seed, index)[0]
+
+
+def draw_radiograph_and_boxes(labels: np.ndarray, size: int, seed: int,
+                              index: int) -> tuple[np.ndarray, dict[str, tuple[float, float, float, float]]]:
+    """The film of :func:`draw_radiograph` and the true box ``(x, y, w, h)`` of each drawn finding of
+    :data:`BOX_FINDINGS` (canonical name -> box, ``size``-pixel coordinates)."""
     rng = np.random.default_rng([seed, index])
     names = [LABELS[i] for i in np.flatnonzero(labels)]
     film = _Film(rng, emphysema="Emphysema" in names, cardiomegaly="Cardiomegaly" in names)
+    boxes = {}
     for name in names:
+        film.extent[:] = film.heart if name == "Cardiomegaly" else 0  # the enlarged heart is drawn in _Film
         _draw_finding(film, name)
+        box = _box(film.extent, size) if name in BOX_FINDINGS else None
+        if box:
+            boxes[name] = box
     img = _blur(film.img, 0.0025) + rng.normal(0, 4, (WORK, WORK)).astype(np.float32)
     img = img * rng.uniform(0.9, 1.1) + rng.uniform(-10, 10)  # exposure varies between films
     big = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
     big += rng.normal(0, 3, (size, size)).astype(np.float32)  # detector grain at full resolution
-    return np.clip(big, 0, 255).astype(np.uint8)
+    return np.clip(big, 0, 255).astype(np.uint8), boxes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,12 +337,22 @@ def image_relpath(position: int, image_id: str) -> str:
     return f"images_{position // IMAGES_PER_FOLDER + 1:03d}/images/{image_id}"
 
 
-def _write_one(task) -> int:
+def _write_one(task) -> tuple[int, list[str]]:
+    """Draw and write one image; returns its file size and its BBox_List lines."""
     out, position, image_id, finding_labels, size, seed = task
-    pixels = draw_radiograph(parse_finding_labels(finding_labels), size, seed, position)
+    pixels, boxes = draw_radiograph_and_boxes(parse_finding_labels(finding_labels), size, seed, position)
     path = Path(out) / image_relpath(position, image_id)
     path.write_bytes(encode_png(pixels, compression=3))
-    return path.stat().st_size
+    return path.stat().st_size, [bbox_line(image_id, name, box) for name, box in boxes.items()]
+
+
+def bbox_line(image_id: str, finding: str, box: tuple[float, float, float, float]) -> str:
+    """One BBox_List_2017.csv line as NIH writes it: NIH's finding spelling, numbers to 15 significant digits.
+
+    >>> bbox_line("00000001_000.png", "Infiltration", (256.0, 64.5, 100.25, 1 / 3))
+    '00000001_000.png,Infiltrate,256,64.5,100.25,0.333333333333333'
+    """
+    return ",".join([image_id, BOX_FINDINGS[finding], *(format(float(v), ".15g") for v in box)])
 
 
 def generate(spec: SynthSpec) -> dict:
@@ -313,17 +366,20 @@ def generate(spec: SynthSpec) -> dict:
     tasks = [(str(out), i, row.image_id, row.finding_labels, spec.size, spec.seed)
              for i, row in enumerate(frame.itertuples(index=False))]
     processes = spec.processes or os.cpu_count() or 1
-    total_bytes, report_every = 0, max(1, len(tasks) // 10)
+    total_bytes, report_every, box_lines = 0, max(1, len(tasks) // 10), []
     with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        for done, nbytes in enumerate(pool.imap(_write_one, tasks, chunksize=8), start=1):
+        for done, (nbytes, lines) in enumerate(pool.imap(_write_one, tasks, chunksize=8), start=1):
             total_bytes += nbytes
+            box_lines += lines
             if done % report_every == 0 or done == len(tasks):
                 log.info("synth: %d/%d images written (%.0f s)", done, len(tasks), time.monotonic() - started)
+    (out / BBOX_FILE).write_text("".join(f"{line}\n" for line in [BBOX_HEADER, *box_lines]))
     return {
         "images": len(tasks),
         "patients": int(frame["patient_id"].nunique()),
         "train_val_images": split_counts["train_val"],
         "test_images": split_counts["test"],
+        "boxes": len(box_lines),
         "bytes": total_bytes,
         "duration_s": round(time.monotonic() - started, 1),
     }

@@ -253,7 +253,7 @@ def test_report_writes_metrics_json_markdown_and_html(spark, predictions, tmp_pa
     hernia = next(line for line in markdown.splitlines() if line.startswith(f"| Hernia | 0 | {thresholds['Hernia']:.3f} |"))
     assert hernia.count("n/a") == 3  # recall, AUROC, AP undefined without positives
     page = (tmp_path / "report" / "report.html").read_text()
-    for section in ("dataset", "metrics", "curves", "confusion", "training", "baseline", "references"):
+    for section in ("dataset", "metrics", "curves", "confusion", "training", "baseline", "gradcam", "references"):
         assert f'<section id="{section}">' in page, section
     assert len(re.findall(r'src="data:image/png;base64,', page)) == 5  # ROC, PR, 2 confusion grids, training
     assert not re.search(r'(src|href)="(http|//)', page)  # nothing fetched from elsewhere

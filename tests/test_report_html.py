@@ -16,7 +16,7 @@ from cxr_spark.report import report
 from test_report import write_predictions
 
 CHROMIUM = "/usr/bin/chromium"
-SECTIONS = ("dataset", "metrics", "curves", "confusion", "training", "baseline", "references")
+SECTIONS = ("dataset", "metrics", "curves", "confusion", "training", "baseline", "gradcam", "references")
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (Debian package "
                                                                         "'chromium'; .ci/run installs it)")
 
@@ -61,6 +61,8 @@ def test_chromium_renders_every_section_and_our_figures(written_report, tmp_path
     assert cells[-2:] == [f"{effusion['auroc']:.3f}", f"{effusion['average_precision']:.3f}"]
     hernia = re.search(r"<tr><td>Hernia</td>(.*?)</tr>", metrics_section).group(1)
     assert metrics["per_label"]["Hernia"]["auroc"] is None and hernia.endswith("<td>n/a</td><td>n/a</td>")
+    gradcam_section = dom.split('<section id="gradcam">')[1].split("</section>")[0]
+    assert metrics["gradcam"]["status"] == "skipped" and "Not computed: not requested" in gradcam_section
     baseline_section = dom.split('<section id="baseline">')[1].split("</section>")[0]
     assert "logistic_regression" in baseline_section
     assert f"{metrics['baseline']['macro']['auroc']:.3f}" in baseline_section

@@ -1,13 +1,17 @@
 """The synthetic dump has the NIH download's layout and is deterministic."""
 from __future__ import annotations
 
+import csv
 import hashlib
 
+import cv2
 import numpy as np
 from PIL import Image
 
+from cxr_spark.labels import LABELS, parse_finding_labels
 from cxr_spark.metadata import HEADER
-from cxr_spark.synth import SynthSpec, draw_radiograph, generate, read_data_entry_csv
+from cxr_spark.synth import (BOX_FINDINGS, SynthSpec, draw_radiograph, draw_radiograph_and_boxes, generate,
+                             read_data_entry_csv)
 
 
 def test_layout_header_and_patient_wise_lists(tiny_dump):
@@ -53,3 +57,51 @@ def test_sampling_from_real_metadata_keeps_real_rows(shared_data, tmp_path):
     merged = written.merge(source, on="image_id", suffixes=("", "_real"))
     assert len(merged) == 12 and (merged["finding_labels"] == merged["finding_labels_real"]).all()
     assert (merged["patient_id"] == merged["patient_id_real"]).all()
+
+
+def _seen_box(name: str, index: int, size: int = 256) -> tuple[tuple, tuple]:
+    """The written box of one drawn finding, and the box around the pixels the finding visibly changes:
+    the same film drawn without it, its exposure (a random scale and offset drawn after the findings)
+    undone by a least-squares fit over the unclipped pixels, the residual smoothed, and its pixels at
+    half the largest change or more."""
+    labels = np.zeros(len(LABELS), np.uint8)
+    labels[LABELS.index(name)] = 1
+    with_finding, boxes = draw_radiograph_and_boxes(labels, size, seed=1, index=index)
+    a, b = with_finding.astype(np.float64), draw_radiograph(np.zeros(len(LABELS), np.uint8), size, 1, index)
+    unclipped = (np.minimum(a, b) > 0) & (np.maximum(a, b) < 255)
+    slope, intercept = np.polyfit(b[unclipped], a[unclipped], 1)
+    residual = np.where(unclipped, a - slope * b - intercept, 0).astype(np.float32)
+    change = np.abs(cv2.GaussianBlur(residual, (0, 0), 1.5))
+    ys, xs = np.nonzero(change >= 0.5 * change.max())
+    return boxes[name], (xs.min(), ys.min(), xs.max() + 1 - xs.min(), ys.max() + 1 - ys.min())
+
+
+def _iou(a, b) -> float:
+    width = max(0, min(a[0] + a[2], b[0] + b[2]) - max(a[0], b[0]))
+    height = max(0, min(a[1] + a[3], b[1] + b[3]) - max(a[1], b[1]))
+    return width * height / (a[2] * a[3] + b[2] * b[3] - width * height)
+
+
+def test_each_box_is_where_its_finding_changes_the_film():
+    for name in BOX_FINDINGS:
+        overlaps = [_iou(*_seen_box(name, index)) for index in range(8)]
+        assert min(overlaps) >= 0.7 and np.mean(overlaps) >= 0.8, (name, np.round(overlaps, 2))
+    labels = np.zeros(len(LABELS), np.uint8)
+    labels[[LABELS.index("Nodule"), LABELS.index("Emphysema")]] = 1
+    assert draw_radiograph_and_boxes(labels, 64, seed=1, index=0)[1] == {}  # findings NIH did not box, or scattered
+
+
+def test_bbox_list_has_nihs_format_and_a_box_per_drawn_boxed_finding(tiny_dump):
+    lines = (tiny_dump / "BBox_List_2017.csv").read_text().split("\n")
+    assert lines[0] == "Image Index,Finding Label,Bbox [x,y,w,h],,," and lines[-1] == ""
+    rows = list(csv.reader(lines[1:-1]))
+    assert rows and all(len(row) == 6 for row in rows)
+    table = read_data_entry_csv(str(tiny_dump / "Data_Entry_2017.csv"))
+    nih_name = {"Infiltration": "Infiltrate"}
+    drawn = {(row.image_id, nih_name.get(LABELS[i], LABELS[i])) for row in table.itertuples()
+             for i in np.flatnonzero(parse_finding_labels(row.finding_labels)) if LABELS[i] in BOX_FINDINGS}
+    assert {(row[0], row[1]) for row in rows} == drawn and len(rows) == len(drawn)
+    assert "Infiltrate" in {row[1] for row in rows} and "Nodule" not in {row[1] for row in rows}
+    for row in rows:
+        x, y, w, h = (float(v) for v in row[2:])
+        assert w > 0 and h > 0 and 0 <= x and x + w <= 128 and 0 <= y and y + h <= 128, row

@@ -85,6 +85,25 @@ def test_augmentation_shift_matches_a_shifted_copy():
     assert np.array_equal(moved, expected)
 
 
+@pytest.mark.parametrize("fill_mode", ["nearest", "constant"])
+def test_augment_batch_fills_shifted_in_borders_by_fill_mode(fill_mode):
+    image = np.random.default_rng(3).integers(1, 256, (40, 40), dtype=np.uint8)  # no zeros of its own
+    pure_shift = Augmentation(rotation_deg=0, shift_x=0.25, shift_y=0.1, shear_deg=0, zoom=0, fill_mode=fill_mode)
+
+    class Extremes:  # every uniform draw at its upper bound: right by 10 px, down by 4 px
+        def uniform(self, low, high):
+            return high
+
+    moved = augment_batch(image[None], Extremes(), pure_shift)[0]
+    expected = np.zeros_like(image)
+    expected[4:, 10:] = image[:36, :30]
+    if fill_mode == "nearest":  # the edge rows and columns repeated outwards, as Keras' fill_mode="nearest"
+        expected[:4, 10:] = image[0, :30]
+        expected[4:, :10] = image[:36, :1]
+        expected[:4, :10] = image[0, 0]
+    assert np.array_equal(moved, expected)
+
+
 def test_identity_and_flip_matrices():
     assert np.allclose(affine_matrix(9, 0, 0, 0, 0, 1.0, False), np.eye(3))
     flip = affine_matrix(9, 0, 0, 0, 0, 1.0, True)

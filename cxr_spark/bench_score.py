@@ -1,0 +1,179 @@
+"""``make bench`` (scoring part): the Spark scoring job's rate against N x one process predicting in memory.
+
+Measured side by side in one run on the same ``images_<size>`` dataset with the same model file, saved
+as :mod:`cxr_spark.train` saves one (``model.keras`` + ``model.json``), freshly initialised (scoring
+speed does not depend on the weights):
+
+1. the single-process limit: the images already decoded in memory as uint8, normalised with
+   :func:`cxr_spark.input_pipeline.model_inputs` and run through ``model.predict`` on one thread;
+2. :func:`cxr_spark.score.score` over every split, after a warm-up run (Python workers started,
+   TensorFlow imported, the model loaded once per worker): images / wall time of the whole job;
+3. the marginal rate: the extra images of scoring every split instead of the test split over the extra
+   time, which leaves out the job's fixed cost (planning, writing, the manifest) that dominates small runs;
+4. CPU seconds per image of the whole Spark job (driver, JVM, Python workers) against line 1's: wall
+   times on a shared machine also measure everyone else's load, CPU times only our own work.
+
+The three are interleaved, repeat by repeat, so that each sees the shared machine's load of the moment.
+Goal: the Spark rate is at least 0.7 x (N x the single-process rate) with N task slots.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import statistics
+import time
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def save_demo_model(spark, images_url: str, folder: Path) -> str:
+    """A freshly initialised demo model for ``images_url``'s size in ``folder``, as train writes one."""
+    from cxr_spark.config import load_config
+    from cxr_spark.input_pipeline import normalization_spec
+    from cxr_spark.labels import LABELS
+    from cxr_spark.models import build_model
+    from cxr_spark.preprocess import NORMALIZATION_FILE
+    from cxr_spark.storage import read_json, to_url, write_json
+    from cxr_spark.train import MODEL_CARD, MODEL_FILE
+
+    config = load_config().train
+    url = to_url(images_url)
+    size = read_json(spark, f"{url}/_manifest.json")["counts"]["size"]
+    folder.mkdir(parents=True, exist_ok=True)
+    build_model(config.model, size, len(LABELS), seed=config.seed).save(folder / MODEL_FILE)
+    version = f"{config.model}-{hashlib.sha256((folder / MODEL_FILE).read_bytes()).hexdigest()[:12]}"
+    normalization = normalization_spec(config.normalization, read_json(spark, f"{url}/{NORMALIZATION_FILE}"),
+                                       config.equalize)
+    write_json(spark, to_url(str(folder / MODEL_CARD)), {
+        "model_version": version, "model": config.model, "task": "multilabel", "labels": list(LABELS),
+        "input_size": size, "normalization": normalization, "thresholds": dict.fromkeys(LABELS, 0.5),
+        "thresholds_tuned_on": None, "training": {"freshly_initialised_for": "make bench"}, "history": {},
+        "dataset": {"url": url}})
+    return version
+
+
+_MODELS: dict[str, object] = {}  # in the child process: model path -> Keras model
+
+
+def predict_seconds(model_path: str, images, normalization: dict, batch_size: int) -> tuple[float, float]:
+    """In a fresh process on one thread: wall and CPU seconds to normalise and ``model.predict`` images in memory.
+
+    The first call in the process loads the model and warms it up.
+    """
+    from cxr_spark.bench_train import one_core_tensorflow
+    from cxr_spark.input_pipeline import model_inputs
+
+    if model_path not in _MODELS:
+        tf = one_core_tensorflow()
+        _MODELS[model_path] = tf.keras.models.load_model(model_path, compile=False)
+        _MODELS[model_path].predict(model_inputs(images[:batch_size], normalization), batch_size=batch_size,
+                                    verbose=0)
+    started, cpu = time.perf_counter(), time.process_time()
+    _MODELS[model_path].predict(model_inputs(images, normalization), batch_size=batch_size, verbose=0)
+    return time.perf_counter() - started, time.process_time() - cpu
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its descendants: the Spark JVM and its Python workers."""
+    import psutil  # a requirement of Horovod's
+
+    total = 0.0
+    for process in [psutil.Process(), *psutil.Process().children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += times.user + times.system
+    return total
+
+
+def _images_in_memory(spark, url: str, size: int):
+    """Every image of the dataset decoded to one uint8 (N, size, size) array in the driver."""
+    import numpy as np
+
+    from cxr_spark.schemas import decode_column, images_schema
+
+    column = spark.read.parquet(url).select("image").toPandas()["image"]
+    return np.stack(decode_column(images_schema(size), "image", column))
+
+
+def run_scoring_bench(spark, images_url: str, work: Path, repeats: int, batch_size: int) -> dict:
+    """The single-process limit, the Spark job's rate and its marginal rate, and their ratios."""
+    from cxr_spark.bench_train import fresh_process
+    from cxr_spark.score import score
+    from cxr_spark.storage import read_json, to_url
+    from cxr_spark.train import MODEL_CARD, MODEL_FILE
+
+    url = to_url(images_url)
+    model_dir = work / "bench_model"
+    save_demo_model(spark, url, model_dir)
+    card = read_json(spark, to_url(str(model_dir / MODEL_CARD)))
+    images = _images_in_memory(spark, url, card["input_size"])
+
+    def spark_seconds(split: str) -> tuple[float, float]:
+        started, cpu = time.perf_counter(), _cpu_seconds()
+        scored[split] = score(spark, url, str(model_dir), str(work / f"bench_predictions_{split}"), split,
+                              batch_size)["scored"]
+        return time.perf_counter() - started, _cpu_seconds() - cpu
+
+    log.info("bench: model.predict in one process over %d images in memory, and Spark scoring of every split and "
+             "of the test split, interleaved", len(images))
+    scored, runs = {}, {"predict": [], "all": [], "test": []}
+    with fresh_process() as pool:
+        def predict() -> tuple[float, float]:
+            return pool.apply(predict_seconds, (str(model_dir / MODEL_FILE), images, card["normalization"],
+                                                batch_size))
+
+        predict()  # warm-up: TensorFlow, the model
+        spark_seconds("all")  # warm-up: Python workers, TensorFlow, the model loaded once per worker
+        for _ in range(repeats):  # side by side: each repeat sees the machine's load at that moment
+            runs["predict"].append(predict())
+            runs["all"].append(spark_seconds("all"))
+            runs["test"].append(spark_seconds("test"))
+    (t_predict, cpu_predict), (t_all, cpu_all), (t_test, cpu_test) = (
+        tuple(statistics.median(column) for column in zip(*runs[key])) for key in ("predict", "all", "test"))
+    single, n_all, n_test = len(images) / t_predict, scored["all"], scored["test"]
+    slots = spark.sparkContext.defaultParallelism
+    rate = n_all / t_all
+    result = {"images": n_all, "test_images": n_test, "model": card["model"], "size": card["input_size"],
+              "batch_size": batch_size, "spark_slots": slots, "single_process_predict_images_per_s": single,
+              "spark_score_images_per_s": rate, "spark_score_seconds": t_all, "spark_score_test_seconds": t_test,
+              "ratio_to_n_x_single": rate / (slots * single),
+              "predict_cpu_ms_per_image": 1000 * cpu_predict / len(images),
+              "spark_score_cpu_ms_per_image": 1000 * cpu_all / n_all,
+              "cpu_efficiency": (cpu_predict / len(images)) / (cpu_all / n_all)}
+    if n_all > n_test and t_all > t_test:
+        marginal = (n_all - n_test) / (t_all - t_test)
+        result.update(spark_marginal_images_per_s=marginal, marginal_ratio_to_n_x_single=marginal / (slots * single),
+                      spark_fixed_seconds=t_all - n_all / marginal,
+                      spark_marginal_cpu_ms_per_image=1000 * (cpu_all - cpu_test) / (n_all - n_test))
+    return result
+
+
+def format_scoring_report(result: dict) -> str:
+    slots = result["spark_slots"]
+    lines = [f"Scoring benchmark: {result['model']} at {result['size']}px, {result['images']} images, batch "
+             f"{result['batch_size']}, {slots} Spark slots, medians",
+             f"1. single-process model.predict, images in memory, one thread: "
+             f"{result['single_process_predict_images_per_s']:.1f} images/s",
+             f"2. Spark score(), whole job (images / wall time, {result['spark_score_seconds']:.1f} s): "
+             f"{result['spark_score_images_per_s']:.1f} images/s = {result['ratio_to_n_x_single']:.2f} x "
+             f"(N x line 1) with N = {slots}  (goal >= 0.70)"]
+    if "spark_marginal_images_per_s" in result:
+        lines.append(f"3. Spark score(), marginal (all {result['images']} vs test {result['test_images']} images, "
+                     f"fixed cost {result['spark_fixed_seconds']:.1f} s a job): "
+                     f"{result['spark_marginal_images_per_s']:.1f} images/s = "
+                     f"{result['marginal_ratio_to_n_x_single']:.2f} x (N x line 1)")
+    else:
+        lines.append("3. Spark score(), marginal: not measurable (scoring every split was not slower than the test "
+                     "split)")
+    marginal_cpu = ""
+    if "spark_marginal_cpu_ms_per_image" in result:
+        marginal_cpu = (f" (marginal {result['spark_marginal_cpu_ms_per_image']:.1f} ms: "
+                        f"{result['predict_cpu_ms_per_image'] / result['spark_marginal_cpu_ms_per_image']:.2f})")
+    lines.append(f"4. CPU time per image (others' load does not slow it): model.predict "
+                 f"{result['predict_cpu_ms_per_image']:.1f} ms; Spark job (driver, JVM, Python workers) "
+                 f"{result['spark_score_cpu_ms_per_image']:.1f} ms: CPU efficiency {result['cpu_efficiency']:.2f}"
+                 f"{marginal_cpu}")
+    return "\n".join(lines)
