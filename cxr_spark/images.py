@@ -24,6 +24,11 @@ DICOM_MAGIC_OFFSET = 128  # a DICOM Part 10 file: 128-byte preamble, then b"DICM
 #: ``image_too_large`` before it is decoded (a 50 MP 8-bit image decodes to 50 MB; NIH's are 1 MP,
 #: the largest digital radiographs about 10 MP). Change it here; ingest and decoding both use it.
 MAX_PIXELS = 50_000_000
+#: What ingest reads of a PNG: the signature and IHDR chunk at its start, and its end, where a complete
+#: PNG has its IEND chunk (a truncated one does not). Its pixels are checked when preprocess decodes it.
+PNG_HEAD_BYTES = 64
+PNG_TAIL_BYTES = 1024
+_IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # length 0, type, CRC
 #: Pixel formats that are converted to 8-bit grayscale when decoded (and counted by ingest).
 CONVERSIONS = ("rgb", "rgba", "16bit", "palette")
 # OpenCV's own threads would fight Spark's task slots and Horovod's processes for the same cores.
@@ -76,6 +81,15 @@ def png_header(data: bytes) -> tuple[int, int, int, int]:
         raise ImageError("corrupt_image", f"PNG header truncated or IHDR missing ({len(data)} bytes)")
     width, height, bit_depth, colour_type = struct.unpack(">IIBB", data[16:26])
     return width, height, bit_depth, colour_type
+
+
+def check_png_end(tail: bytes) -> None:
+    """ImageError ``corrupt_image`` unless ``tail`` (a PNG's last bytes) holds the IEND chunk.
+
+    >>> check_png_end(encode_png(np.zeros((3, 5), np.uint8))[-PNG_TAIL_BYTES:])
+    """
+    if _IEND_CHUNK not in tail:
+        raise ImageError("corrupt_image", f"PNG truncated: no IEND chunk in its last {len(tail)} bytes")
 
 
 # PNG colour types (IHDR) and the conversion each needs; 4 = gray + alpha has no safe reading of the
@@ -291,9 +305,21 @@ def decode_grayscale(data: bytes) -> np.ndarray:
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-    """Resize to ``size``×``size`` with area averaging (alias-free when shrinking X-rays)."""
+    """Resize to ``size``×``size`` with area averaging (alias-free when shrinking X-rays).
+
+    A shrink by an integer factor ``k`` >= 2 that divides both sides first takes OpenCV's fast
+    ``k``×``k`` box average (1024 -> 256 on the way to 224), then area-resizes the rest: about twice as
+    fast as one area resize from 1024 to 224, and within half a gray level of it on average on real
+    radiographs (``make bench`` measures both).
+    """
     if image.shape == (size, size):
         return image
+    height, width = image.shape[:2]
+    factor = next((k for k in range(min(height, width) // size, 1, -1) if height % k == 0 and width % k == 0), 1)
+    if factor > 1:
+        image = cv2.resize(image, (width // factor, height // factor), interpolation=cv2.INTER_AREA)
+        if image.shape == (size, size):
+            return image
     interpolation = cv2.INTER_AREA if image.shape[0] >= size else cv2.INTER_LINEAR
     return cv2.resize(image, (size, size), interpolation=interpolation)
 

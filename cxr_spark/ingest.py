@@ -7,6 +7,11 @@ with the parsed metadata (and, with ``--mode append-new``, the existing dataset'
 file's fate. Pass 2 copies the accepted files into ``raw``: PNG and JPEG as their original bytes,
 DICOM decoded and re-encoded as PNG so no DICOM header (patient name, UIDs, dates) is ever stored.
 Counts are taken from what was written.
+
+PNG is the bulk of every dump, and ingest never decodes it: the hash is taken in the JVM, and Python
+sees only a PNG's first and last bytes (header, and the IEND chunk a truncated file lacks); pass 2
+copies PNG and JPEG bytes without leaving the JVM. A PNG whose pixels cannot be decoded is quarantined
+by preprocess, the one stage that decodes it (see ``preprocess``). JPEG and DICOM go to Python whole.
 """
 from __future__ import annotations
 
@@ -20,7 +25,8 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from cxr_spark.config import IngestConfig, PipelineConfig, load_config, override
-from cxr_spark.images import CONVERSIONS, ImageError, decode_dicom, encode_png, image_header, read_dicom
+from cxr_spark.images import (CONVERSIONS, PNG_HEAD_BYTES, PNG_SIGNATURE, PNG_TAIL_BYTES, ImageError, check_png_end,
+                              decode_dicom, encode_png, image_header, read_dicom)
 from cxr_spark.labels import LABELS, NUM_LABELS, UnknownFindingError, canonical_name, parse_finding_labels
 from cxr_spark.manifest import finish_manifest
 from cxr_spark.metadata import BBOX_DDL, SPARK_DDL, age_problem, dicom_metadata, parse_age
@@ -82,13 +88,19 @@ INSPECT_OUT = ("format string, width int, height int, conversion string, view st
                "reason string, detail string")
 
 
-def inspect_file(data: bytes) -> dict:
-    """Header facts of one file, or its quarantine reason; DICOM is decoded too, so pass 2 cannot fail."""
+def inspect_file(data: bytes, tail: bytes | None = None) -> dict:
+    """Header facts of one file, or its quarantine reason; DICOM is decoded too, so pass 2 cannot fail.
+
+    ``data`` is the whole file, or a PNG's first :data:`PNG_HEAD_BYTES` with ``tail`` its last
+    :data:`PNG_TAIL_BYTES` (what pass 1 sends): a PNG is checked from its header and its end.
+    """
     row = dict.fromkeys(("format", "width", "height", "conversion", "view", "sex", "age", "reason", "detail"))
     try:
         header = image_header(data)
         row.update(format=header.format, width=header.width, height=header.height, conversion=header.conversion)
-        if header.format == "dicom":
+        if header.format == "png":
+            check_png_end(data[-PNG_TAIL_BYTES:] if tail is None else tail)
+        elif header.format == "dicom":
             fields = dicom_metadata(read_dicom(data))
             problem = age_problem(fields["age_text"])
             if problem:
@@ -100,15 +112,21 @@ def inspect_file(data: bytes) -> dict:
     return row
 
 
-def _inspect_files(content: pd.Series) -> pd.DataFrame:
-    return pd.DataFrame([inspect_file(data) for data in content], columns=[
+def _inspect_files(head: pd.Series, tail: pd.Series) -> pd.DataFrame:
+    return pd.DataFrame([inspect_file(data, end) for data, end in zip(head, tail)], columns=[
         name.split()[0] for name in INSPECT_OUT.split(", ")])
 
 
-def _stored_image(content: pd.Series, kind: pd.Series) -> pd.Series:
-    """What the ``png`` column stores: original bytes, except DICOM re-encoded as PNG (no header kept)."""
-    return pd.Series([encode_png(decode_dicom(data)) if fmt == "dicom" else data
-                      for data, fmt in zip(content, kind)])
+def _head_and_tail(content: Column) -> tuple[Column, Column]:
+    """What pass 1 sends to Python (computed in the JVM): a PNG's first and last bytes, other files whole."""
+    is_png = F.substring(content, 1, len(PNG_SIGNATURE)) == F.lit(bytearray(PNG_SIGNATURE))
+    return (F.when(is_png, F.substring(content, 1, PNG_HEAD_BYTES)).otherwise(content),
+            F.when(is_png, F.substring(content, -PNG_TAIL_BYTES, PNG_TAIL_BYTES)))
+
+
+def _dicom_as_png(content: pd.Series) -> pd.Series:
+    """DICOM bytes re-encoded as PNG (no header kept); null stays null."""
+    return pd.Series([None if data is None else encode_png(decode_dicom(data)) for data in content])
 
 
 def _metadata_rows(settings: dict, has_test_list: bool):
@@ -203,7 +221,7 @@ def _index_files(spark: SparkSession, files: DataFrame, layout: str) -> DataFram
     inspect = F.pandas_udf(_inspect_files, INSPECT_OUT)
     read = (files.select(
         F.col("path"), F.col("length"), F.sha2("content", 256).alias("content_sha256"),
-        inspect("content").alias("header"))
+        inspect(*_head_and_tail(F.col("content"))).alias("header"))
         .select("path", "length", "content_sha256", "header.*"))
     listing = spark.createDataFrame([(path,) for path in files.inputFiles()], "path string").select(
         # the file index spells local URLs file:///x where rows say file:/x
@@ -291,17 +309,23 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
             "reason", "detail", "kind", "duplicate_rank", "length", "skipped", "conversion")
         encode_labels = F.pandas_udf(lambda labels: pd.Series(encode_column(RawSchema, "labels", labels)),
                                      "binary")
-        stored_image = F.pandas_udf(_stored_image, "binary")
         raw = (files.select("path", "content")
-               # No shuffle of image bytes: binaryFile's input splits (spark.sql.files.maxPartitionBytes)
-               # already give output files of tens of MB, and the broadcast join keeps them.
-               .join(F.broadcast(accepted.withColumn("labels", encode_labels("labels"))), "path")
-               .withColumn("png", stored_image("content", "format")))
+               # No shuffle of image bytes: binaryFile's input splits (spark.sql.files.maxPartitionBytes and
+               # openCostInBytes) already give output files of tens of MB, and the broadcast join keeps them.
+               .join(F.broadcast(accepted.withColumn("labels", encode_labels("labels"))), "path"))
+        if accepted.where("format = 'dicom'").limit(1).count():
+            # Only DICOM bytes cross to Python (a Python UDF sees every row: the others pass as nulls).
+            to_png = F.pandas_udf(_dicom_as_png, "binary")
+            raw = raw.withColumn("png", F.coalesce(to_png(F.when(F.col("format") == "dicom", F.col("content"))),
+                                                   F.col("content")))
+        else:
+            raw = raw.withColumn("png", F.col("content"))
         raw = _schema_columns(raw)
         if existing is not None:
             raw = _schema_columns(existing).unionByName(raw)
         with materialize_dataset(spark, tmp, RawSchema, settings.row_group_size_mb):
-            raw.write.parquet(tmp)
+            # PNG and JPEG bytes are compressed already: Parquet's compression and dictionary would only cost CPU.
+            raw.write.option("compression", "none").option("parquet.enable.dictionary#png", "false").parquet(tmp)
         _quarantine_rows(decided, meta, boxes).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
         if boxes is not None:
             (boxes.where("reason IS NULL").select("image_id", "finding", "x", "y", "w", "h")

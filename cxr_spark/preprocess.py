@@ -2,6 +2,10 @@
 normalisation statistics stored beside it (``_normalization.json``).
 
 Stored images stay uint8; normalisation is applied by the training and scoring input pipelines.
+
+This is the one stage that decodes a PNG (ingest checks only its header and end), so a raw row whose
+pixels cannot be decoded is quarantined here, in ``<images>/_quarantine/`` with ingest's columns and
+reasons, and the counts reconcile: raw rows = images + quarantined.
 """
 from __future__ import annotations
 
@@ -10,13 +14,16 @@ import logging
 import math
 import time
 
+import cv2
 import numpy as np
+import pandas as pd
 from petastorm.etl.dataset_metadata import materialize_dataset
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig, PreprocessConfig, override
 from cxr_spark.images import ImageError, decode_grayscale, resize_square
+from cxr_spark.ingest import QUARANTINE_DIR, QUARANTINE_SCHEMA
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.schemas import encode_column, images_schema, metadata_columns
 from cxr_spark.storage import atomic_output, to_url, write_json
@@ -37,28 +44,58 @@ def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) 
 
 
 def _resize_partition(size: int):
-    """The mapInPandas function: PNG bytes in, resized and re-encoded image plus its statistics out."""
+    """The mapInPandas function: PNG bytes in, resized and re-encoded image plus its statistics out.
+
+    A row that cannot be decoded is left out (and logged); :func:`_quarantine_rows` finds it afterwards.
+    """
     schema = images_schema(size)
     keep = metadata_columns()
 
     def resize(batches):
         for frame in batches:
-            images, means, stds = [], [], []
-            for image_id, source_path, png in zip(frame["image_id"], frame["source_path"], frame["png"]):
+            rows, images, means, stds = [], [], [], []
+            for row, (image_id, png) in enumerate(zip(frame["image_id"], frame["png"])):
                 try:
                     pixels = resize_square(decode_grayscale(png), size)
                 except ImageError as error:
-                    raise ImageError(error.reason, f"{image_id} ({source_path}): {error.detail}") from error
+                    log.warning("preprocess: %s is quarantined: %s", image_id, error)
+                    continue
+                mean, std = cv2.meanStdDev(pixels)
+                rows.append(row)
                 images.append(pixels)
-                means.append(float(pixels.mean()))
-                stds.append(float(pixels.std()))
-            out = frame[keep].copy()
+                means.append(mean[0, 0])
+                stds.append(std[0, 0])
+            out = frame[keep].iloc[rows].reset_index(drop=True)
             out["image"] = encode_column(schema, "image", images)
             out["pixel_mean"] = np.asarray(means, np.float32)
             out["pixel_std"] = np.asarray(stds, np.float32)
             yield out
 
     return resize
+
+
+def _decode_failures(batches):
+    """The mapInPandas function: the quarantine row of each raw row given (its decoding error)."""
+    for frame in batches:
+        reasons, details = [], []
+        for png in frame["png"]:
+            try:
+                decode_grayscale(png)
+                reasons.append(None)  # decodes after all: the reconciliation below fails the run
+                details.append("decoded when checked again, yet missing from the written images")
+            except ImageError as error:
+                reasons.append(error.reason)
+                details.append(error.detail)
+        yield pd.DataFrame({"source_path": frame["source_path"], "image_id": frame["image_id"],
+                            "reason": reasons, "detail": details, "kind": "file"})
+
+
+def _quarantine_rows(spark: SparkSession, raw, written, n_rows: int, n_images: int):
+    """Raw rows missing from the written images, each with the reason it could not be decoded."""
+    if n_images == n_rows:
+        return spark.createDataFrame([], QUARANTINE_SCHEMA)
+    missing = raw.join(written.select("image_id"), "image_id", "left_anti")
+    return missing.mapInPandas(_decode_failures, QUARANTINE_SCHEMA)
 
 
 def preprocess(spark: SparkSession, input_url: str, out: str, settings: PreprocessConfig) -> dict:
@@ -80,6 +117,10 @@ def preprocess(spark: SparkSession, input_url: str, out: str, settings: Preproce
             images.write.partitionBy("split").parquet(tmp)
         written = spark.read.parquet(tmp)
         by_split = {r["split"]: r["count"] for r in written.groupBy("split").count().collect()}
+        _quarantine_rows(spark, raw, written, n_rows, sum(by_split.values())).coalesce(1).write.parquet(
+            f"{tmp}/{QUARANTINE_DIR}")
+        quarantine = spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{tmp}/{QUARANTINE_DIR}")
+        reasons = {r["reason"]: r["count"] for r in quarantine.groupBy("reason").count().collect()}
         stats = (written.where("split = 'train'")
                  .agg(F.count("*").alias("n"), F.avg("pixel_mean").alias("mean"),
                       F.avg(F.col("pixel_std") ** 2 + F.col("pixel_mean") ** 2).alias("mean_sq"))
@@ -90,10 +131,12 @@ def preprocess(spark: SparkSession, input_url: str, out: str, settings: Preproce
         else:
             log.warning("no train rows in %s: normalisation statistics are not available", input_url)
         write_json(spark, f"{tmp}/{NORMALIZATION_FILE}", normalization)
-        counts = {"images": sum(by_split.values()), "splits": dict(sorted(by_split.items())),
+        counts = {"raw_rows": n_rows, "images": sum(by_split.values()), "quarantined": sum(reasons.values()),
+                  "quarantine_reasons": dict(sorted(reasons.items(), key=str)), "splits": dict(sorted(by_split.items())),
                   "files_per_split": files_per_split, "size": size}
-        if counts["images"] != n_rows:
-            raise RuntimeError(f"preprocess wrote {counts['images']} images from {n_rows} raw rows")
+        if counts["raw_rows"] != counts["images"] + counts["quarantined"] or None in reasons:
+            raise RuntimeError(f"preprocess counts do not reconcile (raw_rows != images + quarantined, or a "
+                               f"quarantined row decodes): {counts}")
         finish_manifest(spark, tmp, "preprocess", started, config=settings,
                         inputs={"raw": input_version(spark, input_url)},
                         counts=counts, extra={"normalization": normalization})

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_spark.images import (MAX_PIXELS, ImageError, decode_grayscale, encode_png, image_header, png_header,
+from cxr_spark.images import (MAX_PIXELS, PNG_TAIL_BYTES, ImageError, check_png_end, decode_grayscale, encode_png, image_header, png_header,
                               resize_square)
 from cxr_spark.labels import LABELS, UnknownFindingError, format_finding_labels, parse_finding_labels
 from cxr_spark.metadata import COLUMN_NAMES, age_problem, parse_age
@@ -107,6 +107,32 @@ def test_resize_square_averages_areas():
     image[:4, :4] = 200
     small = resize_square(image, 2)
     assert small.tolist() == [[200, 0], [0, 0]]
+
+
+def test_resize_square_takes_an_integer_box_average_first_and_stays_near_one_area_step():
+    import cv2
+
+    smooth = cv2.GaussianBlur(np.random.default_rng(4).integers(0, 256, (1024, 1024)).astype(np.uint8), (0, 0), 3)
+    for side, size in ((1024, 224), (512, 224), (1024, 256), (1000, 224), (1024, 1024)):
+        image = smooth[:side, :side]
+        small, one_step = resize_square(image, size), cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+        assert small.shape == (size, size) and small.dtype == np.uint8
+        assert np.abs(small.astype(int) - one_step).mean() < 1.0, (side, size)  # 0.5 on real radiographs
+    assert np.array_equal(resize_square(smooth, 256), cv2.resize(smooth, (256, 256), interpolation=cv2.INTER_AREA))
+
+
+def test_png_end_check_finds_a_truncated_file_from_its_last_bytes():
+    from cxr_spark.ingest import inspect_file
+
+    data = encode_png(np.random.default_rng(5).integers(0, 256, (64, 64), dtype=np.uint8))
+    check_png_end(data[-PNG_TAIL_BYTES:])
+    assert inspect_file(data)["reason"] is None
+    assert inspect_file(data[:64], data[-PNG_TAIL_BYTES:])["width"] == 64  # what pass 1 sends: head and tail
+    for cut in (data[:-1], data[:len(data) // 2]):
+        with pytest.raises(ImageError) as error:
+            check_png_end(cut[-PNG_TAIL_BYTES:])
+        assert error.value.reason == "corrupt_image" and "IEND" in error.value.detail
+        assert inspect_file(cut[:64], cut[-PNG_TAIL_BYTES:])["reason"] == "corrupt_image"
 
 
 def test_rates_and_undefined_values():

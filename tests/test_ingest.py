@@ -72,6 +72,39 @@ def test_bad_files_are_quarantined_with_reasons(spark, tiny_dump, tmp_path, conf
     assert counts["metadata_rows"] == counts["metadata_matched"] + counts["metadata_quarantined"]
 
 
+def test_undecodable_pngs_are_quarantined_by_ingest_or_preprocess_and_nothing_is_lost(spark, tiny_dump, tmp_path,
+                                                                                       config):
+    """Ingest checks a PNG's header and end; preprocess, which decodes it, quarantines what does not decode."""
+    from cxr_spark.config import override
+    from cxr_spark.preprocess import preprocess
+
+    dump = tmp_path / "dump"
+    shutil.copytree(tiny_dump, dump)
+    good = sorted((dump / "images_001" / "images").glob("*.png"))
+    truncated, damaged = good[0], good[1]
+    truncated.write_bytes(truncated.read_bytes()[:-100])  # a copy cut short: no IEND chunk at the end
+    data = bytearray(damaged.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])  # same length, pixels corrupt
+    damaged.write_bytes(bytes(data))
+    raw, images = tmp_path / "raw", tmp_path / "images"
+    counts = ingest(spark, str(dump), str(raw), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest)
+    quarantine = spark.read.schema(QUARANTINE_SCHEMA).parquet(str(raw / QUARANTINE_DIR)).toPandas()
+    assert quarantine.set_index("image_id").loc[truncated.name, "reason"] == "corrupt_image"
+    assert "IEND" in quarantine.set_index("image_id").loc[truncated.name, "detail"]
+    assert counts["quarantine_reasons"] == {"corrupt_image": 1}
+    assert counts["files_listed"] == len(good) == counts["ingested"] + counts["quarantined"]
+
+    done = preprocess(spark, str(raw), str(images), override(config.preprocess, size=32, min_files_per_split=1))
+    later = spark.read.schema(QUARANTINE_SCHEMA).parquet(str(images / QUARANTINE_DIR)).toPandas()
+    assert later[["image_id", "reason", "kind"]].values.tolist() == [[damaged.name, "corrupt_image", "file"]]
+    assert later["source_path"].iloc[0].endswith(damaged.name)
+    assert done["quarantine_reasons"] == {"corrupt_image": 1} and done["quarantined"] == 1
+    assert done["raw_rows"] == counts["ingested"] == done["images"] + done["quarantined"]
+    stored = {row.image_id for row in read_rows(images, ["image_id"])}
+    assert stored == {path.name for path in good} - {truncated.name, damaged.name}
+
+
 def test_real_samples_get_the_labels_the_real_csv_states(spark, shared_data, tmp_path, config):
     """The real v2020 metadata (bracketed header names with commas) and the real BBox_List_2017."""
     images = tmp_path / "samples"
