@@ -61,9 +61,16 @@ def _write_images(folder: Path, names: list[str], seed: int) -> None:
 
 
 def _expected_input(data: bytes) -> np.ndarray:
-    """The model input computed here with OpenCV alone: decode as grayscale, area-resize, standardise."""
+    """The model input computed here with OpenCV alone: decode as grayscale, resize as preprocess documents
+    it (a k x k box average by the largest integer k that divides both sides and keeps them >= SIZE, then
+    an area resize), standardise."""
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_GRAYSCALE)
-    image = cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
+    height, width = image.shape
+    factors = [k for k in range(2, min(height, width) // SIZE + 1) if height % k == 0 and width % k == 0]
+    if factors:
+        image = cv2.resize(image, (width // factors[-1], height // factors[-1]), interpolation=cv2.INTER_AREA)
+    if image.shape != (SIZE, SIZE):
+        image = cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_AREA)
     return ((image.astype(np.float32) - MEAN) / STD)[..., np.newaxis]
 
 
