@@ -32,7 +32,7 @@ from cxr_spark.manifest import finish_manifest
 from cxr_spark.metadata import BBOX_DDL, SPARK_DDL, age_problem, dicom_metadata, parse_age
 from cxr_spark.schemas import RawSchema, encode_column
 from cxr_spark.splits import hash_split, official_split
-from cxr_spark.storage import FileSystem, atomic_output, to_url
+from cxr_spark.storage import FileSystem, atomic_output, image_rows_writer, to_url
 
 log = logging.getLogger(__name__)
 
@@ -324,8 +324,7 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
         if existing is not None:
             raw = _schema_columns(existing).unionByName(raw)
         with materialize_dataset(spark, tmp, RawSchema, settings.row_group_size_mb):
-            # PNG and JPEG bytes are compressed already: Parquet's compression and dictionary would only cost CPU.
-            raw.write.option("compression", "none").option("parquet.enable.dictionary#png", "false").parquet(tmp)
+            image_rows_writer(raw.write, "png").parquet(tmp)
         _quarantine_rows(decided, meta, boxes).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
         if boxes is not None:
             (boxes.where("reason IS NULL").select("image_id", "finding", "x", "y", "w", "h")

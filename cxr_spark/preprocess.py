@@ -26,7 +26,7 @@ from cxr_spark.images import ImageError, decode_grayscale, resize_square
 from cxr_spark.ingest import QUARANTINE_DIR, QUARANTINE_SCHEMA
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.schemas import encode_column, images_schema, metadata_columns
-from cxr_spark.storage import atomic_output, to_url, write_json
+from cxr_spark.storage import atomic_output, image_rows_writer, to_url, write_json
 
 log = logging.getLogger(__name__)
 NORMALIZATION_FILE = "_normalization.json"
@@ -114,7 +114,7 @@ def preprocess(spark: SparkSession, input_url: str, out: str, settings: Preproce
               .repartition(files_per_split, "image_id"))
     with atomic_output(spark, out) as tmp:
         with materialize_dataset(spark, tmp, schema, settings.row_group_size_mb):
-            images.write.partitionBy("split").parquet(tmp)
+            image_rows_writer(images.write, "image").partitionBy("split").parquet(tmp)
         written = spark.read.parquet(tmp)
         by_split = {r["split"]: r["count"] for r in written.groupBy("split").count().collect()}
         _quarantine_rows(spark, raw, written, n_rows, sum(by_split.values())).coalesce(1).write.parquet(

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlparse
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrameWriter, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,12 @@ class FileSystem:
             stream.write(bytearray(text.encode("utf-8")))
         finally:
             stream.close()
+
+
+def image_rows_writer(writer: DataFrameWriter, image_column: str) -> DataFrameWriter:
+    """Parquet options for rows whose ``image_column`` holds PNG or JPEG bytes, compressed already:
+    Parquet's compression and its dictionary (which hashes every image) would only cost CPU."""
+    return writer.option("compression", "none").option(f"parquet.enable.dictionary#{image_column}", "false")
 
 
 def read_json(spark: SparkSession, url: str) -> dict:

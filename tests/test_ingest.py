@@ -103,6 +103,22 @@ def test_undecodable_pngs_are_quarantined_by_ingest_or_preprocess_and_nothing_is
     assert done["raw_rows"] == counts["ingested"] == done["images"] + done["quarantined"]
     stored = {row.image_id for row in read_rows(images, ["image_id"])}
     assert stored == {path.name for path in good} - {truncated.name, damaged.name}
+    # image bytes are PNG already: stored without Parquet compression and without a dictionary
+    for folder, column in ((raw, "png"), (images, "image")):
+        for chunk in _column_chunks(folder, column):
+            assert chunk.compression == "UNCOMPRESSED" and not any("DICTIONARY" in e for e in chunk.encodings)
+
+
+def _column_chunks(folder, column):
+    import pyarrow.parquet as pq
+
+    files = sorted(path for path in folder.rglob("*.parquet") if "_quarantine" not in path.parts)
+    assert files
+    for path in files:
+        metadata = pq.ParquetFile(path).metadata
+        index = metadata.schema.names.index(column)
+        for group in range(metadata.num_row_groups):
+            yield metadata.row_group(group).column(index)
 
 
 def test_real_samples_get_the_labels_the_real_csv_states(spark, shared_data, tmp_path, config):
