@@ -3,7 +3,7 @@
 Made to run from cron. Each run:
 
 1. takes the store's lock (``<store>/_lock``, created atomically; a stale one is broken with a log line);
-2. lists the dump and hashes every file in the JVM (``sha2``), then drops, with a Spark ``left_anti``
+2. lists the dump and hashes every file (:func:`cxr_spark.storage.content_sha256`), then drops, with a Spark ``left_anti``
    join, every content hash this model version already scored or quarantined; identical files within
    the dump are scored once;
 3. decodes, resizes and normalises the new files with the model's own ``model.json`` settings and
@@ -43,7 +43,7 @@ from cxr_spark.ingest import QUARANTINE_DIR
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.input_pipeline import model_inputs
 from cxr_spark.score import loaded_model, predict_probabilities
-from cxr_spark.storage import FileSystem, local_path, read_bytes, read_json, to_url
+from cxr_spark.storage import FileSystem, content_sha256, local_path, read_bytes, read_json, to_url
 from cxr_spark.train import MODEL_FILE, load_model_card
 
 log = logging.getLogger(__name__)
@@ -297,7 +297,7 @@ def list_dump(spark: SparkSession, images: str) -> tuple[DataFrame, DataFrame]:
     """
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
              .option("pathGlobFilter", IMAGE_GLOB).load(to_url(images)))
-    hashed = files.select(F.col("path").alias("source_path"), F.sha2("content", 256).alias("content_sha256"))
+    hashed = files.select(F.col("path").alias("source_path"), content_sha256(F.col("content")).alias("content_sha256"))
     listed = spark.createDataFrame([(path,) for path in files.inputFiles()], "source_path string").select(
         # the file index spells local URLs file:///x where rows say file:/x
         F.regexp_replace("source_path", r"^([A-Za-z][A-Za-z0-9+.-]*):///", "$1:/").alias("source_path"))

@@ -8,9 +8,10 @@ file's fate. Pass 2 copies the accepted files into ``raw``: PNG and JPEG as thei
 DICOM decoded and re-encoded as PNG so no DICOM header (patient name, UIDs, dates) is ever stored.
 Counts are taken from what was written.
 
-PNG is the bulk of every dump, and ingest never decodes it: the hash is taken in the JVM, and Python
-sees only a PNG's first and last bytes (header, and the IEND chunk a truncated file lacks); pass 2
-copies PNG and JPEG bytes without leaving the JVM. A PNG whose pixels cannot be decoded is quarantined
+PNG is the bulk of every dump, and ingest never decodes it: pass 1 hashes every file in Python
+(OpenSSL; see :func:`cxr_spark.storage.content_sha256`) and inspects only a PNG's first and last bytes
+(header, and the IEND chunk a truncated file lacks); pass 2 copies PNG and JPEG bytes without leaving
+the JVM. A PNG whose pixels cannot be decoded is quarantined
 by preprocess, the one stage that decodes it (see ``preprocess``). JPEG and DICOM go to Python whole.
 """
 from __future__ import annotations
@@ -32,7 +33,7 @@ from cxr_spark.manifest import finish_manifest
 from cxr_spark.metadata import BBOX_DDL, SPARK_DDL, age_problem, dicom_metadata, parse_age
 from cxr_spark.schemas import RawSchema, encode_column
 from cxr_spark.splits import hash_split, official_split
-from cxr_spark.storage import FileSystem, atomic_output, image_rows_writer, to_url
+from cxr_spark.storage import FileSystem, atomic_output, content_sha256, image_rows_writer, to_url
 
 log = logging.getLogger(__name__)
 
@@ -220,7 +221,7 @@ def _index_files(spark: SparkSession, files: DataFrame, layout: str) -> DataFram
     """
     inspect = F.pandas_udf(_inspect_files, INSPECT_OUT)
     read = (files.select(
-        F.col("path"), F.col("length"), F.sha2("content", 256).alias("content_sha256"),
+        F.col("path"), F.col("length"), content_sha256(F.col("content")).alias("content_sha256"),
         inspect(*_head_and_tail(F.col("content"))).alias("header"))
         .select("path", "length", "content_sha256", "header.*"))
     listing = spark.createDataFrame([(path,) for path in files.inputFiles()], "path string").select(

@@ -7,6 +7,7 @@ previous one.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,7 +16,9 @@ from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import urlparse
 
-from pyspark.sql import DataFrameWriter, SparkSession
+import pandas as pd
+from pyspark.sql import Column, DataFrameWriter, SparkSession
+from pyspark.sql import functions as F
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +70,20 @@ class FileSystem:
             stream.write(bytearray(text.encode("utf-8")))
         finally:
             stream.close()
+
+
+def _sha256_hex(content: pd.Series) -> pd.Series:
+    return content.map(lambda data: None if data is None else hashlib.sha256(data).hexdigest())
+
+
+def content_sha256(content: Column) -> Column:
+    """SHA-256 (hex) of a binary column, taken in the Python workers (OpenSSL, about 1.4 GB/s here).
+
+    Spark's ``sha2`` runs Java's ``MessageDigest``, as fast only once the JVM's optimising compiler has
+    compiled it: with the quick compiler alone, which ``conf/spark/local.conf`` selects, it ran at
+    115 MB/s, 1.9 ms per 220 KB image.
+    """
+    return F.pandas_udf(_sha256_hex, "string")(content)
 
 
 def image_rows_writer(writer: DataFrameWriter, image_column: str) -> DataFrameWriter:
