@@ -9,8 +9,8 @@ DICOM decoded and re-encoded as PNG so no DICOM header (patient name, UIDs, date
 Counts are taken from what was written.
 
 PNG is the bulk of every dump, and ingest never decodes it: pass 1 hashes every file in Python
-(OpenSSL; see :func:`cxr_spark.storage.content_sha256`) and inspects only a PNG's first and last bytes
-(header, and the IEND chunk a truncated file lacks); pass 2 copies PNG and JPEG bytes without leaving
+(OpenSSL; see :func:`cxr_spark.storage.content_sha256`) and checks only a PNG's header and its end
+(the IEND chunk a truncated file lacks); pass 2 copies PNG and JPEG bytes without leaving
 the JVM. A PNG whose pixels cannot be decoded is quarantined
 by preprocess, the one stage that decodes it (see ``preprocess``). JPEG and DICOM go to Python whole.
 """
@@ -26,7 +26,7 @@ from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from cxr_spark.config import IngestConfig, PipelineConfig, load_config, override
-from cxr_spark.images import (CONVERSIONS, PNG_HEAD_BYTES, PNG_SIGNATURE, PNG_TAIL_BYTES, ImageError, check_png_end,
+from cxr_spark.images import (CONVERSIONS, PNG_TAIL_BYTES, ImageError, check_png_end,
                               decode_dicom, encode_png, image_header, read_dicom)
 from cxr_spark.labels import LABELS, NUM_LABELS, UnknownFindingError, canonical_name, parse_finding_labels
 from cxr_spark.manifest import finish_manifest
@@ -92,8 +92,8 @@ INSPECT_OUT = ("format string, width int, height int, conversion string, view st
 def inspect_file(data: bytes, tail: bytes | None = None) -> dict:
     """Header facts of one file, or its quarantine reason; DICOM is decoded too, so pass 2 cannot fail.
 
-    ``data`` is the whole file, or a PNG's first :data:`PNG_HEAD_BYTES` with ``tail`` its last
-    :data:`PNG_TAIL_BYTES` (what pass 1 sends): a PNG is checked from its header and its end.
+    ``data`` is the whole file (what pass 1 sends), or a PNG's first :data:`PNG_HEAD_BYTES` with ``tail``
+    its last :data:`PNG_TAIL_BYTES`: a PNG is checked from its header and its end, never decoded.
     """
     row = dict.fromkeys(("format", "width", "height", "conversion", "view", "sex", "age", "reason", "detail"))
     try:
@@ -113,16 +113,9 @@ def inspect_file(data: bytes, tail: bytes | None = None) -> dict:
     return row
 
 
-def _inspect_files(head: pd.Series, tail: pd.Series) -> pd.DataFrame:
-    return pd.DataFrame([inspect_file(data, end) for data, end in zip(head, tail)], columns=[
+def _inspect_files(content: pd.Series) -> pd.DataFrame:
+    return pd.DataFrame([inspect_file(data) for data in content], columns=[
         name.split()[0] for name in INSPECT_OUT.split(", ")])
-
-
-def _head_and_tail(content: Column) -> tuple[Column, Column]:
-    """What pass 1 sends to Python (computed in the JVM): a PNG's first and last bytes, other files whole."""
-    is_png = F.substring(content, 1, len(PNG_SIGNATURE)) == F.lit(bytearray(PNG_SIGNATURE))
-    return (F.when(is_png, F.substring(content, 1, PNG_HEAD_BYTES)).otherwise(content),
-            F.when(is_png, F.substring(content, -PNG_TAIL_BYTES, PNG_TAIL_BYTES)))
 
 
 def _dicom_as_png(content: pd.Series) -> pd.Series:
@@ -222,7 +215,7 @@ def _index_files(spark: SparkSession, files: DataFrame, layout: str) -> DataFram
     inspect = F.pandas_udf(_inspect_files, INSPECT_OUT)
     read = (files.select(
         F.col("path"), F.col("length"), content_sha256(F.col("content")).alias("content_sha256"),
-        inspect(*_head_and_tail(F.col("content"))).alias("header"))
+        inspect("content").alias("header"))
         .select("path", "length", "content_sha256", "header.*"))
     listing = spark.createDataFrame([(path,) for path in files.inputFiles()], "path string").select(
         # the file index spells local URLs file:///x where rows say file:/x
