@@ -1,22 +1,25 @@
 """Ingest: an image dump (plus NIH metadata, or a Kaggle folder layout) into the ``raw`` Petastorm
-dataset and a quarantine.
+dataset and a quarantine; with ``--images-out``, into ``images_<size>`` too, in the same pass.
 
-Pass 1 reads every listed file once, sniffs its container (PNG, JPEG, DICOM), reads size and pixel
-format from its header and hashes it into a small table with no image bytes; that table is joined
-with the parsed metadata (and, with ``--mode append-new``, the existing dataset's ids) to decide each
-file's fate. Pass 2 copies the accepted files into ``raw``: PNG and JPEG as their original bytes,
-DICOM decoded and re-encoded as PNG so no DICOM header (patient name, UIDs, dates) is ever stored.
-Counts are taken from what was written.
+Pass 1 reads every listed file once (each Python worker reads its own files when they are on a local
+or mounted path; on HDFS or S3 they come from Spark's ``binaryFile`` source), sniffs its container (PNG,
+JPEG, DICOM), reads size and pixel format from its header and hashes it (OpenSSL), into a staging table
+with no image bytes; that table is joined with the parsed metadata (and, with ``--mode append-new``,
+the existing dataset's ids) to decide each file's fate. Pass 2 copies the accepted files into ``raw``
+without leaving the JVM: PNG and JPEG as their original bytes, DICOM decoded and re-encoded as PNG so no
+DICOM header (patient name, UIDs, dates) is ever stored. Counts are taken from what was written.
 
-PNG is the bulk of every dump, and ingest never decodes it: pass 1 hashes every file in Python
-(OpenSSL; see :func:`cxr_spark.storage.content_sha256`) and checks only a PNG's header and its end
-(the IEND chunk a truncated file lacks); pass 2 copies PNG and JPEG bytes without leaving
-the JVM. A PNG whose pixels cannot be decoded is quarantined
-by preprocess, the one stage that decodes it (see ``preprocess``). JPEG and DICOM go to Python whole.
+Without ``--images-out`` ingest never decodes a PNG: it checks its header and its end (the IEND chunk a
+truncated file lacks), and preprocess, the stage that decodes it, quarantines one whose pixels do not
+decode. With ``--images-out`` pass 1 also decodes and resizes each file exactly as preprocess would
+(:func:`cxr_spark.preprocess.resize_encoded`), a file that does not decode is quarantined here, and
+``images_<size>`` is written from those rows once ``raw`` is in place: each file is read and decoded
+once instead of twice, the fastest way from a dump to training data (``make bench`` measures both).
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import time
 
@@ -25,15 +28,18 @@ from petastorm.etl.dataset_metadata import materialize_dataset
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from cxr_spark.config import IngestConfig, PipelineConfig, load_config, override
+from cxr_spark.config import IngestConfig, PipelineConfig, PreprocessConfig, load_config, override
 from cxr_spark.images import (CONVERSIONS, PNG_TAIL_BYTES, ImageError, check_png_end,
                               decode_dicom, encode_png, image_header, read_dicom)
 from cxr_spark.labels import LABELS, NUM_LABELS, UnknownFindingError, canonical_name, parse_finding_labels
-from cxr_spark.manifest import finish_manifest
+from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.metadata import BBOX_DDL, SPARK_DDL, age_problem, dicom_metadata, parse_age
-from cxr_spark.schemas import RawSchema, encode_column
+from cxr_spark.preprocess import resize_encoded, write_images
+from cxr_spark.schemas import (QUARANTINE_DIR, QUARANTINE_SCHEMA, RawSchema, encode_column, images_schema,
+                               metadata_columns)
 from cxr_spark.splits import hash_split, official_split
-from cxr_spark.storage import FileSystem, atomic_output, content_sha256, image_rows_writer, to_url
+from cxr_spark.storage import (FileSystem, atomic_output, image_rows_writer, local_path, read_json, scratch_dir,
+                               to_url)
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +47,7 @@ _EXTENSIONS = ("png", "jpg", "jpeg", "dcm", "dicom")
 #: Files considered images (the container is then sniffed from the bytes, not the name).
 IMAGE_GLOB = "*.{" + ",".join(e for ext in _EXTENSIONS for e in (ext, ext.upper())) + "}"
 DICOM_NAME = r"(?i)\.(dcm|dicom)$"
-QUARANTINE_DIR = "_quarantine"  # inside the dataset: replaced atomically with it; Spark skips `_` names
 BBOX_DIR = "_bbox"
-QUARANTINE_SCHEMA = "source_path string, image_id string, reason string, detail string, kind string"
 #: The quarantine ``reason`` vocabulary (README documents each).
 REASONS = ("empty_file", "not_an_image", "corrupt_image", "unsupported_format", "image_too_large",
            "no_metadata", "no_image", "duplicate_image_id", "unknown_finding", "missing_patient_id",
@@ -73,13 +77,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val-fraction", type=float, help="fraction of patients for validation")
     parser.add_argument("--test-fraction", type=float, help="fraction of patients for test (without split lists)")
     parser.add_argument("--split-seed", type=int, help="seed of the patient-wise split")
+    parser.add_argument("--images-out", help="also write the images_<size> dataset (what preprocess would write from "
+                                             "--out) in the same pass over the files: each file is read once and "
+                                             "decoded once; a file that does not decode is quarantined here")
+    parser.add_argument("--size", type=int, help="with --images-out: output side in pixels (default from conf: 224)")
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
     settings = override(config.ingest, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                         split_seed=args.split_seed)
+    if args.size is not None and not args.images_out:
+        raise SystemExit("ingest: --size needs --images-out")
+    resize = override(config.preprocess, size=args.size) if args.images_out else None
     return ingest(spark, args.images, args.out, args.metadata, args.split_lists, settings,
-                  bbox=args.bbox, mode=args.mode, layout=args.layout)
+                  bbox=args.bbox, mode=args.mode, layout=args.layout, images_out=args.images_out, resize=resize)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,9 +124,48 @@ def inspect_file(data: bytes, tail: bytes | None = None) -> dict:
     return row
 
 
-def _inspect_files(content: pd.Series) -> pd.DataFrame:
-    return pd.DataFrame([inspect_file(data) for data in content], columns=[
-        name.split()[0] for name in INSPECT_OUT.split(", ")])
+INSPECT_COLUMNS = [field.split()[0] for field in INSPECT_OUT.split(", ")]
+#: With ``--images-out``, pass 1 also returns each file as images_<size> stores it.
+IMAGE_OUT = "image binary, pixel_mean float, pixel_std float"
+
+
+def index_file(data: bytes, size: int | None = None) -> dict:
+    """Pass 1 for one file: :func:`inspect_file`, its SHA-256 and, with ``size``, the image decoded and resized
+    as ``images_<size>`` stores it (then a file whose pixels do not decode is quarantined here)."""
+    row = inspect_file(data)
+    row["content_sha256"] = hashlib.sha256(data).hexdigest() if len(data) else None
+    if size is not None:
+        row.update(image=None, pixel_mean=None, pixel_std=None)
+        if row["reason"] is None:
+            try:
+                row["image"], row["pixel_mean"], row["pixel_std"] = resize_encoded(data, size)
+            except ImageError as error:
+                row.update(reason=error.reason, detail=error.detail)
+    return row
+
+
+def _read_file(url: str) -> bytes:
+    with open(local_path(url), "rb") as handle:
+        return handle.read()
+
+
+def _index_partition(size: int | None, read_files: bool):
+    """The mapInPandas function of pass 1 over ``binaryFile`` rows: :func:`index_file` of every file.
+
+    With ``read_files`` each Python worker reads its files itself (local and mounted paths): the bytes
+    then never pass through the JVM and Arrow on their way to Python, which halved pass 1's JVM CPU.
+    Otherwise (HDFS, S3, ...) they come in the ``content`` column.
+    """
+    columns = ["content_sha256"] + INSPECT_COLUMNS + (["image", "pixel_mean", "pixel_std"] if size else [])
+
+    def index(batches):
+        for frame in batches:
+            rows = [index_file(_read_file(path) if read_files else content, size) for path, content in
+                    zip(frame["path"], frame["path"] if read_files else frame["content"])]
+            yield pd.concat([frame[["path", "length"]].reset_index(drop=True), pd.DataFrame(rows, columns=columns)],
+                            axis=1)
+
+    return index
 
 
 def _dicom_as_png(content: pd.Series) -> pd.Series:
@@ -204,19 +254,21 @@ def _opaque_id(digest: Column) -> Column:
     return F.concat(F.substring(digest, 1, 32), F.lit(".dcm"))
 
 
-def _index_files(spark: SparkSession, files: DataFrame, layout: str) -> DataFrame:
+def _index_files(spark: SparkSession, files: DataFrame, layout: str, stage: str, size: int | None,
+                 read_files: bool) -> DataFrame:
     """One row per listed file: path, id, size, SHA-256, header facts and check (a quarantine reason or null).
 
-    Spark's file sources make no split for a 0-byte file, so such files yield no row; the listing
-    itself (the driver's file index) still names them, and they are added back as ``empty_file``.
-    ``path`` is the real location (used only to join pass 2); ``source_path`` is what is written,
-    withheld for DICOM.
+    Pass 1 writes its rows to ``stage`` (Parquet; with ``size`` they carry the resized image too) and the
+    decisions read back only the small columns. Spark's file sources make no split for a 0-byte file, so
+    such files yield no row; the listing itself (the driver's file index) still names them, and they are
+    added back as ``empty_file``. ``path`` is the real location (used only to join pass 2);
+    ``source_path`` is what is written, withheld for DICOM.
     """
-    inspect = F.pandas_udf(_inspect_files, INSPECT_OUT)
-    read = (files.select(
-        F.col("path"), F.col("length"), content_sha256(F.col("content")).alias("content_sha256"),
-        inspect("content").alias("header"))
-        .select("path", "length", "content_sha256", "header.*"))
+    out = "path string, length long, content_sha256 string, " + INSPECT_OUT + (", " + IMAGE_OUT if size else "")
+    source = files.select("path", "length") if read_files else files.select("path", "length", "content")
+    index = source.mapInPandas(_index_partition(size, read_files), out)
+    (image_rows_writer(index.write, "image") if size else index.write).parquet(stage)
+    read = spark.read.parquet(stage).select("path", "length", "content_sha256", *INSPECT_COLUMNS)
     listing = spark.createDataFrame([(path,) for path in files.inputFiles()], "path string").select(
         # the file index spells local URLs file:///x where rows say file:/x
         F.regexp_replace("path", r"^([A-Za-z][A-Za-z0-9+.-]*):///", "$1:/").alias("path"))
@@ -269,12 +321,19 @@ def read_bbox(spark: SparkSession, bbox: str) -> DataFrame:
 
 def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = None,
            split_lists: str | None = None, settings: IngestConfig | None = None, *,
-           bbox: str | None = None, mode: str = "overwrite", layout: str = "auto") -> dict:
+           bbox: str | None = None, mode: str = "overwrite", layout: str = "auto",
+           images_out: str | None = None, resize: PreprocessConfig | None = None) -> dict:
     """Ingest ``images`` (+ ``metadata``) into the raw dataset at ``out``; returns the run's counts.
 
     ``mode="append-new"`` keeps every row of the existing ``out`` and adds only files whose image id
     is not in it (a file whose id is there with the same SHA-256 is ``skipped_existing``; with other
     content it is quarantined as ``duplicate_image_id``).
+
+    With ``images_out`` (and ``resize``, the preprocess settings) pass 1 also decodes and resizes every
+    file, and ``images_<size>`` is written at ``images_out`` from those rows once ``raw`` is in place: the
+    dataset preprocess would write from ``out``, without reading the images a second time. Its counts
+    are under ``"images"``. In append-new mode the existing ``images_out`` must be the one made from the
+    existing ``out``; its rows are kept.
     """
     if mode not in MODES or layout not in LAYOUTS:
         raise ValueError(f"mode must be one of {MODES} (got {mode!r}); layout one of {LAYOUTS} (got {layout!r})")
@@ -285,8 +344,23 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
     if layout == "kaggle" and metadata:
         raise ValueError("the Kaggle layout takes its labels from the folders; do not pass --metadata")
     existing = _existing_dataset(spark, out) if mode == "append-new" else None
+    if images_out and resize is None:
+        raise ValueError("images_out needs resize (the preprocess settings: size, row groups, files per split)")
+    previous_images = _previous_images(spark, out, images_out) if images_out and existing is not None else None
+    with scratch_dir(spark, out) as stage:
+        counts = _ingest(spark, images, out, metadata, split_lists, settings, bbox, mode, layout, existing, stage,
+                         resize.size if images_out else None, started)
+        if images_out:
+            counts["images"] = _write_images(spark, out, images_out, stage, resize, previous_images, started)
+    return counts
+
+
+def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, split_lists: str | None,
+            settings: IngestConfig, bbox: str | None, mode: str, layout: str, existing: DataFrame | None,
+            stage: str, size: int | None, started: float) -> dict:
     files = list_files(spark, images)  # listed once: pass 1 (index) and pass 2 (copy) share the file index
-    index = _index_files(spark, files, layout).cache()  # one small row per file, no image bytes
+    read_files = local_path(to_url(images)) is not None
+    index = _index_files(spark, files, layout, f"{stage}/index", size, read_files).cache()  # no image bytes
 
     meta = None
     if metadata:
@@ -298,6 +372,8 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
     first_meta = meta.where("meta_rank = 1").drop("meta_rank") if meta is not None else None
     decided = _decide(index, first_meta, layout, existing).cache()
 
+    if size:  # which pass-1 rows become images_<size> rows, for _write_images
+        decided.where("reason IS NULL AND NOT skipped").select("path", "image_id").write.parquet(f"{stage}/accepted")
     with atomic_output(spark, out) as tmp:
         accepted = decided.where("reason IS NULL AND NOT skipped").drop(
             "reason", "detail", "kind", "duplicate_rank", "length", "skipped", "conversion")
@@ -335,6 +411,42 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
         if frame is not None:
             frame.unpersist()
     return counts
+
+
+def _previous_images(spark: SparkSession, out: str, images_out: str) -> tuple[DataFrame, DataFrame] | None:
+    """append-new with images_out: the rows and quarantine of the images dataset made from the existing raw
+    dataset (None when there is none yet). An images dataset made from another raw is an error."""
+    images_url = to_url(images_out)
+    if not FileSystem(spark, images_url).exists(f"{images_url}/_manifest.json"):
+        if spark.read.parquet(to_url(out)).limit(1).count():
+            raise ValueError(f"append-new with --images-out: {images_url} does not exist yet but {to_url(out)} "
+                             f"has rows; run preprocess once to make it, then append")
+        return None
+    made_from = read_json(spark, f"{images_url}/_manifest.json").get("inputs", {}).get("raw", {})
+    current = input_version(spark, out)
+    if (made_from.get("url"), made_from.get("finished_at")) != (current["url"], current.get("finished_at")):
+        raise ValueError(f"append-new with --images-out: {images_url} was not made from the raw dataset now at "
+                         f"{current['url']} (it was made from {made_from}); run preprocess to remake it first")
+    return (spark.read.parquet(images_url),
+            spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{images_url}/{QUARANTINE_DIR}"))
+
+
+def _write_images(spark: SparkSession, out: str, images_out: str, stage: str, resize: PreprocessConfig,
+                  previous: tuple[DataFrame, DataFrame] | None, started: float) -> dict:
+    """``images_<size>`` from pass 1's resized images and the metadata of the raw rows just written to ``out``."""
+    raw = spark.read.parquet(to_url(out))
+    columns = [field.name for field in images_schema(resize.size).fields.values()]
+    resized = (spark.read.parquet(f"{stage}/index").select("path", "image", "pixel_mean", "pixel_std")
+               .join(spark.read.parquet(f"{stage}/accepted"), "path").drop("path"))
+    rows = raw.select(*metadata_columns()).join(resized, "image_id").select(*columns)
+    if previous is not None:
+        rows = previous[0].select(*columns).unionByName(rows)
+
+    def quarantine(written, n_images):
+        return previous[1] if previous is not None else spark.createDataFrame([], QUARANTINE_SCHEMA)
+
+    return write_images(spark, rows, images_out, resize, n_rows=raw.count(), quarantine=quarantine, started=started,
+                        inputs={"raw": input_version(spark, out)}, extra={"written_by": "ingest --images-out"})
 
 
 def _schema_columns(frame: DataFrame) -> DataFrame:

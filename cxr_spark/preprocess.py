@@ -3,9 +3,10 @@ normalisation statistics stored beside it (``_normalization.json``).
 
 Stored images stay uint8; normalisation is applied by the training and scoring input pipelines.
 
-This is the one stage that decodes a PNG (ingest checks only its header and end), so a raw row whose
-pixels cannot be decoded is quarantined here, in ``<images>/_quarantine/`` with ingest's columns and
-reasons, and the counts reconcile: raw rows = images + quarantined.
+Ingest checks only a PNG's header and end, so a raw row whose pixels cannot be decoded is quarantined
+here, in ``<images>/_quarantine/`` with ingest's columns and reasons, and the counts reconcile: raw rows
+= images + quarantined. ``ingest --images-out`` writes the same dataset in its own pass over the files
+(through :func:`resize_encoded` and :func:`write_images`), without reading ``raw`` back.
 """
 from __future__ import annotations
 
@@ -18,14 +19,13 @@ import cv2
 import numpy as np
 import pandas as pd
 from petastorm.etl.dataset_metadata import materialize_dataset
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig, PreprocessConfig, override
 from cxr_spark.images import ImageError, decode_grayscale, resize_square
-from cxr_spark.ingest import QUARANTINE_DIR, QUARANTINE_SCHEMA
 from cxr_spark.manifest import finish_manifest, input_version
-from cxr_spark.schemas import encode_column, images_schema, metadata_columns
+from cxr_spark.schemas import QUARANTINE_DIR, QUARANTINE_SCHEMA, encode_column, images_schema, metadata_columns
 from cxr_spark.storage import atomic_output, image_rows_writer, to_url, write_json
 
 log = logging.getLogger(__name__)
@@ -43,12 +43,23 @@ def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) 
     return preprocess(spark, args.input, args.out, override(config.preprocess, size=args.size))
 
 
+def resize_encoded(data: bytes, size: int) -> tuple[bytes, float, float]:
+    """One image as ``images_<size>`` stores it: decoded, resized to ``size``x``size``, PNG-encoded, with the
+    mean and standard deviation of its stored pixels. ImageError when the bytes do not decode.
+
+    Preprocess maps it over ``raw``; ingest with ``--images-out`` over the files themselves, so both
+    write the same bytes for the same image.
+    """
+    pixels = resize_square(decode_grayscale(data), size)
+    mean, std = cv2.meanStdDev(pixels)
+    return encode_column(images_schema(size), "image", [pixels])[0], float(mean[0, 0]), float(std[0, 0])
+
+
 def _resize_partition(size: int):
     """The mapInPandas function: PNG bytes in, resized and re-encoded image plus its statistics out.
 
     A row that cannot be decoded is left out (and logged); :func:`_quarantine_rows` finds it afterwards.
     """
-    schema = images_schema(size)
     keep = metadata_columns()
 
     def resize(batches):
@@ -56,17 +67,16 @@ def _resize_partition(size: int):
             rows, images, means, stds = [], [], [], []
             for row, (image_id, png) in enumerate(zip(frame["image_id"], frame["png"])):
                 try:
-                    pixels = resize_square(decode_grayscale(png), size)
+                    image, mean, std = resize_encoded(png, size)
                 except ImageError as error:
                     log.warning("preprocess: %s is quarantined: %s", image_id, error)
                     continue
-                mean, std = cv2.meanStdDev(pixels)
                 rows.append(row)
-                images.append(pixels)
-                means.append(mean[0, 0])
-                stds.append(std[0, 0])
+                images.append(image)
+                means.append(mean)
+                stds.append(std)
             out = frame[keep].iloc[rows].reset_index(drop=True)
-            out["image"] = encode_column(schema, "image", images)
+            out["image"] = images
             out["pixel_mean"] = np.asarray(means, np.float32)
             out["pixel_std"] = np.asarray(stds, np.float32)
             yield out
@@ -101,26 +111,36 @@ def _quarantine_rows(spark: SparkSession, raw, written, n_rows: int, n_images: i
 def preprocess(spark: SparkSession, input_url: str, out: str, settings: PreprocessConfig) -> dict:
     """Write ``images_<size>`` from ``raw``; returns counts and the train split's mean/std."""
     started = time.time()
-    size = settings.size
-    schema = images_schema(size)
     raw = spark.read.parquet(to_url(input_url))
     n_rows = raw.count()
+    images = raw.mapInPandas(_resize_partition(settings.size), images_schema(settings.size).as_spark_schema())
+    return write_images(spark, images, out, settings, n_rows=n_rows, started=started,
+                        quarantine=lambda written, n_images: _quarantine_rows(spark, raw, written, n_rows, n_images),
+                        inputs={"raw": input_version(spark, input_url)})
+
+
+def write_images(spark: SparkSession, images: DataFrame, out: str, settings: PreprocessConfig, *, n_rows: int,
+                 quarantine, inputs: dict, started: float, extra: dict | None = None) -> dict:
+    """Write ``images`` (rows of :func:`images_schema`) as the ``images_<size>`` dataset at ``out``, replaced
+    atomically, with its quarantine, the train split's statistics and a manifest; returns the counts.
+
+    ``quarantine(written, n_images)`` gives the quarantine rows once the images are written; the run fails
+    unless ``n_rows`` (the raw rows the images come from) = images + quarantined.
+    """
+    size = settings.size
     est_bytes = n_rows * size * size * PNG_BYTES_PER_PIXEL
     files_per_split = max(settings.min_files_per_split,
                           math.ceil(est_bytes / (settings.row_group_size_mb * 2**20)))
-    spark_schema = schema.as_spark_schema()
     # Resize first, then shuffle: the shuffle moves small resized rows, not the original PNGs.
-    images = (raw.mapInPandas(_resize_partition(size), spark_schema)
-              .repartition(files_per_split, "image_id"))
+    images = images.repartition(files_per_split, "image_id")
     with atomic_output(spark, out) as tmp:
-        with materialize_dataset(spark, tmp, schema, settings.row_group_size_mb):
+        with materialize_dataset(spark, tmp, images_schema(size), settings.row_group_size_mb):
             image_rows_writer(images.write, "image").partitionBy("split").parquet(tmp)
         written = spark.read.parquet(tmp)
         by_split = {r["split"]: r["count"] for r in written.groupBy("split").count().collect()}
-        _quarantine_rows(spark, raw, written, n_rows, sum(by_split.values())).coalesce(1).write.parquet(
-            f"{tmp}/{QUARANTINE_DIR}")
-        quarantine = spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{tmp}/{QUARANTINE_DIR}")
-        reasons = {r["reason"]: r["count"] for r in quarantine.groupBy("reason").count().collect()}
+        quarantine(written, sum(by_split.values())).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
+        quarantined = spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{tmp}/{QUARANTINE_DIR}")
+        reasons = {r["reason"]: r["count"] for r in quarantined.groupBy("reason").count().collect()}
         stats = (written.where("split = 'train'")
                  .agg(F.count("*").alias("n"), F.avg("pixel_mean").alias("mean"),
                       F.avg(F.col("pixel_std") ** 2 + F.col("pixel_mean") ** 2).alias("mean_sq"))
@@ -129,7 +149,7 @@ def preprocess(spark: SparkSession, input_url: str, out: str, settings: Preproce
         if stats["n"]:
             normalization.update(mean=stats["mean"], std=math.sqrt(max(stats["mean_sq"] - stats["mean"] ** 2, 0.0)))
         else:
-            log.warning("no train rows in %s: normalisation statistics are not available", input_url)
+            log.warning("no train rows for %s: normalisation statistics are not available", out)
         write_json(spark, f"{tmp}/{NORMALIZATION_FILE}", normalization)
         counts = {"raw_rows": n_rows, "images": sum(by_split.values()), "quarantined": sum(reasons.values()),
                   "quarantine_reasons": dict(sorted(reasons.items(), key=str)), "splits": dict(sorted(by_split.items())),
@@ -137,7 +157,6 @@ def preprocess(spark: SparkSession, input_url: str, out: str, settings: Preproce
         if counts["raw_rows"] != counts["images"] + counts["quarantined"] or None in reasons:
             raise RuntimeError(f"preprocess counts do not reconcile (raw_rows != images + quarantined, or a "
                                f"quarantined row decodes): {counts}")
-        finish_manifest(spark, tmp, "preprocess", started, config=settings,
-                        inputs={"raw": input_version(spark, input_url)},
-                        counts=counts, extra={"normalization": normalization})
+        finish_manifest(spark, tmp, "preprocess", started, config=settings, inputs=inputs, counts=counts,
+                        extra={"normalization": normalization, **(extra or {})})
     return {**counts, "normalization": normalization}

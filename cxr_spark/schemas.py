@@ -49,6 +49,12 @@ def images_schema(size: int) -> Unischema:
     ])
 
 
+#: The quarantine dataset, inside the dataset it belongs to (``raw`` or ``images_<size>``): replaced
+#: atomically with it, and skipped by Spark and Petastorm (names starting with ``_``).
+QUARANTINE_DIR = "_quarantine"
+QUARANTINE_SCHEMA = "source_path string, image_id string, reason string, detail string, kind string"
+
+
 def encode_column(schema: Unischema, name: str, values) -> list:
     """Encode a column of numpy values with the field's codec (what Petastorm stores in Parquet)."""
     field = schema.fields[name]

@@ -165,3 +165,18 @@ def atomic_output(spark: SparkSession, out: str) -> Iterator[str]:
     if had_previous:
         fs.delete(old)
     log.info("wrote %s", out)
+
+
+@contextmanager
+def scratch_dir(spark: SparkSession, beside: str) -> Iterator[str]:
+    """Yield a hidden folder next to ``beside`` (``.<name>.scratch-<run>``) for a job's intermediate data;
+    it is deleted when the block ends, whether the job succeeded or failed."""
+    url = to_url(beside)
+    parent, name = url.rsplit("/", 1)
+    scratch = f"{parent}/.{name}.scratch-{uuid.uuid4().hex[:8]}"
+    fs = FileSystem(spark, url)
+    fs.mkdirs(parent)
+    try:
+        yield scratch
+    finally:
+        fs.delete(scratch)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import gzip
+import json
 import shutil
 from collections import Counter
 
@@ -78,15 +79,7 @@ def test_undecodable_pngs_are_quarantined_by_ingest_or_preprocess_and_nothing_is
     from cxr_spark.config import override
     from cxr_spark.preprocess import preprocess
 
-    dump = tmp_path / "dump"
-    shutil.copytree(tiny_dump, dump)
-    good = sorted((dump / "images_001" / "images").glob("*.png"))
-    truncated, damaged = good[0], good[1]
-    truncated.write_bytes(truncated.read_bytes()[:-100])  # a copy cut short: no IEND chunk at the end
-    data = bytearray(damaged.read_bytes())
-    middle = len(data) // 2
-    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])  # same length, pixels corrupt
-    damaged.write_bytes(bytes(data))
+    dump, good, truncated, damaged = _dump_with_undecodable_pngs(tiny_dump, tmp_path)
     raw, images = tmp_path / "raw", tmp_path / "images"
     counts = ingest(spark, str(dump), str(raw), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest)
     quarantine = spark.read.schema(QUARANTINE_SCHEMA).parquet(str(raw / QUARANTINE_DIR)).toPandas()
@@ -107,6 +100,56 @@ def test_undecodable_pngs_are_quarantined_by_ingest_or_preprocess_and_nothing_is
     for folder, column in ((raw, "png"), (images, "image")):
         for chunk in _column_chunks(folder, column):
             assert chunk.compression == "UNCOMPRESSED" and not any("DICTIONARY" in e for e in chunk.encodings)
+
+
+def _dump_with_undecodable_pngs(tiny_dump, tmp_path):
+    """A copy of the tiny dump with one PNG cut short (no IEND chunk) and one of the same length whose
+    compressed pixels are damaged; returns the dump, its PNGs and those two."""
+    dump = tmp_path / "dump"
+    shutil.copytree(tiny_dump, dump)
+    good = sorted((dump / "images_001" / "images").glob("*.png"))
+    truncated, damaged = good[0], good[1]
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    data = bytearray(damaged.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    damaged.write_bytes(bytes(data))
+    return dump, good, truncated, damaged
+
+
+def test_one_pass_writes_what_preprocess_writes_and_quarantines_undecodable_pngs_at_ingest(spark, tiny_dump,
+                                                                                          tmp_path, config):
+    """ingest --images-out: images_<size> from the same pass over the files, equal to preprocess of raw."""
+    from cxr_spark.config import override
+    from cxr_spark.preprocess import preprocess
+
+    dump, good, truncated, damaged = _dump_with_undecodable_pngs(tiny_dump, tmp_path)
+    raw, one_pass, two_stage = tmp_path / "raw", tmp_path / "images_one_pass", tmp_path / "images_two_stage"
+    resize = override(config.preprocess, size=32, min_files_per_split=1)
+    counts = ingest(spark, str(dump), str(raw), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest,
+                    images_out=str(one_pass), resize=resize)
+    quarantine = spark.read.schema(QUARANTINE_SCHEMA).parquet(str(raw / QUARANTINE_DIR)).toPandas().set_index("image_id")
+    assert quarantine.loc[[truncated.name, damaged.name], "reason"].tolist() == ["corrupt_image"] * 2
+    assert "IEND" in quarantine.loc[truncated.name, "detail"] and "decode" in quarantine.loc[damaged.name, "detail"]
+    assert counts["files_listed"] == len(good) == counts["ingested"] + counts["quarantined"]
+    assert counts["quarantined"] == 2
+    images = counts["images"]
+    assert images["raw_rows"] == counts["ingested"] == images["images"] and images["quarantined"] == 0
+    assert images["splits"] == counts["splits"]
+    stored = {row.image_id for row in read_rows(one_pass, ["image_id"])}
+    assert stored == {path.name for path in good} - {truncated.name, damaged.name}
+
+    # the independent expectation: preprocess of the raw dataset this ingest wrote
+    expected = preprocess(spark, str(raw), str(two_stage), resize)
+    assert expected["images"] == images["images"] and expected["normalization"] == images["normalization"]
+    one, two = spark.read.parquet(str(one_pass)), spark.read.parquet(str(two_stage))
+    assert one.columns == two.columns
+    assert one.exceptAll(two).count() == 0 and two.exceptAll(one).count() == 0  # same rows, same image bytes
+    manifest = json.loads((one_pass / "_manifest.json").read_text())
+    assert manifest["inputs"]["raw"]["url"] == f"file://{raw}" and manifest["written_by"] == "ingest --images-out"
+    assert json.loads((one_pass / "_normalization.json").read_text()) == images["normalization"]
+    for chunk in _column_chunks(one_pass, "image"):
+        assert chunk.compression == "UNCOMPRESSED" and not any("DICTIONARY" in e for e in chunk.encodings)
 
 
 def _column_chunks(folder, column):

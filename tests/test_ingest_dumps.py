@@ -137,6 +137,42 @@ def test_append_new_adds_only_new_files_and_twice_adds_nothing(spark, tmp_path, 
     assert dict(_content_hashes(spark, raw)) == after
 
 
+def test_append_new_with_images_out_keeps_images_in_step_with_raw(spark, tmp_path, config):
+    """Daily dumps in one pass: each append-new run adds the new files to raw and to images_<size>, which
+    then equals preprocess of the whole raw dataset; an images dataset made from another raw is refused."""
+    import pytest
+
+    from cxr_spark.config import override
+    from cxr_spark.preprocess import preprocess
+
+    dump, raw, images = tmp_path / "dump", tmp_path / "raw", tmp_path / "images_8"
+    resize = override(config.preprocess, size=8, min_files_per_split=1)
+
+    def append(out=raw):
+        return ingest(spark, str(dump), str(out), None, None, config.ingest, mode="append-new",
+                      images_out=str(images), resize=resize)
+
+    _write_pngs(dump, [f"img_{i:03d}.png" for i in range(6)], seed=1)
+    first = append()  # no raw dataset yet: everything is new
+    assert first["ingested"] == 6 and first["images"]["images"] == 6
+    _write_pngs(dump, [f"new_{i}.png" for i in range(3)], seed=2)
+    added = append()
+    assert added["ingested"] == 3 and added["skipped_existing"] == 6 and added["rows"] == 9
+    assert added["images"]["raw_rows"] == added["images"]["images"] == 9
+    expected = preprocess(spark, str(raw), str(tmp_path / "expected"), resize)
+    one, two = spark.read.parquet(str(images)), spark.read.parquet(str(tmp_path / "expected"))
+    assert expected["images"] == 9 and one.exceptAll(two).count() == 0 and two.exceptAll(one).count() == 0
+    again = append()
+    assert again["ingested"] == 0 and again["images"]["images"] == 9
+    assert {row.image_id for row in read_rows(images, ["image_id"])} == {p.name for p in dump.iterdir()}
+
+    ingest(spark, str(dump), str(tmp_path / "other_raw"), None, None, config.ingest)
+    manifest = (images / "_manifest.json").read_text()
+    with pytest.raises(ValueError, match="not made from the raw dataset"):
+        append(tmp_path / "other_raw")
+    assert (images / "_manifest.json").read_text() == manifest  # refused before anything was written
+
+
 def _wait_for(predicate, timeout: float, what: str):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
