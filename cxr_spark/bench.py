@@ -119,9 +119,13 @@ def subset_dump(dump: Path, out: Path, n_images: int) -> Path:
     return out
 
 
+PATHS = ("one pass", "two stages")  # ingest --images-out; ingest, then preprocess
+
+
 def spark_rates(dumps: dict[str, Path], work: Path, size: int, repeats: int) -> dict:
-    """Ours (ingest + preprocess) timed on a small and a full dump, interleaved, and Spark's built-in
-    image source doing the same resize on the full one. Returns median seconds per stage and dump."""
+    """Both ways from a dump to ``images_<size>`` (``ingest --images-out``, and ingest then preprocess)
+    timed on a small and a full dump, interleaved, and Spark's built-in image source doing the same
+    resize on the full one. Returns median seconds per path, dump and stage."""
     import pandas as pd
 
     from cxr_spark.config import load_config, override
@@ -130,17 +134,25 @@ def spark_rates(dumps: dict[str, Path], work: Path, size: int, repeats: int) -> 
     from cxr_spark.session import build_session
 
     config = load_config()
+    resize = override(config.preprocess, size=size)
     spark = build_session("cxr-spark bench")
     try:
-        def ours(dump: Path) -> tuple[float, float]:
+        def one_pass(dump: Path) -> dict:
+            started = time.perf_counter()
+            ingest(spark, str(dump), str(work / "raw"), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest,
+                   images_out=str(work / "images"), resize=resize)
+            return {"total": time.perf_counter() - started}
+
+        def two_stages(dump: Path) -> dict:
             started = time.perf_counter()
             ingest(spark, str(dump), str(work / "raw"), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest)
             ingested = time.perf_counter()
-            preprocess(spark, str(work / "raw"), str(work / "images"), override(config.preprocess, size=size))
-            return ingested - started, time.perf_counter() - ingested
+            preprocess(spark, str(work / "raw"), str(work / "images"), resize)
+            done = time.perf_counter()
+            return {"ingest": ingested - started, "preprocess": done - ingested, "total": done - started}
 
         def image_source():
-            def resize(batches):
+            def resize_rows(batches):
                 for frame in batches:
                     out = []
                     for data, height, width in zip(frame["data"], frame["height"], frame["width"]):
@@ -150,20 +162,18 @@ def spark_rates(dumps: dict[str, Path], work: Path, size: int, repeats: int) -> 
 
             (spark.read.format("image").option("dropInvalid", True).option("recursiveFileLookup", "true")
              .load(str(dumps["full"])).select("image.data", "image.height", "image.width")
-             .mapInPandas(resize, "image binary").write.mode("overwrite").parquet(str(work / "image_source")))
+             .mapInPandas(resize_rows, "image binary").write.mode("overwrite").parquet(str(work / "image_source")))
 
-        ours(dumps["full"])  # warm-up: JVM, Python workers, page cache
-        times = {name: {"ingest": [], "preprocess": []} for name in dumps}
+        paths = {"one pass": one_pass, "two stages": two_stages}
+        for path in paths.values():  # warm-up: JVM, Python workers, page cache
+            path(dumps["full"])
+        times = {path: {name: [] for name in dumps} for path in paths}
         for _ in range(repeats):
-            for name, dump in dumps.items():
-                ingest_s, preprocess_s = ours(dump)
-                times[name]["ingest"].append(ingest_s)
-                times[name]["preprocess"].append(preprocess_s)
-        result = {name: {stage: statistics.median(values) for stage, values in stages.items()}
-                  for name, stages in times.items()}
-        for name in times:
-            result[name]["total"] = statistics.median(
-                [a + b for a, b in zip(times[name]["ingest"], times[name]["preprocess"])])
+            for path, run_path in paths.items():
+                for name, dump in dumps.items():
+                    times[path][name].append(run_path(dump))
+        result = {path: {name: {stage: statistics.median(run[stage] for run in runs) for stage in runs[0]}
+                         for name, runs in by_dump.items()} for path, by_dump in times.items()}
         n_full = len(list(dumps["full"].rglob("*.png")))
         result["spark image source"] = n_full / _median_rate(image_source, n_full, repeats)
         result["slots"] = spark.sparkContext.defaultParallelism
@@ -220,25 +230,31 @@ def ingest_figures(base: Path, n_images: int, size: int, repeats: int) -> dict:
     limit = max(decoder["images_per_s"] for decoder in decoders.values())
     slots = spark["slots"]
     n_full = len(paths)
-    # Marginal: the cost of more images once the fixed per-run cost (Spark jobs, listing, Petastorm metadata,
-    # manifests, renames) is paid; what a full-size run approaches.
-    marginal = {stage: (n_full - n_small) / (spark["full"][stage] - spark["small"][stage])
-                for stage in ("ingest", "preprocess", "total")}
-    plain = n_full / spark["full"]["total"]
+    figures = {}
+    for path in PATHS:
+        seconds = spark[path]
+        # Marginal: the cost of more images once the fixed per-run cost (Spark jobs, listing, Petastorm
+        # metadata, manifests, renames) is paid; what a full-size run approaches.
+        marginal = {stage: (n_full - n_small) / (seconds["full"][stage] - seconds["small"][stage])
+                    for stage in seconds["full"]}
+        plain = n_full / seconds["full"]["total"]
+        figures[path] = {
+            "seconds": seconds, "marginal_images_per_s": marginal,
+            "marginal_ratio_to_n_x_limit": marginal["total"] / (slots * limit),
+            "plain_images_per_s": plain, "plain_ratio_to_n_x_limit": plain / (slots * limit),
+            "fixed_seconds_per_run": seconds["full"]["total"] - n_full / marginal["total"],
+            "projected_full_nih_hours_per_core": NIH_IMAGES / (marginal["total"] / slots) / 3600,
+        }
+    ours = figures["one pass"]["plain_images_per_s"]
     return {
         "images": n_full, "small_images": n_small, "size": size, "repeats": repeats, "cores": os.cpu_count(),
         "spark_slots": slots,
         "single_process_rates": decoders, "ours": OURS,
         "limit_images_per_s_per_core": limit,
-        "spark_seconds": {name: spark[name] for name in ("small", "full")},
-        "spark_marginal_images_per_s": marginal,
-        "marginal_ratio_to_n_x_limit": marginal["total"] / (slots * limit),
-        "spark_plain_images_per_s": plain,
-        "plain_ratio_to_n_x_limit": plain / (slots * limit),
-        "fixed_seconds_per_run": spark["full"]["total"] - n_full / marginal["total"],
-        "spark_image_source_ratio_to_ours": (n_full / spark["spark image source"]) / plain,
-        "keras_flow_from_directory_ratio_to_ours": keras / plain,
-        "projected_full_nih_hours_per_core": NIH_IMAGES / (marginal["total"] / slots) / 3600,
+        "spark_paths": figures,
+        "one_pass_ratio_to_two_stages": ours / figures["two stages"]["plain_images_per_s"],
+        "spark_image_source_ratio_to_ours": (n_full / spark["spark image source"]) / ours,
+        "keras_flow_from_directory_ratio_to_ours": keras / ours,
         "load_average_1min": [load_before, _load_average()],
     }
 
@@ -247,7 +263,6 @@ def model_dataset(spark, base: Path, n_images: int, size: int) -> str:
     """The training and scoring parts' ``images_<size>``: synthetic films ingested and preprocessed (untimed)."""
     from cxr_spark.config import load_config, override
     from cxr_spark.ingest import ingest
-    from cxr_spark.preprocess import preprocess
 
     dump, work = base / "model_dump", base / "model_work"
     images = work / f"images_{size}"
@@ -260,8 +275,8 @@ def model_dataset(spark, base: Path, n_images: int, size: int) -> str:
     config = load_config()
     log.info("bench: ingesting and preprocessing %d synthetic films to %dpx for the training and scoring parts",
              n_images, size)
-    ingest(spark, str(dump), str(work / "raw"), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest)
-    preprocess(spark, str(work / "raw"), str(images), override(config.preprocess, size=size))
+    ingest(spark, str(dump), str(work / "raw"), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest,
+           images_out=str(images), resize=override(config.preprocess, size=size))
     return str(images)
 
 
@@ -315,28 +330,37 @@ def format_report(result: dict) -> str:
 
     sections = []
     if "images" in result:
-        seconds, marginal = result["spark_seconds"], result["spark_marginal_images_per_s"]
         n, small, slots = result["images"], result["small_images"], result["spark_slots"]
         lines = [f"Ingest + preprocess benchmark: {n} synthetic 1024x1024 PNGs -> {result['size']}px, "
                  f"median of {result['repeats']} runs, {slots} Spark slots on {result['cores']} cores", "",
                  "1. single-process decode + resize (images/s on one core):"]
         lines += [f"     {rate['images_per_s']:8.1f}  {name}  (mean |diff| from one INTER_AREA step: "
                   f"{rate['mean_abs_diff']:.2f} gray levels)" for name, rate in result["single_process_rates"].items()]
+        lines += [f"   limit = the fastest: {result['limit_images_per_s_per_core']:.1f} images/s per core",
+                  f"2. Spark, dump -> images_{result['size']}, local[{slots}] (N = {slots}); goal >= 0.80 x (N x limit):"]
+        for path, label in (("one pass", "ingest --images-out (one pass)"), ("two stages", "ingest, then preprocess")):
+            fig = result["spark_paths"][path]
+            seconds = fig["seconds"]["full"]
+            split = (f": ingest {seconds['ingest']:.1f} s + preprocess {seconds['preprocess']:.1f} s"
+                     if "ingest" in seconds else "")
+            lines += [
+                f"   {label}:",
+                f"     marginal: {fig['marginal_images_per_s']['total']:.1f} images/s = "
+                f"{fig['marginal_ratio_to_n_x_limit']:.2f} x (N x limit)"
+                f"  [({n} - {small}) images / (time for {n} - time for {small})]",
+                f"     plain: {fig['plain_images_per_s']:.1f} images/s = {fig['plain_ratio_to_n_x_limit']:.2f} x "
+                f"(N x limit)  [{n} images in {seconds['total']:.1f} s{split}; "
+                f"~{fig['fixed_seconds_per_run']:.1f} s fixed per run]",
+            ]
+        paths = result["spark_paths"]
         lines += [
-            f"   limit = the fastest: {result['limit_images_per_s_per_core']:.1f} images/s per core",
-            f"2. Spark ingest + preprocess, local[{slots}] (N = {slots}):",
-            f"     marginal: {marginal['total']:.1f} images/s = {result['marginal_ratio_to_n_x_limit']:.2f} x (N x limit)  "
-            f"(goal >= 0.80)  [({n} - {small}) images / (time for {n} - time for {small})]",
-            f"       ingest {1000 / marginal['ingest']:.1f} ms + preprocess {1000 / marginal['preprocess']:.1f} ms "
-            f"per image on {slots} slots",
-            f"     plain: {result['spark_plain_images_per_s']:.1f} images/s = {result['plain_ratio_to_n_x_limit']:.2f} x "
-            f"(N x limit)  [{n} images in {seconds['full']['total']:.1f} s: ingest {seconds['full']['ingest']:.1f} s + "
-            f"preprocess {seconds['full']['preprocess']:.1f} s, of which ~{result['fixed_seconds_per_run']:.1f} s "
-            f"fixed per run]",
+            f"   one pass / two stages (plain rates): {result['one_pass_ratio_to_two_stages']:.2f}",
             f"3. Spark image source + same resize: {result['spark_image_source_ratio_to_ours']:.2f} x ours; "
-            f"Keras flow_from_directory: {result['keras_flow_from_directory_ratio_to_ours']:.2f} x ours  (plain rates)",
+            f"Keras flow_from_directory: {result['keras_flow_from_directory_ratio_to_ours']:.2f} x ours  "
+            f"(plain rates; ours = one pass)",
             f"4. projected for all {NIH_IMAGES:,} NIH images at the marginal rate: "
-            f"{result['projected_full_nih_hours_per_core']:.2f} hours per core",
+            f"{paths['one pass']['projected_full_nih_hours_per_core']:.2f} hours per core in one pass, "
+            f"{paths['two stages']['projected_full_nih_hours_per_core']:.2f} in two stages",
             _load_line(result["load_average_1min"]),
         ]
         sections.append("\n".join(lines))
@@ -351,8 +375,8 @@ def format_report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cxr_spark.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--n-images", type=int, default=400,
-                        help="synthetic 1024x1024 PNGs (default 400); the marginal rate also times the first quarter")
+    parser.add_argument("--n-images", type=int, default=800,
+                        help="synthetic 1024x1024 PNGs (default 800); the marginal rate also times the first quarter")
     parser.add_argument("--size", type=int, default=224, help="resize target (default 224)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is shown")
     parser.add_argument("--skip", action="append", choices=PARTS, default=[],

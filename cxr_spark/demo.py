@@ -12,7 +12,6 @@ from cxr_spark.config import load_config, override
 from cxr_spark.features import features
 from cxr_spark.gradcam import GradcamRequest
 from cxr_spark.ingest import ingest
-from cxr_spark.preprocess import preprocess
 from cxr_spark.report import report
 from cxr_spark.score import score
 from cxr_spark.session import build_session
@@ -81,9 +80,10 @@ def run_demo(args: argparse.Namespace) -> dict:
     spark = build_session("cxr-spark demo", args.spark_conf)
     try:
         dump, raw, images = str(run / "dump"), str(run / "raw"), str(run / f"images_{args.size}")
-        timed("ingest", partial(ingest, bbox=f"{dump}/{BBOX_FILE}"), spark, dump, raw, f"{dump}/Data_Entry_2017.csv",
-              dump, config.ingest)
-        timed("preprocess", preprocess, spark, raw, images, override(config.preprocess, size=args.size))
+        # ingest and preprocess in one pass over the files (cxr-spark ingest --images-out)
+        timed("ingest+preprocess", partial(ingest, bbox=f"{dump}/{BBOX_FILE}", images_out=images,
+                                           resize=override(config.preprocess, size=args.size)),
+              spark, dump, raw, f"{dump}/Data_Entry_2017.csv", dump, config.ingest)
         # the classical big-data baseline the report sets beside the CNN
         baseline = timed("features", features, spark, images, str(run / "features"), config.features,
                          str(run / "baseline"))
