@@ -43,7 +43,7 @@ from cxr_spark.ingest import QUARANTINE_DIR
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.input_pipeline import model_inputs
 from cxr_spark.score import loaded_model, predict_probabilities
-from cxr_spark.storage import FileSystem, content_sha256, local_path, read_bytes, read_json, to_url
+from cxr_spark.storage import FileSystem, content_sha256, listed_files, local_path, read_bytes, read_json, to_url
 from cxr_spark.train import MODEL_FILE, load_model_card
 
 log = logging.getLogger(__name__)
@@ -298,10 +298,7 @@ def list_dump(spark: SparkSession, images: str) -> tuple[DataFrame, DataFrame]:
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
              .option("pathGlobFilter", IMAGE_GLOB).load(to_url(images)))
     hashed = files.select(F.col("path").alias("source_path"), content_sha256(F.col("content")).alias("content_sha256"))
-    listed = spark.createDataFrame([(path,) for path in files.inputFiles()], "source_path string").select(
-        # the file index spells local URLs file:///x where rows say file:/x
-        F.regexp_replace("source_path", r"^([A-Za-z][A-Za-z0-9+.-]*):///", "$1:/").alias("source_path"))
-    empty = listed.join(hashed, "source_path", "left_anti").withColumn("content_sha256", F.lit(EMPTY_SHA256))
+    empty = listed_files(spark, files, "source_path").join(hashed, "source_path", "left_anti").withColumn("content_sha256", F.lit(EMPTY_SHA256))
     return files, hashed.unionByName(empty)
 
 

@@ -38,8 +38,8 @@ from cxr_spark.preprocess import resize_encoded, write_images
 from cxr_spark.schemas import (QUARANTINE_DIR, QUARANTINE_SCHEMA, RawSchema, encode_column, images_schema,
                                metadata_columns)
 from cxr_spark.splits import hash_split, official_split
-from cxr_spark.storage import (FileSystem, atomic_output, image_rows_writer, local_path, read_json, scratch_dir,
-                               to_url)
+from cxr_spark.storage import (FileSystem, atomic_output, image_rows_writer, listed_files, local_path, read_json,
+                               read_local_file, scratch_dir, to_url)
 
 log = logging.getLogger(__name__)
 
@@ -144,11 +144,6 @@ def index_file(data: bytes, size: int | None = None) -> dict:
     return row
 
 
-def _read_file(url: str) -> bytes:
-    with open(local_path(url), "rb") as handle:
-        return handle.read()
-
-
 def _index_partition(size: int | None, read_files: bool):
     """The mapInPandas function of pass 1 over ``binaryFile`` rows: :func:`index_file` of every file.
 
@@ -160,7 +155,7 @@ def _index_partition(size: int | None, read_files: bool):
 
     def index(batches):
         for frame in batches:
-            rows = [index_file(_read_file(path) if read_files else content, size) for path, content in
+            rows = [index_file(read_local_file(path) if read_files else content, size) for path, content in
                     zip(frame["path"], frame["path"] if read_files else frame["content"])]
             yield pd.concat([frame[["path", "length"]].reset_index(drop=True), pd.DataFrame(rows, columns=columns)],
                             axis=1)
@@ -269,10 +264,7 @@ def _index_files(spark: SparkSession, files: DataFrame, layout: str, stage: str,
     index = source.mapInPandas(_index_partition(size, read_files), out)
     (image_rows_writer(index.write, "image") if size else index.write).parquet(stage)
     read = spark.read.parquet(stage).select("path", "length", "content_sha256", *INSPECT_COLUMNS)
-    listing = spark.createDataFrame([(path,) for path in files.inputFiles()], "path string").select(
-        # the file index spells local URLs file:///x where rows say file:/x
-        F.regexp_replace("path", r"^([A-Za-z][A-Za-z0-9+.-]*):///", "$1:/").alias("path"))
-    empty = listing.join(read.select("path"), "path", "left_anti").select(
+    empty = listed_files(spark, files).join(read.select("path"), "path", "left_anti").select(
         "path", F.lit(0).cast("long").alias("length"), F.lit(None).cast("string").alias("content_sha256"),
         *[F.lit(None).cast(dtype).alias(name) for name, dtype in
           (field.split() for field in INSPECT_OUT.split(", ")[:-2])],

@@ -11,13 +11,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import uuid
 from contextlib import contextmanager
 from typing import Iterator
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import pandas as pd
-from pyspark.sql import Column, DataFrameWriter, SparkSession
+from pyspark.sql import Column, DataFrame, DataFrameWriter, SparkSession
 from pyspark.sql import functions as F
 
 log = logging.getLogger(__name__)
@@ -70,6 +71,25 @@ class FileSystem:
             stream.write(bytearray(text.encode("utf-8")))
         finally:
             stream.close()
+
+
+def listed_files(spark: SparkSession, files: DataFrame, column: str = "path") -> DataFrame:
+    """Every file in the file index of ``files`` (a ``binaryFile`` DataFrame), 0-byte files included (Spark
+    makes no row for them), spelled as its rows spell ``path``: the index gives URIs (``file:///a%20b.png``),
+    the rows Hadoop paths (``file:/a b.png``)."""
+    paths = [re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*):///", r"\1:/", unquote(uri)) for uri in files.inputFiles()]
+    return spark.createDataFrame([(path,) for path in paths], f"{column} string")
+
+
+def read_local_file(path: str) -> bytes:
+    """The bytes of a file named as ``binaryFile`` rows name local files (``file:/a b#1.png``: not a URL,
+    so no fragment or percent-decoding)."""
+    if path.startswith("file:"):
+        path = path[len("file:"):]
+        if path.startswith("//"):
+            path = "/" + path.lstrip("/")
+    with open(path, "rb") as handle:
+        return handle.read()
 
 
 def _sha256_hex(content: pd.Series) -> pd.Series:

@@ -104,6 +104,19 @@ def _write_pngs(folder: Path, names, seed: int) -> None:
         Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(folder / name)
 
 
+def test_file_names_with_spaces_and_url_characters_are_each_read_once(spark, tmp_path, config):
+    """A file name is not a URL: spaces, '#', '%20' and non-ASCII letters name exactly one file each
+    (pass 1 reads the file itself; the file index, which spells paths as URIs, finds the empty one)."""
+    names = ["a b.png", "c%20d.png", "e#f.png", "\u00fc.png"]
+    dump = tmp_path / "dump" / "my folder"
+    _write_pngs(dump, names, seed=4)
+    (dump / "empty file.png").write_bytes(b"")
+    counts = ingest(spark, str(tmp_path / "dump"), str(tmp_path / "raw"), None, None, config.ingest)
+    assert counts["files_listed"] == 5 and counts["ingested"] == 4 and counts["quarantine_reasons"] == {"empty_file": 1}
+    rows = spark.read.parquet(str(tmp_path / "raw")).select("image_id", "png").collect()
+    assert {row.image_id: bytes(row.png) for row in rows} == {name: (dump / name).read_bytes() for name in names}
+
+
 def _content_hashes(spark, raw: Path) -> list[tuple[str, str]]:
     return sorted(tuple(r) for r in spark.read.parquet(str(raw)).select("image_id", "content_sha256").collect())
 
