@@ -148,7 +148,8 @@ def _index_partition(size: int | None, read_files: bool):
     """The mapInPandas function of pass 1 over ``binaryFile`` rows: :func:`index_file` of every file.
 
     With ``read_files`` each Python worker reads its files itself (local and mounted paths): the bytes
-    then never pass through the JVM and Arrow on their way to Python, which halved pass 1's JVM CPU.
+    then never pass through the JVM and Arrow on their way to Python (ingest of 2,000 PNGs: JVM CPU
+    23 -> 14 s, wall 17.4 -> 11.7 s).
     Otherwise (HDFS, S3, ...) they come in the ``content`` column.
     """
     columns = ["content_sha256"] + INSPECT_COLUMNS + (["image", "pixel_mean", "pixel_std"] if size else [])
