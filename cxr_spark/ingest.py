@@ -19,7 +19,6 @@ once instead of twice, the fastest way from a dump to training data (``make benc
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import time
 
@@ -39,7 +38,7 @@ from cxr_spark.schemas import (QUARANTINE_DIR, QUARANTINE_SCHEMA, RawSchema, enc
                                metadata_columns)
 from cxr_spark.splits import hash_split, official_split
 from cxr_spark.storage import (FileSystem, atomic_output, image_rows_writer, listed_files, local_path, read_json,
-                               read_local_file, scratch_dir, to_url)
+                               read_local_file, scratch_dir, sha256_hex, to_url)
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +132,7 @@ def index_file(data: bytes, size: int | None = None) -> dict:
     """Pass 1 for one file: :func:`inspect_file`, its SHA-256 and, with ``size``, the image decoded and resized
     as ``images_<size>`` stores it (then a file whose pixels do not decode is quarantined here)."""
     row = inspect_file(data)
-    row["content_sha256"] = hashlib.sha256(data).hexdigest() if len(data) else None
+    row["content_sha256"] = sha256_hex(data)
     if size is not None:
         row.update(image=None, pixel_mean=None, pixel_std=None)
         if row["reason"] is None:

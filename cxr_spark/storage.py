@@ -92,8 +92,13 @@ def read_local_file(path: str) -> bytes:
         return handle.read()
 
 
+def sha256_hex(data: bytes | None) -> str | None:
+    """SHA-256 (hex) of a file's bytes, by OpenSSL; None for a null."""
+    return None if data is None else hashlib.sha256(data).hexdigest()
+
+
 def _sha256_hex(content: pd.Series) -> pd.Series:
-    return content.map(lambda data: None if data is None else hashlib.sha256(data).hexdigest())
+    return content.map(sha256_hex)
 
 
 def content_sha256(content: Column) -> Column:
