@@ -19,6 +19,7 @@ class IngestConfig:
     test_fraction: float
     split_seed: int
     row_group_size_mb: int
+    worker_file_io: bool
 
 
 @dataclass(frozen=True)

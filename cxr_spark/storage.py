@@ -17,7 +17,10 @@ from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import unquote, urlparse
 
+import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pyspark.sql import Column, DataFrame, DataFrameWriter, SparkSession
 from pyspark.sql import functions as F
 
@@ -81,14 +84,19 @@ def listed_files(spark: SparkSession, files: DataFrame, column: str = "path") ->
     return spark.createDataFrame([(path,) for path in paths], f"{column} string")
 
 
-def read_local_file(path: str) -> bytes:
-    """The bytes of a file named as ``binaryFile`` rows name local files (``file:/a b#1.png``: not a URL,
-    so no fragment or percent-decoding)."""
+def local_file_path(path: str) -> str:
+    """The local path of a file named as ``binaryFile`` rows name local files (``file:/a b#1.png``: not a
+    URL, so no fragment or percent-decoding)."""
     if path.startswith("file:"):
         path = path[len("file:"):]
         if path.startswith("//"):
             path = "/" + path.lstrip("/")
-    with open(path, "rb") as handle:
+    return path
+
+
+def read_local_file(path: str) -> bytes:
+    """The bytes of a file named as :func:`local_file_path` takes it."""
+    with open(local_file_path(path), "rb") as handle:
         return handle.read()
 
 
@@ -115,6 +123,127 @@ def image_rows_writer(writer: DataFrameWriter, image_column: str) -> DataFrameWr
     """Parquet options for rows whose ``image_column`` holds PNG or JPEG bytes, compressed already:
     Parquet's compression and its dictionary (which hashes every image) would only cost CPU."""
     return writer.option("compression", "none").option(f"parquet.enable.dictionary#{image_column}", "false")
+
+
+class ImageColumn:
+    """The image bytes of one row group, read from files (or given) into one buffer that is reused for
+    the next row group.
+
+    Memory the process has not touched before is slow here: copying into fresh memory ran at 0.77 GB/s
+    against 5.7-7.6 GB/s into reused memory (2 cores, 24 GiB VM). Reading 588 KB PNGs into a reused
+    buffer took 0.15 ms each, against 0.54 ms as new ``bytes`` objects, plus 1.2 ms more to copy those
+    into Arrow.
+    """
+
+    def __init__(self):
+        self._buffer = np.empty(0, np.uint8)
+        self._offsets = [0]
+
+    def __len__(self) -> int:
+        return len(self._offsets) - 1
+
+    @property
+    def nbytes(self) -> int:
+        return self._offsets[-1]
+
+    def _reserve(self, size: int) -> memoryview:
+        start, end = self._offsets[-1], self._offsets[-1] + size
+        if end > len(self._buffer):
+            grown = np.empty(max(end, 2 * len(self._buffer)), np.uint8)
+            grown[:start] = self._buffer[:start]
+            self._buffer = grown
+        self._offsets.append(end)
+        return memoryview(self._buffer)[start:end]
+
+    def add_file(self, path: str) -> None:
+        with open(path, "rb", buffering=0) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            view = self._reserve(size)
+            done = 0
+            while done < size:
+                n = handle.readinto(view[done:])
+                if not n:
+                    raise OSError(f"{path}: file shrank while being read ({done} of {size} bytes)")
+                done += n
+
+    def add_bytes(self, data: bytes) -> None:
+        self._reserve(len(data))[:] = data
+
+    def take(self) -> pa.Array:
+        """The bytes added since the last ``take``, as an Arrow binary array over the buffer (valid until
+        the next ``add``)."""
+        offsets = pa.py_buffer(np.asarray(self._offsets, np.int32))
+        array = pa.BinaryArray.from_buffers(pa.binary(), len(self), [None, offsets,
+                                                                     pa.py_buffer(self._buffer[:self.nbytes])])
+        self.clear()
+        return array
+
+    def clear(self) -> None:
+        """Forget the bytes added (the buffer is kept for the next ones)."""
+        self._offsets = [0]
+
+
+#: One per process: a Python worker reuses the buffer task after task.
+_IMAGES = ImageColumn()
+
+
+def write_parquet_part(batches: Iterator[tuple[pd.DataFrame, list]], folder: str, name: str, schema: pa.Schema, *,
+                       image_column: str, row_group_bytes: int, attempt: int = 0) -> int:
+    """Write rows from a Python worker as one Parquet file ``folder/name``; returns the rows written.
+
+    Each batch is a pandas frame of ``schema``'s columns but ``image_column`` (the last), and for each row
+    the local path of a file whose bytes are its image, or the bytes themselves. Row groups hold about
+    ``row_group_bytes`` of images, stored without compression or dictionary (they are compressed
+    already), as :func:`image_rows_writer` tells Spark's own writer.
+
+    The file is written under a hidden name (``.name.<attempt>``, which Spark and Petastorm skip) and
+    renamed when complete, so a retried task replaces it whole and no half-written file is ever read.
+    No file is written when there are no rows.
+    """
+    if schema.names[-1] != image_column:
+        raise ValueError(f"{image_column} must be the last column of {schema.names}")
+    partial, final = os.path.join(folder, f".{name}.{attempt}"), os.path.join(folder, name)
+    others = pa.schema(list(schema)[:-1])
+    images, frames, writer, written = _IMAGES, [], None, 0
+    images.clear()
+
+    def flush():
+        nonlocal writer, frames
+        table = pa.Table.from_pandas(pd.concat(frames, ignore_index=True), schema=others, preserve_index=False)
+        table = table.append_column(schema.field(image_column), images.take()).replace_schema_metadata(None)
+        if writer is None:
+            writer = pq.ParquetWriter(partial, schema, use_dictionary=others.names, write_statistics=others.names,
+                                      compression={column: "none" if column == image_column else "snappy"
+                                                   for column in schema.names})
+        writer.write_table(table, row_group_size=table.num_rows)
+        frames = []
+
+    try:
+        for frame, sources in batches:
+            start = 0
+            for row, source in enumerate(sources):
+                if isinstance(source, str):
+                    images.add_file(source)
+                else:
+                    images.add_bytes(source)
+                if images.nbytes >= row_group_bytes:
+                    frames.append(frame.iloc[start:row + 1])
+                    start = row + 1
+                    flush()
+            if start < len(frame):
+                frames.append(frame.iloc[start:])
+            written += len(frame)
+        if frames:
+            flush()
+    except BaseException:
+        if writer is not None:
+            writer.close()
+            os.remove(partial)
+        raise
+    if writer is not None:
+        writer.close()
+        os.replace(partial, final)
+    return written
 
 
 def read_json(spark: SparkSession, url: str) -> dict:

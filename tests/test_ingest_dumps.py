@@ -117,6 +117,48 @@ def test_file_names_with_spaces_and_url_characters_are_each_read_once(spark, tmp
     assert {row.image_id: bytes(row.png) for row in rows} == {name: (dump / name).read_bytes() for name in names}
 
 
+def _same_rows(spark, one: Path, two: Path) -> bool:
+    first, second = spark.read.parquet(str(one)), spark.read.parquet(str(two))
+    return (first.columns == second.columns and first.count() == second.count()
+            and first.exceptAll(second).count() == 0 and second.exceptAll(first).count() == 0)
+
+
+def test_python_workers_and_spark_write_the_same_raw_dataset(spark, tmp_path, config):
+    """Pass 2 two ways: the Python workers write raw's files (local paths, the default) or Spark's binaryFile
+    source and Parquet writer do (HDFS, S3, ``worker_file_io = false``). Both store the same rows and bytes,
+    also when append-new adds to a dataset the other way wrote."""
+    from cxr_spark.config import override
+
+    dump = tmp_path / "dump"
+    _write_pngs(dump, ["a.png", "b.png", "c.png"], seed=1)
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)).save(dump / "d.jpeg")
+    dicom = _dicom_bytes(np.random.default_rng(3).integers(0, 4096, (12, 10)).astype(np.uint16), BitsStored=12,
+                         HighBit=11, PatientName="DOE^JANE", PatientSex="F", ViewPosition="AP")
+    (dump / "IM0001.dcm").write_bytes(dicom)
+    in_spark = override(config.ingest, worker_file_io=False)
+    in_workers = override(config.ingest, worker_file_io=True, row_group_size_mb=1)  # row groups of ~1 MB
+    by_workers, by_spark = tmp_path / "raw_workers", tmp_path / "raw_spark"
+    counts = ingest(spark, str(dump), str(by_workers), None, None, in_workers)
+    assert counts == ingest(spark, str(dump), str(by_spark), None, None, in_spark)
+    assert counts["ingested"] == 5 and counts["formats"] == {"png": 3, "jpeg": 1, "dicom": 1}
+    assert _same_rows(spark, by_workers, by_spark)
+    assert not [name for name in os.listdir(by_workers) if name.startswith(".part-")]  # no attempt left behind
+
+    rng = np.random.default_rng(4)
+    for i in range(40):  # 90 KB each (noise does not compress): 3.6 MB in 2 tasks, so 1 MB row groups split
+        Image.fromarray(rng.integers(0, 256, (300, 300), dtype=np.uint8)).save(dump / f"new_{i:02d}.png")
+    added = ingest(spark, str(dump), str(by_spark), None, None, in_workers, mode="append-new")
+    assert added == ingest(spark, str(dump), str(by_workers), None, None, in_spark, mode="append-new")
+    assert added["ingested"] == 40 and added["skipped_existing"] == 5 and added["rows"] == 45
+    assert _same_rows(spark, by_workers, by_spark)
+    stored = {row.image_id: bytes(row.png) for row in read_rows(by_spark, ["image_id", "png"])}
+    assert {name: stored[name] for name in stored if not name.endswith(".dcm")} == {
+        path.name: path.read_bytes() for path in dump.iterdir() if path.suffix != ".dcm"}
+    workers_files = [pq.ParquetFile(path).metadata for path in by_spark.glob("part-*.parquet")
+                     if not path.name.endswith("-c000.parquet")]  # Spark names its files part-<n>-<uuid>-c000
+    assert workers_files and max(meta.num_row_groups for meta in workers_files) > 1
+
+
 def _content_hashes(spark, raw: Path) -> list[tuple[str, str]]:
     return sorted(tuple(r) for r in spark.read.parquet(str(raw)).select("image_id", "content_sha256").collect())
 
