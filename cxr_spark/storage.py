@@ -148,6 +148,8 @@ class ImageColumn:
 
     def _reserve(self, size: int) -> memoryview:
         start, end = self._offsets[-1], self._offsets[-1] + size
+        if end >= 2**31:  # Arrow's binary arrays have 32-bit offsets
+            raise ValueError(f"a row group of {end} bytes of images: keep row groups under 2 GB")
         if end > len(self._buffer):
             grown = np.empty(max(end, 2 * len(self._buffer)), np.uint8)
             grown[:start] = self._buffer[:start]
