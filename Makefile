@@ -44,6 +44,7 @@ $(ENV_ARCHIVE): $(STAMP) $(wildcard cxr_spark/*.py)
 	$(BIN)/python -m pip wheel -q --no-deps -w dist .
 	VENV=$(PACK_ENV) PYTHON=$(PYTHON) EDITABLE=0 bash scripts/install.sh
 	$(BIN)/venv-pack -p $(PACK_ENV) -o $(ENV_ARCHIVE) --force --quiet
+	rm -rf $(PACK_ENV)  # 2.3 GB rebuilt on every package anyway; the archive holds it
 	@ls -lh dist
 
 clean:  ## remove demo outputs (keeps .venv)

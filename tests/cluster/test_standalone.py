@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -82,13 +84,39 @@ class Cluster:
                 "--conf", "spark.ui.enabled=false", *extra,
                 str(script or ROOT / "spark_jobs" / f"{stage}.py"), *args]
 
+    def run(self, name: str, command: list[str], timeout: float = 900) -> subprocess.CompletedProcess:
+        """spark-submit and wait; the driver's log is kept in the cluster folder. A run that hangs fails
+        with the tails of the driver's log and of the executors' logs, which say why."""
+        try:
+            done = subprocess.run(command, env=self.env, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as hung:
+            stderr = hung.stderr.decode(errors="replace") if isinstance(hung.stderr, bytes) else hung.stderr or ""
+            (self.base / f"{name}.driver.log").write_text(stderr)
+            pytest.fail(f"{name} did not end within {timeout:.0f} s; driver log:\n{stderr[-3000:]}\n"
+                        f"executor logs:\n{self.executor_log_tails()}", pytrace=False)
+        (self.base / f"{name}.driver.log").write_text(done.stderr)
+        assert done.returncode == 0, f"{name} failed:\n{done.stderr[-4000:]}"
+        return done
+
     def submit(self, stage: str, *args: str) -> dict:
         """Run one stage with spark-submit; return the JSON summary it prints last."""
-        done = subprocess.run(self.submit_command(stage, *args), env=self.env, capture_output=True, text=True,
-                              timeout=900)
-        (self.base / f"{stage}.driver.log").write_text(done.stderr)
-        assert done.returncode == 0, f"{stage} failed:\n{done.stderr[-4000:]}"
+        done = self.run(stage, self.submit_command(stage, *args))
         return json.loads(done.stdout.strip().splitlines()[-1].split(": ", 1)[1])
+
+    def executor_log_tails(self, chars: int = 1500) -> str:
+        """The end of each executor's stderr in the newest application on each worker."""
+        tails = []
+        for work in self.work_dirs:
+            apps = sorted(work.glob("app-*"))
+            for log in sorted(apps[-1].glob("*/stderr")) if apps else ():
+                tails.append(f"--- {log}\n{log.read_text(errors='replace')[-chars:]}")
+        return "\n".join(tails) or "(no executor was launched)"
+
+    def free_unpacked_archives(self) -> None:
+        """Delete what executors fetched and unpacked (gigabytes for the environment archive); keep their logs."""
+        for entry in (e for work in self.work_dirs for e in work.glob("app-*/*/*")):
+            if entry.name not in ("stdout", "stderr"):
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
     def app_dirs(self) -> dict[int, set[Path]]:
         return {i: set(work.glob("app-*")) for i, work in enumerate(self.work_dirs)}
@@ -113,6 +141,7 @@ def cluster(tmp_path_factory):
         yield running
     finally:
         running.stop()
+        running.free_unpacked_archives()  # pytest keeps the last 3 runs' folders
 
 
 @pytest.fixture(scope="module")
@@ -193,17 +222,35 @@ def test_ingest_survives_a_killed_executor(cluster, dump, tmp_path):
     assert len(list(app.iterdir())) >= 2, "the master did not replace the killed executor"
 
 
+def _check_room_to_unpack(archive: Path, cluster: Cluster) -> None:
+    """The driver and each executor keep a copy of the archive and unpack it (2.3 GB from 0.89 GB). On a
+    full disk, Spark does not fail the job: it hung for the test's 15 minutes, so check first."""
+    per_copy = 4 * archive.stat().st_size  # the archive + what it unpacks to (2.6x), with room to spare
+    driver_dir, workers_dir = Path(tempfile.gettempdir()), cluster.base
+    same_disk = driver_dir.stat().st_dev == workers_dir.stat().st_dev
+    needs = {workers_dir: (3 if same_disk else 2) * per_copy}
+    if not same_disk:
+        needs[driver_dir] = per_copy
+    for folder, need in needs.items():
+        free = shutil.disk_usage(folder).free
+        assert free >= need, (f"{folder} has {free / 1e9:.1f} GB free; the driver and 2 executors each unpack "
+                              f"{archive.name} and need {need / 1e9:.1f} GB there in all")
+
+
 def test_executors_run_the_packaged_environment_shipped_with_archives(cluster):
     archive = ROOT / "dist" / "cxr-spark-env.tar.gz"
     if not archive.exists():
         if os.environ.get("CI"):
             pytest.fail("dist/cxr-spark-env.tar.gz is missing under CI: `make cluster-test` should have built it")
         pytest.skip("dist/cxr-spark-env.tar.gz is missing: `make package` builds it (`make cluster-test` does)")
+    _check_room_to_unpack(archive, cluster)
     command = cluster.submit_command("probe", script=Path(__file__).with_name("probe_environment.py"),
                                      python="./environment/bin/python",
                                      extra=("--archives", f"{archive}#environment"))
-    done = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
+    try:
+        done = cluster.run("probe", command)
+    finally:
+        cluster.free_unpacked_archives()
     found = json.loads(done.stdout.strip().splitlines()[-1].split(": ", 1)[1])
     assert len(found) == 2
     for executor in found:  # each executor unpacked the archive and ran its Python, with the whole stack
