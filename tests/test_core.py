@@ -118,7 +118,28 @@ def test_resize_square_takes_an_integer_box_average_first_and_stays_near_one_are
         small, one_step = resize_square(image, size), cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
         assert small.shape == (size, size) and small.dtype == np.uint8
         assert np.abs(small.astype(int) - one_step).mean() < 1.0, (side, size)  # 0.5 on real radiographs
-    assert np.array_equal(resize_square(smooth, 256), cv2.resize(smooth, (256, 256), interpolation=cv2.INTER_AREA))
+    # 1024 -> 256 is two 2x2 averages, each rounded: within one gray level of the exact 4x4 box mean
+    exact = np.round(smooth.reshape(256, 4, 256, 4).mean(axis=(1, 3)))
+    assert np.abs(resize_square(smooth, 256).astype(int) - exact).max() <= 1
+    # an odd factor is one box step: 672 -> 224 is OpenCV's 3x3 area average itself
+    assert np.array_equal(resize_square(smooth[:672, :672], 224),
+                          cv2.resize(smooth[:672, :672], (224, 224), interpolation=cv2.INTER_AREA))
+
+
+def test_encode_png_is_lossless_for_other_decoders_and_keeps_opencvs_writer_on_request():
+    import cv2
+
+    rng = np.random.default_rng(8)
+    smooth = cv2.GaussianBlur(rng.integers(0, 256, (224, 224)).astype(np.uint8), (0, 0), 2)
+    for image in (smooth, rng.integers(0, 256, (5, 7), dtype=np.uint8), np.full((1, 1), 255, np.uint8)):
+        data = encode_png(image)
+        assert np.array_equal(np.asarray(Image.open(__import__("io").BytesIO(data))), image)  # Pillow checks CRCs
+        assert np.array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED).reshape(image.shape),
+                              image)
+        assert png_header(data)[:2] == (image.shape[1], image.shape[0])
+        check_png_end(data[-PNG_TAIL_BYTES:])
+    assert len(encode_png(smooth)) < 0.75 * smooth.size  # compressed, not stored
+    assert encode_png(smooth, compression=3) == cv2.imencode(".png", smooth, [cv2.IMWRITE_PNG_COMPRESSION, 3])[1].tobytes()
 
 
 def test_png_end_check_finds_a_truncated_file_from_its_last_bytes():
