@@ -408,6 +408,7 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
     boxes = read_bbox(spark, bbox).cache() if bbox else None
     first_meta = meta.where("meta_rank = 1").drop("meta_rank") if meta is not None else None
     decided = _decide(index, first_meta, layout, existing).cache()
+    fates = _fates(decided)
 
     if size:  # which pass-1 rows become images_<size> rows, for _write_images
         decided.where("reason IS NULL AND NOT skipped").select("path", "image_id").write.parquet(f"{stage}/accepted")
@@ -421,7 +422,8 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
             if in_workers:
                 if existing is not None:
                     image_rows_writer(_schema_columns(existing).write, "png").parquet(tmp)
-                _copy_in_workers(spark, accepted, tmp, settings.row_group_size_mb)
+                accepted_bytes = sum(fate["bytes"] for fate in fates if fate["accepted"] and not fate["skipped"])
+                _copy_in_workers(spark, accepted, tmp, settings.row_group_size_mb, accepted_bytes)
             else:
                 raw = _schema_columns(_copy_in_spark(files, accepted))
                 if existing is not None:
@@ -431,7 +433,7 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
         if boxes is not None:
             (boxes.where("reason IS NULL").select("image_id", "finding", "x", "y", "w", "h")
              .coalesce(1).write.parquet(f"{tmp}/{BBOX_DIR}"))
-        counts = _count(spark, tmp, decided, meta, boxes, existing)
+        counts = _count(spark, tmp, fates, decided, meta, boxes, existing)
         extra = {"task": "multilabel", "labels": list(LABELS), "layout": layout, "mode": mode}
         if layout == "kaggle":
             extra.update(task="binary", binary_label=KAGGLE_CLASSES["PNEUMONIA"])
@@ -501,14 +503,15 @@ def _copy_in_spark(files: DataFrame, accepted: DataFrame) -> DataFrame:
     return raw.withColumn("png", F.col("content"))
 
 
-def _copy_in_workers(spark: SparkSession, accepted: DataFrame, tmp: str, row_group_size_mb: int) -> None:
-    """Pass 2 on local and mounted paths: the accepted rows (metadata only) are spread over tasks of about
-    ``spark.sql.files.maxPartitionBytes`` of files each, and each task's Python worker reads its files
-    and writes one raw Parquet file into ``tmp`` (:func:`_raw_part_writer`): the image bytes never pass
-    through the JVM, where copying them cost 2.9-4.1 ms of CPU per 1024 px PNG (README, Ingest)."""
+def _copy_in_workers(spark: SparkSession, accepted: DataFrame, tmp: str, row_group_size_mb: int,
+                     total_bytes: int) -> None:
+    """Pass 2 on local and mounted paths: the accepted rows (metadata only, ``total_bytes`` of files) are
+    spread over tasks of about ``spark.sql.files.maxPartitionBytes`` of files each, and each task's Python
+    worker reads its files and writes one raw Parquet file into ``tmp`` (:func:`_raw_part_writer`): the
+    image bytes never pass through the JVM, where copying them cost 2.9-4.1 ms of CPU per 1024 px PNG
+    (README, Ingest)."""
     folder = local_path(tmp)
     os.makedirs(folder, exist_ok=True)
-    total_bytes = accepted.agg(F.sum("length")).first()[0] or 0
     per_task = spark._jsparkSession.sessionState().conf().filesMaxPartitionBytes()
     tasks = max(spark.sparkContext.defaultParallelism, math.ceil(total_bytes / per_task))
     run = uuid.uuid4().hex[:8]
@@ -623,36 +626,53 @@ def _quarantine_rows(decided: DataFrame, meta: DataFrame | None, boxes: DataFram
     return rows
 
 
-def _count(spark: SparkSession, tmp: str, decided: DataFrame, meta: DataFrame | None,
+def _fates(decided: DataFrame) -> list[dict]:
+    """Files by fate (accepted, skipped, format, conversion): how many and their bytes, in one Spark job
+    over the cached decisions (pass 2 sizes its tasks by the bytes; the run's counts use both)."""
+    return [row.asDict() for row in
+            decided.groupBy(F.col("reason").isNull().alias("accepted"), "skipped", "format", "conversion")
+            .agg(F.count("*").alias("count"), F.coalesce(F.sum("length"), F.lit(0)).alias("bytes")).collect()]
+
+
+def _count(spark: SparkSession, tmp: str, fates: list[dict], decided: DataFrame, meta: DataFrame | None,
            boxes: DataFrame | None, existing: DataFrame | None) -> dict:
-    """Counts from what was written, so they reconcile with the outputs themselves."""
+    """Counts from what was written, so they reconcile with the outputs themselves (the files listed and
+    their fates, from :func:`_fates`, are what pass 1 and the decisions made of them)."""
     raw = spark.read.parquet(tmp)
     quarantine = spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{tmp}/{QUARANTINE_DIR}")
-    by_kind = {row["kind"]: row["count"] for row in quarantine.groupBy("kind").count().collect()}
-    by_reason = {row["reason"]: row["count"] for row in quarantine.groupBy("reason").count().collect()}
+    by_kind, by_reason = {}, {}
+    for row in quarantine.groupBy("kind", "reason").count().collect():
+        by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + row["count"]
+        by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + row["count"]
     by_split = {row["split"]: row["count"] for row in raw.groupBy("split").count().collect()}
-    fates = {(row["skipped"], row["format"], row["conversion"]): row["count"] for row in
-             decided.where("reason IS NULL").groupBy("skipped", "format", "conversion").count().collect()}
+    used = [fate for fate in fates if fate["accepted"]]
     previous = existing.count() if existing is not None else 0
     total = sum(by_split.values())
+    metadata_rows = metadata_matched = 0
+    if meta is not None:  # a metadata row is matched when it is the first for an image id that was listed
+        listed = decided.select("image_id").distinct().withColumn("_listed", F.lit(True))
+        tally = (meta.join(listed, "image_id", "left")
+                 .agg(F.count("*").alias("rows"),
+                      F.count(F.when((F.col("meta_rank") == 1) & F.col("_listed"), True)).alias("matched"))
+                 .first())
+        metadata_rows, metadata_matched = tally["rows"], tally["matched"]
     counts = {
-        "files_listed": decided.count(),
+        "files_listed": sum(fate["count"] for fate in fates),
         "ingested": total - previous,
         "quarantined": by_kind.get("file", 0),
-        "metadata_rows": meta.count() if meta is not None else 0,
-        "metadata_matched": (meta.where("meta_rank = 1").join(decided.select("image_id").distinct(), "image_id")
-                             .count() if meta is not None else 0),
+        "metadata_rows": metadata_rows,
+        "metadata_matched": metadata_matched,
         "metadata_quarantined": by_kind.get("metadata", 0),
-        "formats": {fmt: sum(n for (skip, f, _), n in fates.items() if f == fmt and not skip)
+        "formats": {fmt: sum(f["count"] for f in used if f["format"] == fmt and not f["skipped"])
                     for fmt in ("png", "jpeg", "dicom")},
         # images whose pixels decode_grayscale converts to 8-bit gray (raw keeps the original bytes)
-        "converted": {name: sum(n for (skip, _, c), n in fates.items() if c == name and not skip)
+        "converted": {name: sum(f["count"] for f in used if f["conversion"] == name and not f["skipped"])
                       for name in CONVERSIONS},
         "splits": dict(sorted(by_split.items())),
         "quarantine_reasons": dict(sorted(by_reason.items())),
     }
     if existing is not None:
-        counts.update(skipped_existing=sum(n for (skip, _, _), n in fates.items() if skip),
+        counts.update(skipped_existing=sum(f["count"] for f in used if f["skipped"]),
                       previous_rows=previous, rows=total)
     if boxes is not None:
         counts.update(bbox_rows=boxes.count(), bbox_written=spark.read.parquet(f"{tmp}/{BBOX_DIR}").count(),

@@ -139,14 +139,15 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
         with materialize_dataset(spark, tmp, images_schema(size), settings.row_group_size_mb):
             image_rows_writer(images.write, "image").partitionBy("split").parquet(tmp)
         written = spark.read.parquet(tmp)
-        by_split = {r["split"]: r["count"] for r in written.groupBy("split").count().collect()}
+        # rows per split and the train split's pixel moments, in one job
+        per_split = {r["split"]: r for r in written.groupBy("split").agg(
+            F.count("*").alias("n"), F.avg("pixel_mean").alias("mean"),
+            F.avg(F.col("pixel_std") ** 2 + F.col("pixel_mean") ** 2).alias("mean_sq")).collect()}
+        by_split = {split: row["n"] for split, row in per_split.items()}
         quarantine(written, sum(by_split.values())).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
         quarantined = spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{tmp}/{QUARANTINE_DIR}")
         reasons = {r["reason"]: r["count"] for r in quarantined.groupBy("reason").count().collect()}
-        stats = (written.where("split = 'train'")
-                 .agg(F.count("*").alias("n"), F.avg("pixel_mean").alias("mean"),
-                      F.avg(F.col("pixel_std") ** 2 + F.col("pixel_mean") ** 2).alias("mean_sq"))
-                 .first())
+        stats = per_split.get("train", {"n": 0})
         normalization = {"split": "train", "n_images": stats["n"], "scale": "uint8 0-255"}
         if stats["n"]:
             normalization.update(mean=stats["mean"], std=math.sqrt(max(stats["mean_sq"] - stats["mean"] ** 2, 0.0)))
