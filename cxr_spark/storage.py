@@ -214,9 +214,13 @@ def write_parquet_part(batches: Iterator[tuple[pd.DataFrame, list]], folder: str
         table = pa.Table.from_pandas(pd.concat(frames, ignore_index=True), schema=others, preserve_index=False)
         table = table.append_column(schema.field(image_column), images.take()).replace_schema_metadata(None)
         if writer is None:
+            # write_batch_size: the writer closes a data page (about 1 MB) only between batches of values,
+            # and by default a batch is 1,024 values: a whole row group of images became one page, built
+            # in fresh memory. 4 images per batch: 0.73-0.93 ms per 588 KB PNG read and written, against
+            # 1.4-1.9 ms (400 files in one process, two interleaved series).
             writer = pq.ParquetWriter(partial, schema, use_dictionary=others.names, write_statistics=others.names,
                                       compression={column: "none" if column == image_column else "snappy"
-                                                   for column in schema.names})
+                                                   for column in schema.names}, write_batch_size=4)
         writer.write_table(table, row_group_size=table.num_rows)
         frames = []
 
