@@ -223,8 +223,9 @@ def test_ingest_survives_a_killed_executor(cluster, dump, tmp_path):
 
 
 def _check_room_to_unpack(archive: Path, cluster: Cluster) -> None:
-    """The driver and each executor keep a copy of the archive and unpack it (2.3 GB from 0.89 GB). One CI
-    run, with 7 GB free, saw spark-submit hang for the test's 15 minutes instead of failing: check first."""
+    """The driver and each executor keep a copy of the archive and unpack it (2.3 GB from 0.89 GB). In one CI
+    run spark-submit hung for the test's 15 minutes instead of failing, on a disk with 7 GB free once the
+    run was over: check first."""
     per_copy = 4 * archive.stat().st_size  # the archive + what it unpacks to (2.6x), with room to spare
     driver_dir, workers_dir = Path(tempfile.gettempdir()), cluster.base
     same_disk = driver_dir.stat().st_dev == workers_dir.stat().st_dev
