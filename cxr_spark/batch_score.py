@@ -38,7 +38,7 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig
-from cxr_spark.images import PNG_SIGNATURE, ImageError, decode_grayscale, resize_square
+from cxr_spark.images import PNG_SIGNATURE, ImageError, decode_resized
 from cxr_spark.ingest import QUARANTINE_DIR
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.input_pipeline import model_inputs
@@ -171,7 +171,7 @@ def _score_files(plain: dict, model_broadcast, batch_size: int):
                 try:
                     row["image_format"] = sniff_format(content)
                     # the model's input exactly as preprocess made its training images
-                    pixels.append(resize_square(decode_grayscale(content), size))
+                    pixels.append(decode_resized(content, size))
                 except ImageError as error:
                     row["reason"], row["detail"] = error.reason, error.detail
                 row["image_id"], row["source_path"] = stored_identity(path, digest, row["image_format"])

