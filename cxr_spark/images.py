@@ -89,7 +89,7 @@ def check_png_end(tail: bytes) -> None:
 
     >>> check_png_end(encode_png(np.zeros((3, 5), np.uint8))[-PNG_TAIL_BYTES:])
     """
-    if _IEND_CHUNK not in tail:
+    if _IEND_CHUNK not in bytes(tail):  # bytes: a memoryview has no substring search
         raise ImageError("corrupt_image", f"PNG truncated: no IEND chunk in its last {len(tail)} bytes")
 
 

@@ -5,11 +5,15 @@ Pass 1 reads every listed file once (each Python worker reads its own files when
 or mounted path; on HDFS or S3 they come from Spark's ``binaryFile`` source), sniffs its container (PNG,
 JPEG, DICOM), reads size and pixel format from its header and hashes it (OpenSSL), into a staging table
 with no image bytes; that table is joined with the parsed metadata (and, with ``--mode append-new``,
-the existing dataset's ids) to decide each file's fate. Pass 2 copies the accepted files into ``raw``:
-PNG and JPEG as their original bytes, DICOM decoded and re-encoded as PNG so no DICOM header (patient
-name, UIDs, dates) is ever stored. On local and mounted paths each Python worker reads its share of
-the files and writes raw's Parquet files itself (``worker_file_io``, on by default); on HDFS or S3
-Spark's ``binaryFile`` source and Parquet writer do it. Counts are taken from what was written.
+the existing dataset's ids) to decide each file's fate. ``raw`` holds the accepted files: PNG and JPEG
+as their original bytes, DICOM decoded and re-encoded as PNG so no DICOM header (patient name, UIDs,
+dates) is ever stored. On local and mounted paths (``worker_file_io``, on by default) the Python
+workers do the file I/O and pass 1 writes ``raw`` itself: the paths, the metadata and the existing ids
+decide beforehand which files may go in (:func:`_plan`), each worker writes those whose own checks
+pass from the bytes it has just read, so each file is read once, the decisions after pass 1 check that
+choice, and pass 2 copies only what pass 1 could not write (DICOM, whose id comes from its content).
+On HDFS or S3 pass 2 copies every accepted file through Spark's ``binaryFile`` source and Parquet
+writer. Counts are taken from what was written.
 
 Without ``--images-out`` ingest never decodes a PNG: it checks its header and its end (the IEND chunk a
 truncated file lacks), and preprocess, the stage that decodes it, quarantines one whose pixels do not
@@ -35,9 +39,10 @@ from pyspark import TaskContext
 from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import to_arrow_type
+from pyspark.sql.types import BinaryType
 
 from cxr_spark.config import IngestConfig, PipelineConfig, PreprocessConfig, load_config, override
-from cxr_spark.images import (CONVERSIONS, PNG_TAIL_BYTES, ImageError, check_png_end,
+from cxr_spark.images import (CONVERSIONS, PNG_SIGNATURE, PNG_TAIL_BYTES, ImageError, check_png_end,
                               decode_dicom, encode_png, image_header, read_dicom)
 from cxr_spark.labels import LABELS, NUM_LABELS, UnknownFindingError, canonical_name, parse_finding_labels
 from cxr_spark.manifest import finish_manifest, input_version
@@ -46,8 +51,8 @@ from cxr_spark.preprocess import resize_encoded, write_images
 from cxr_spark.schemas import (QUARANTINE_DIR, QUARANTINE_SCHEMA, RawSchema, encode_column, images_schema,
                                metadata_columns)
 from cxr_spark.splits import hash_split, official_split
-from cxr_spark.storage import (FileSystem, atomic_output, image_rows_writer, listed_files, local_path, read_json,
-                               local_file_path, read_local_file, scratch_dir, sha256_hex, to_url,
+from cxr_spark.storage import (FileSystem, ParquetPartWriter, atomic_output, image_rows_writer, listed_files, local_path,
+                               local_file_path, read_json, read_local_file, scratch_dir, sha256_hex, to_url,
                                write_parquet_part)
 
 log = logging.getLogger(__name__)
@@ -142,7 +147,7 @@ def index_file(data: bytes, size: int | None = None) -> dict:
     """Pass 1 for one file: :func:`inspect_file`, its SHA-256 and, with ``size``, the image decoded and resized
     as ``images_<size>`` stores it (then a file whose pixels do not decode is quarantined here)."""
     row = inspect_file(data)
-    row["content_sha256"] = sha256_hex(data)
+    row["content_sha256"] = sha256_hex(data) if len(data) else None  # as for the 0-byte files Spark never reads
     if size is not None:
         row.update(image=None, pixel_mean=None, pixel_std=None)
         if row["reason"] is None:
@@ -173,6 +178,50 @@ def _index_partition(size: int | None, read_files: bool):
     return index
 
 
+#: RawSchema columns pass 1 learns from the file itself; the others come from the plan (:func:`_plan`).
+_FROM_FILE = ("height", "width", "content_sha256", "png")
+
+
+def _index_and_write_partition(size: int | None, folder: str, run: str, row_group_bytes: int):
+    """The mapInPandas function of pass 1 when the Python workers do the file I/O and ``raw`` is local:
+    :func:`index_file` of every planned file, and the files the plan lets through (``writable``) whose
+    own checks pass written into ``raw`` at once, from the bytes just read, as one Parquet file per task
+    (:class:`ParquetPartWriter`). ``raw_written`` tells which. The decisions made after pass 1 then
+    only check this choice (and copy what pass 1 could not write: DICOM, whose id is its content hash).
+    """
+    columns = ["content_sha256"] + INSPECT_COLUMNS + (["image", "pixel_mean", "pixel_std"] if size else [])
+    schema = _raw_arrow_schema()
+    from_plan = [name for name in schema.names if name not in _FROM_FILE]
+
+    def index(batches):
+        context = TaskContext.get()
+        os.makedirs(folder, exist_ok=True)
+        with ParquetPartWriter(folder, f"part-{context.partitionId():05d}-{run}.parquet", schema,
+                               image_column="png", row_group_bytes=row_group_bytes,
+                               attempt=context.attemptNumber()) as writer:
+            for frame in batches:
+                rows, lengths, written = [], [], []
+                for plan in frame.itertuples(index=False):
+                    data = writer.read_image(local_file_path(plan.path))
+                    if data[:8] != PNG_SIGNATURE:  # PNG is checked and decoded from the buffer itself
+                        data = bytes(data)
+                    row = index_file(data, size)
+                    keep = plan.writable and row["reason"] is None and row["format"] != "dicom"
+                    if keep:
+                        writer.keep_image({**{name: getattr(plan, name) for name in from_plan},
+                                           **{name: row[name] for name in _FROM_FILE[:-1]}})
+                    else:
+                        writer.drop_image()
+                    rows.append(row)
+                    lengths.append(len(data))
+                    written.append(keep)
+                yield pd.concat([frame[["path"]].reset_index(drop=True),
+                                 pd.DataFrame({"length": lengths}), pd.DataFrame(rows, columns=columns),
+                                 pd.DataFrame({"raw_written": written})], axis=1)
+
+    return index
+
+
 def stored_bytes(data: bytes, file_format: str) -> bytes:
     """What ``raw`` stores of an accepted file: its original bytes, or for DICOM the pixels re-encoded as
     PNG (no DICOM header is ever stored)."""
@@ -182,6 +231,13 @@ def stored_bytes(data: bytes, file_format: str) -> bytes:
 def _dicom_as_png(content: pd.Series) -> pd.Series:
     """DICOM bytes re-encoded as PNG; null stays null."""
     return pd.Series([None if data is None else stored_bytes(data, "dicom") for data in content])
+
+
+@F.pandas_udf(BinaryType())
+def _encode_labels(labels: pd.Series) -> pd.Series:
+    """Label vectors as RawSchema stores them (its NdarrayCodec); null stays null."""
+    return pd.Series([None if vector is None else encode_column(RawSchema, "labels", [vector])[0]
+                      for vector in labels])
 
 
 def _raw_arrow_schema() -> pa.Schema:
@@ -295,26 +351,40 @@ def _opaque_id(digest: Column) -> Column:
 
 
 def _index_files(spark: SparkSession, files: DataFrame, layout: str, stage: str, size: int | None,
-                 read_files: bool) -> DataFrame:
+                 read_files: bool, plan: DataFrame | None = None, raw_parts: str | None = None,
+                 row_group_bytes: int = 0) -> DataFrame:
     """One row per listed file: path, id, size, SHA-256, header facts and check (a quarantine reason or null).
 
     Pass 1 writes its rows to ``stage`` (Parquet; with ``size`` they carry the resized image too) and the
-    decisions read back only the small columns. Spark's file sources make no split for a 0-byte file, so
-    such files yield no row; the listing itself (the driver's file index) still names them, and they are
-    added back as ``empty_file``. ``path`` is the real location (used only to join pass 2);
-    ``source_path`` is what is written, withheld for DICOM.
+    decisions read back only the small columns. With a ``plan`` (:func:`_plan`) pass 1 runs over it and
+    writes the raw rows it can into ``raw_parts`` (``raw_written``). Without one, it runs over the
+    ``binaryFile`` rows, and as Spark's file sources make no split for a 0-byte file, such files yield no
+    row there; the listing itself (the driver's file index) still names them, and they are added back
+    as ``empty_file``.
     """
     out = "path string, length long, content_sha256 string, " + INSPECT_OUT + (", " + IMAGE_OUT if size else "")
-    source = files.select("path", "length") if read_files else files.select("path", "length", "content")
-    index = source.mapInPandas(_index_partition(size, read_files), out)
+    if plan is not None:
+        index = plan.mapInPandas(_index_and_write_partition(size, local_path(raw_parts), uuid.uuid4().hex[:8],
+                                                            row_group_bytes), out + ", raw_written boolean")
+    else:
+        source = files.select("path", "length") if read_files else files.select("path", "length", "content")
+        index = source.mapInPandas(_index_partition(size, read_files), out)
     (image_rows_writer(index.write, "image") if size else index.write).parquet(stage)
-    read = spark.read.parquet(stage).select("path", "length", "content_sha256", *INSPECT_COLUMNS)
-    empty = listed_files(spark, files).join(read.select("path"), "path", "left_anti").select(
-        "path", F.lit(0).cast("long").alias("length"), F.lit(None).cast("string").alias("content_sha256"),
-        *[F.lit(None).cast(dtype).alias(name) for name, dtype in
-          (field.split() for field in INSPECT_OUT.split(", ")[:-2])],
-        F.lit("empty_file").alias("reason"), F.lit("zero bytes").alias("detail"))
-    indexed = read.unionByName(empty)
+    read = spark.read.parquet(stage).select("path", "length", "content_sha256", *INSPECT_COLUMNS,
+                                            "raw_written" if plan is not None else F.lit(False).alias("raw_written"))
+    if plan is None:
+        empty = listed_files(spark, files).join(read.select("path"), "path", "left_anti").select(
+            "path", F.lit(0).cast("long").alias("length"), F.lit(None).cast("string").alias("content_sha256"),
+            *[F.lit(None).cast(dtype).alias(name) for name, dtype in
+              (field.split() for field in INSPECT_OUT.split(", ")[:-2])],
+            F.lit("empty_file").alias("reason"), F.lit("zero bytes").alias("detail"), F.lit(False).alias("raw_written"))
+        read = read.unionByName(empty)
+    return _identify(read, layout)
+
+
+def _identify(indexed: DataFrame, layout: str) -> DataFrame:
+    """``image_id``, ``source_path`` and ``duplicate_rank`` of indexed files. ``path`` is the real location
+    (used only to join pass 2); ``source_path`` is what is written, withheld for DICOM."""
     is_dicom = (F.col("format") == "dicom") | F.col("path").rlike(DICOM_NAME)
     name = F.element_at(F.split("path", "/"), -1)
     if layout == "kaggle":  # NORMAL/ and PNEUMONIA/ reuse file names across splits: keep the folders in the id
@@ -326,6 +396,28 @@ def _index_files(spark: SparkSession, files: DataFrame, layout: str, stage: str,
             .withColumn("source_path", F.when(is_dicom, F.concat(F.lit("dicom:"), opaque)).otherwise(F.col("path")))
             .withColumn("duplicate_rank",
                         F.row_number().over(Window.partitionBy("image_id").orderBy("path"))))
+
+
+def _plan(spark: SparkSession, files: DataFrame, layout: str, meta: DataFrame | None,
+          existing: DataFrame | None) -> DataFrame:
+    """Pass 1's input when it writes ``raw`` itself: every listed file (0-byte ones included) with the raw
+    columns that do not depend on its content, and ``writable``: what :func:`_decide` will say from the
+    path, the metadata and the existing ids alone lets the file into ``raw`` if its own checks pass.
+
+    Decided by name, a file is never let in wrongly: its id there is its name, and only DICOM (left to
+    pass 2) gets another id, from its content. Tasks hold about ``spark.sql.files.maxPartitionBytes`` of
+    files each (the file index knows their total without reading them).
+    """
+    listed = listed_files(spark, files).select(
+        "path", *[F.lit(None).cast(dtype).alias(name) for name, dtype in
+                  (field.split() for field in ("length long, content_sha256 string, " + INSPECT_OUT).split(", "))])
+    planned = _decide(_identify(listed, layout), meta, layout, existing)
+    writable = F.col("reason").isNull() & ~F.col("in_existing") & ~F.col("path").rlike(DICOM_NAME)
+    columns = [name for name in RawSchema.fields if name not in _FROM_FILE]
+    total_bytes = int(files._jdf.queryExecution().optimizedPlan().stats().sizeInBytes())
+    return (_schema_columns(planned.withColumn("labels", _encode_labels("labels")), columns, "path",
+                            writable.alias("writable"))
+            .repartition(_tasks_for(spark, total_bytes), "path"))
 
 
 def read_metadata(spark: SparkSession, metadata: str, split_lists: str | None, settings: IngestConfig) -> DataFrame:
@@ -397,8 +489,6 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
             stage: str, size: int | None, started: float) -> dict:
     files = list_files(spark, images)  # listed once: pass 1 (index) and pass 2 (copy) share the file index
     read_files = local_path(to_url(images)) is not None
-    index = _index_files(spark, files, layout, f"{stage}/index", size, read_files).cache()  # no image bytes
-
     meta = None
     if metadata:
         meta = (read_metadata(spark, metadata, split_lists, settings)
@@ -407,6 +497,12 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
                 .cache())
     boxes = read_bbox(spark, bbox).cache() if bbox else None
     first_meta = meta.where("meta_rank = 1").drop("meta_rank") if meta is not None else None
+    # Python workers that read the files write raw's rows from the bytes in hand (no second read), when
+    # raw is local too; the decisions after pass 1 check their choice and pass 2 copies the rest.
+    in_workers = settings.worker_file_io and read_files and local_path(to_url(out)) is not None
+    plan = _plan(spark, files, layout, first_meta, existing) if in_workers else None
+    index = _index_files(spark, files, layout, f"{stage}/index", size, read_files, plan, f"{stage}/raw",
+                         settings.row_group_size_mb * 2**20).cache()  # no image bytes
     decided = _decide(index, first_meta, layout, existing).cache()
     fates = _fates(decided)
 
@@ -414,16 +510,20 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
         decided.where("reason IS NULL AND NOT skipped").select("path", "image_id").write.parquet(f"{stage}/accepted")
     with atomic_output(spark, out) as tmp:
         accepted = decided.where("reason IS NULL AND NOT skipped")
-        encode_labels = F.pandas_udf(lambda labels: pd.Series(encode_column(RawSchema, "labels", labels)),
-                                     "binary")
-        accepted = accepted.withColumn("labels", encode_labels("labels"))
-        in_workers = settings.worker_file_io and read_files and local_path(tmp) is not None
+        accepted = accepted.withColumn("labels", _encode_labels("labels"))
         with materialize_dataset(spark, tmp, RawSchema, settings.row_group_size_mb):
             if in_workers:
                 if existing is not None:
                     image_rows_writer(_schema_columns(existing).write, "png").parquet(tmp)
-                accepted_bytes = sum(fate["bytes"] for fate in fates if fate["accepted"] and not fate["skipped"])
-                _copy_in_workers(spark, accepted, tmp, settings.row_group_size_mb, accepted_bytes)
+                folder = local_path(tmp)
+                os.makedirs(folder, exist_ok=True)
+                parts = local_path(f"{stage}/raw")
+                for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else []:
+                    if name.endswith(".parquet") and not name.startswith("."):  # a failed attempt's file is hidden
+                        os.rename(os.path.join(parts, name), os.path.join(folder, name))
+                rest = [fate for fate in fates if fate["accepted"] and not fate["skipped"] and not fate["raw_written"]]
+                _copy_in_workers(spark, accepted.where("NOT raw_written"), tmp, settings.row_group_size_mb,
+                                 sum(fate["bytes"] for fate in rest), sum(fate["count"] for fate in rest))
             else:
                 raw = _schema_columns(_copy_in_spark(files, accepted))
                 if existing is not None:
@@ -503,25 +603,28 @@ def _copy_in_spark(files: DataFrame, accepted: DataFrame) -> DataFrame:
     return raw.withColumn("png", F.col("content"))
 
 
+def _tasks_for(spark: SparkSession, total_bytes: int) -> int:
+    """Tasks of about ``spark.sql.files.maxPartitionBytes`` of files each, at least one per core."""
+    per_task = spark._jsparkSession.sessionState().conf().filesMaxPartitionBytes()
+    return max(spark.sparkContext.defaultParallelism, math.ceil(total_bytes / per_task))
+
+
 def _copy_in_workers(spark: SparkSession, accepted: DataFrame, tmp: str, row_group_size_mb: int,
-                     total_bytes: int) -> None:
-    """Pass 2 on local and mounted paths: the accepted rows (metadata only, ``total_bytes`` of files) are
-    spread over tasks of about ``spark.sql.files.maxPartitionBytes`` of files each, and each task's Python
-    worker reads its files and writes one raw Parquet file into ``tmp`` (:func:`_raw_part_writer`): the
-    image bytes never pass through the JVM, where copying them cost 2.9-4.1 ms of CPU per 1024 px PNG
-    (README, Ingest)."""
+                     total_bytes: int, n_rows: int) -> None:
+    """Pass 2 on local and mounted paths, for the accepted rows pass 1 did not write (``n_rows`` rows,
+    metadata only, ``total_bytes`` of files): each task's Python worker reads its files and writes one
+    raw Parquet file into ``tmp`` (:func:`_raw_part_writer`): the image bytes never pass through the JVM,
+    where copying them cost 2.9-4.1 ms of CPU per 1024 px PNG (README, Ingest)."""
     folder = local_path(tmp)
     os.makedirs(folder, exist_ok=True)
-    per_task = spark._jsparkSession.sessionState().conf().filesMaxPartitionBytes()
-    tasks = max(spark.sparkContext.defaultParallelism, math.ceil(total_bytes / per_task))
-    run = uuid.uuid4().hex[:8]
-    rows = (_schema_columns(accepted, [name for name in RawSchema.fields if name != "png"], "path", "format")
-            .repartition(tasks, "image_id")
-            .mapInPandas(_raw_part_writer(folder, run, row_group_size_mb * 2**20), "rows long")
-            .agg(F.sum("rows")).first()[0])
-    if not rows and not any(name.endswith(".parquet") for name in os.listdir(folder)):
+    if n_rows:
+        (_schema_columns(accepted, [name for name in RawSchema.fields if name != "png"], "path", "format")
+         .repartition(_tasks_for(spark, total_bytes), "image_id")
+         .mapInPandas(_raw_part_writer(folder, uuid.uuid4().hex[:8], row_group_size_mb * 2**20), "rows long")
+         .agg(F.sum("rows")).first())
+    if not any(name.endswith(".parquet") and not name.startswith(".") for name in os.listdir(folder)):
         # Nothing to write: one empty file still gives readers the schema (as Spark's writer does).
-        pq.write_table(_raw_arrow_schema().empty_table(), os.path.join(folder, f"part-00000-{run}.parquet"))
+        pq.write_table(_raw_arrow_schema().empty_table(), os.path.join(folder, "part-00000-empty.parquet"))
 
 
 def _existing_dataset(spark: SparkSession, out: str) -> DataFrame | None:
@@ -556,7 +659,8 @@ def _decide(index: DataFrame, meta: DataFrame | None, layout: str, existing: Dat
     """Each listed file with its metadata and, if it cannot be used, a quarantine reason.
 
     Precedence: the file's own problem, a repeated image id, a clash with the existing dataset,
-    then metadata problems. ``skipped`` marks files already in the existing dataset (append-new).
+    then metadata problems. ``skipped`` marks files already in the existing dataset (append-new), with the
+    same content; ``in_existing`` files whose id is there at all.
     """
     if layout == "kaggle":
         labelled, has_meta = _kaggle_labels(index), F.lit(True)
@@ -595,6 +699,7 @@ def _decide(index: DataFrame, meta: DataFrame | None, layout: str, existing: Dat
               .otherwise(F.col("meta_detail")))
     skipped = F.col("reason").isNull() & (F.col("duplicate_rank") == 1) & same_content
     return (labelled.withColumn("skipped", F.coalesce(skipped, F.lit(False)))
+            .withColumn("in_existing", in_existing)
             .withColumn("reason", reason).withColumn("detail", detail)
             .withColumn("kind", F.lit("file"))
             .drop("meta_reason", "meta_detail", "_has_meta", "_existing_sha"))
@@ -627,11 +732,17 @@ def _quarantine_rows(decided: DataFrame, meta: DataFrame | None, boxes: DataFram
 
 
 def _fates(decided: DataFrame) -> list[dict]:
-    """Files by fate (accepted, skipped, format, conversion): how many and their bytes, in one Spark job
-    over the cached decisions (pass 2 sizes its tasks by the bytes; the run's counts use both)."""
-    return [row.asDict() for row in
-            decided.groupBy(F.col("reason").isNull().alias("accepted"), "skipped", "format", "conversion")
-            .agg(F.count("*").alias("count"), F.coalesce(F.sum("length"), F.lit(0)).alias("bytes")).collect()]
+    """Files by fate (accepted, skipped, written by pass 1, format, conversion): how many and their bytes, in
+    one Spark job over the cached decisions (pass 2 sizes its tasks by the bytes; the run's counts use
+    both). A file pass 1 wrote into ``raw`` that the decisions do not accept is a bug: RuntimeError."""
+    fates = [row.asDict() for row in
+              decided.groupBy(F.col("reason").isNull().alias("accepted"), "skipped", "raw_written", "format",
+                             "conversion")
+             .agg(F.count("*").alias("count"), F.coalesce(F.sum("length"), F.lit(0)).alias("bytes")).collect()]
+    wrong = sum(fate["count"] for fate in fates if fate["raw_written"] and not (fate["accepted"] and not fate["skipped"]))
+    if wrong:
+        raise RuntimeError(f"pass 1 wrote {wrong} files into raw that the decisions after it do not accept: {fates}")
+    return fates
 
 
 def _count(spark: SparkSession, tmp: str, fates: list[dict], decided: DataFrame, meta: DataFrame | None,

@@ -97,6 +97,30 @@ def test_generic_dump_of_png_jpeg_and_dicom_keeps_no_identifying_dicom_data(spar
         assert not [s for s in secrets if s in text]
 
 
+def test_a_dicom_named_like_a_png_does_not_keep_the_png_of_that_name_out_of_raw(spark, tmp_path, config):
+    """Pass 1 writes into raw what the paths, metadata and existing ids let in, and the decisions after it
+    (which know each file's content) check that choice; pass 2 copies what pass 1 held back. A DICOM file
+    named x.png gets its content hash as id, yet by name it comes first, so pass 1 holds back the real
+    x.png at a later path as a repeated id: pass 2 must still copy it."""
+    import hashlib
+
+    dump, raw = tmp_path / "dump", tmp_path / "raw"
+    (dump / "a").mkdir(parents=True)
+    (dump / "b").mkdir()
+    rng = np.random.default_rng(6)
+    dicom = _dicom_bytes(rng.integers(0, 256, (24, 20)).astype(np.uint8))
+    (dump / "a" / "x.png").write_bytes(dicom)
+    Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(dump / "b" / "x.png")
+
+    counts = ingest(spark, str(dump), str(raw), None, None, config.ingest)
+    assert counts["files_listed"] == 2 == counts["ingested"] and counts["quarantined"] == 0
+    assert counts["formats"] == {"png": 1, "jpeg": 0, "dicom": 1}
+    stored = {row.image_id: bytes(row.png) for row in read_rows(raw, ["image_id", "png"])}
+    assert stored.pop("x.png") == (dump / "b" / "x.png").read_bytes()
+    assert list(stored) == [hashlib.sha256(dicom).hexdigest()[:32] + ".dcm"]
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(stored.popitem()[1]))), decode_grayscale(dicom))
+
+
 def _write_pngs(folder: Path, names, seed: int) -> None:
     rng = np.random.default_rng(seed)
     folder.mkdir(parents=True, exist_ok=True)
