@@ -316,9 +316,9 @@ def decode_resized(data: bytes, size: int) -> np.ndarray:
     When the first step of the resize is a 2×2 average of an 8-bit grayscale PNG (a 1024 px radiograph
     to 224), OpenCV decodes straight to half size (``IMREAD_REDUCED_GRAYSCALE_2``, a 2×2 average with
     the same rounding, bit for bit): the full-size image never becomes a NumPy array. Per 1024 px PNG
-    that saved 0.5 ms of Python CPU in ingest's pass 1 (10.66 -> 10.17 ms, 6,000 images each way) and
-    1.2-1.4 ms in a plain loop, where the cost of the full-size array swings with the heap's state
-    (``make bench`` times both paths as candidates).
+    that saved 0.5 ms of Python CPU in ingest's pass 1 (10.66 -> 10.17 ms, 6,000 images each way),
+    1.2-1.3 ms in a bare Spark loop over the files and 1.5 ms in one process: the cost of the full-size
+    array swings with the heap's state (``make bench`` times both paths as candidates).
     """
     header = image_header(data)
     if (header.format == "png" and header.conversion is None and png_header(data)[2] == 8

@@ -178,8 +178,9 @@ def _index_partition(size: int | None, read_files: bool):
     return index
 
 
-#: RawSchema columns pass 1 learns from the file itself; the others come from the plan (:func:`_plan`).
-_FROM_FILE = ("height", "width", "content_sha256", "png")
+#: RawSchema columns pass 1 learns from the file itself (besides ``png``); the others come from the plan
+#: (:func:`_plan`).
+_FROM_FILE = ("height", "width", "content_sha256")
 
 
 def _index_and_write_partition(size: int | None, folder: str, run: str, row_group_bytes: int):
@@ -191,7 +192,7 @@ def _index_and_write_partition(size: int | None, folder: str, run: str, row_grou
     """
     columns = ["content_sha256"] + INSPECT_COLUMNS + (["image", "pixel_mean", "pixel_std"] if size else [])
     schema = _raw_arrow_schema()
-    from_plan = [name for name in schema.names if name not in _FROM_FILE]
+    from_plan = [name for name in schema.names[:-1] if name not in _FROM_FILE]  # the last is png
 
     def index(batches):
         context = TaskContext.get()
@@ -209,7 +210,7 @@ def _index_and_write_partition(size: int | None, folder: str, run: str, row_grou
                     keep = plan.writable and row["reason"] is None and row["format"] != "dicom"
                     if keep:
                         writer.keep_image({**{name: getattr(plan, name) for name in from_plan},
-                                           **{name: row[name] for name in _FROM_FILE[:-1]}})
+                                           **{name: row[name] for name in _FROM_FILE}})
                     else:
                         writer.drop_image()
                     rows.append(row)
@@ -413,7 +414,7 @@ def _plan(spark: SparkSession, files: DataFrame, layout: str, meta: DataFrame | 
                   (field.split() for field in ("length long, content_sha256 string, " + INSPECT_OUT).split(", "))])
     planned = _decide(_identify(listed, layout), meta, layout, existing)
     writable = F.col("reason").isNull() & ~F.col("in_existing") & ~F.col("path").rlike(DICOM_NAME)
-    columns = [name for name in RawSchema.fields if name not in _FROM_FILE]
+    columns = [name for name in RawSchema.fields if name not in _FROM_FILE and name != "png"]
     total_bytes = int(files._jdf.queryExecution().optimizedPlan().stats().sizeInBytes())
     return (_schema_columns(planned.withColumn("labels", _encode_labels("labels")), columns, "path",
                             writable.alias("writable"))
@@ -515,12 +516,7 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
             if in_workers:
                 if existing is not None:
                     image_rows_writer(_schema_columns(existing).write, "png").parquet(tmp)
-                folder = local_path(tmp)
-                os.makedirs(folder, exist_ok=True)
-                parts = local_path(f"{stage}/raw")
-                for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else []:
-                    if name.endswith(".parquet") and not name.startswith("."):  # a failed attempt's file is hidden
-                        os.rename(os.path.join(parts, name), os.path.join(folder, name))
+                _move_parts(local_path(f"{stage}/raw"), local_path(tmp))
                 rest = [fate for fate in fates if fate["accepted"] and not fate["skipped"] and not fate["raw_written"]]
                 _copy_in_workers(spark, accepted.where("NOT raw_written"), tmp, settings.row_group_size_mb,
                                  sum(fate["bytes"] for fate in rest), sum(fate["count"] for fate in rest))
@@ -601,6 +597,15 @@ def _copy_in_spark(files: DataFrame, accepted: DataFrame) -> DataFrame:
         return raw.withColumn("png", F.coalesce(to_png(F.when(F.col("format") == "dicom", F.col("content"))),
                                                 F.col("content")))
     return raw.withColumn("png", F.col("content"))
+
+
+def _move_parts(parts: str, folder: str) -> None:
+    """Move the Parquet files pass 1's tasks completed in ``parts`` into the dataset being written at
+    ``folder`` (a failed attempt's file is hidden: ``.part-...``, left behind)."""
+    os.makedirs(folder, exist_ok=True)
+    for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else []:
+        if name.endswith(".parquet") and not name.startswith("."):
+            os.rename(os.path.join(parts, name), os.path.join(folder, name))
 
 
 def _tasks_for(spark: SparkSession, total_bytes: int) -> int:
