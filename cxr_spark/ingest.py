@@ -183,15 +183,33 @@ def _index_partition(size: int | None, read_files: bool):
 _FROM_FILE = ("height", "width", "content_sha256")
 
 
+def index_and_keep(writer: ParquetPartWriter, path: str, size: int | None,
+                   columns: dict | None) -> tuple[dict, int, bool]:
+    """Pass 1's work on one local file when it writes ``raw`` too: the file read straight into ``writer``'s
+    buffer, :func:`index_file` of those bytes, and the bytes kept as a raw row (``columns``, the plan's, and
+    the columns learnt from the file) when ``columns`` is given and the file's own checks pass; otherwise
+    dropped. Returns the index row, the file's length, and whether it was kept."""
+    data = writer.read_image(path)
+    if data[:8] != PNG_SIGNATURE:  # PNG is checked and decoded from the buffer itself
+        data = bytes(data)
+    row = index_file(data, size)
+    keep = columns is not None and row["reason"] is None and row["format"] != "dicom"
+    if keep:
+        writer.keep_image({**columns, **{name: row[name] for name in _FROM_FILE}})
+    else:
+        writer.drop_image()
+    return row, len(data), keep
+
+
 def _index_and_write_partition(size: int | None, folder: str, run: str, row_group_bytes: int):
     """The mapInPandas function of pass 1 when the Python workers do the file I/O and ``raw`` is local:
-    :func:`index_file` of every planned file, and the files the plan lets through (``writable``) whose
-    own checks pass written into ``raw`` at once, from the bytes just read, as one Parquet file per task
-    (:class:`ParquetPartWriter`). ``raw_written`` tells which. The decisions made after pass 1 then
-    only check this choice (and copy what pass 1 could not write: DICOM, whose id is its content hash).
+    :func:`index_and_keep` of every planned file, keeping those the plan lets through (``writable``) whose
+    own checks pass, as one Parquet file per task (:class:`ParquetPartWriter`). ``raw_written`` tells which.
+    The decisions made after pass 1 then only check this choice (and copy what pass 1 could not write:
+    DICOM, whose id is its content hash).
     """
     columns = ["content_sha256"] + INSPECT_COLUMNS + (["image", "pixel_mean", "pixel_std"] if size else [])
-    schema = _raw_arrow_schema()
+    schema = raw_arrow_schema()
     from_plan = [name for name in schema.names[:-1] if name not in _FROM_FILE]  # the last is png
 
     def index(batches):
@@ -203,18 +221,11 @@ def _index_and_write_partition(size: int | None, folder: str, run: str, row_grou
             for frame in batches:
                 rows, lengths, written = [], [], []
                 for plan in frame.itertuples(index=False):
-                    data = writer.read_image(local_file_path(plan.path))
-                    if data[:8] != PNG_SIGNATURE:  # PNG is checked and decoded from the buffer itself
-                        data = bytes(data)
-                    row = index_file(data, size)
-                    keep = plan.writable and row["reason"] is None and row["format"] != "dicom"
-                    if keep:
-                        writer.keep_image({**{name: getattr(plan, name) for name in from_plan},
-                                           **{name: row[name] for name in _FROM_FILE}})
-                    else:
-                        writer.drop_image()
+                    row, length, keep = index_and_keep(
+                        writer, local_file_path(plan.path), size,
+                        {name: getattr(plan, name) for name in from_plan} if plan.writable else None)
                     rows.append(row)
-                    lengths.append(len(data))
+                    lengths.append(length)
                     written.append(keep)
                 yield pd.concat([frame[["path"]].reset_index(drop=True),
                                  pd.DataFrame({"length": lengths}), pd.DataFrame(rows, columns=columns),
@@ -241,7 +252,7 @@ def _encode_labels(labels: pd.Series) -> pd.Series:
                       for vector in labels])
 
 
-def _raw_arrow_schema() -> pa.Schema:
+def raw_arrow_schema() -> pa.Schema:
     """RawSchema as Arrow types, every column nullable as in the files Spark's writer makes."""
     return pa.schema([pa.field(field.name, to_arrow_type(field.dataType))
                       for field in RawSchema.as_spark_schema().fields])
@@ -251,7 +262,7 @@ def _raw_part_writer(folder: str, run: str, row_group_bytes: int):
     """The mapInPandas function of pass 2 in the Python workers: each task reads its accepted files and
     writes them, with their metadata, as one raw Parquet file (:func:`write_parquet_part`); it returns the
     number of rows written."""
-    schema = _raw_arrow_schema()
+    schema = raw_arrow_schema()
 
     def write(batches):
         context = TaskContext.get()
@@ -629,7 +640,7 @@ def _copy_in_workers(spark: SparkSession, accepted: DataFrame, tmp: str, row_gro
          .agg(F.sum("rows")).first())
     if not any(name.endswith(".parquet") and not name.startswith(".") for name in os.listdir(folder)):
         # Nothing to write: one empty file still gives readers the schema (as Spark's writer does).
-        pq.write_table(_raw_arrow_schema().empty_table(), os.path.join(folder, "part-00000-empty.parquet"))
+        pq.write_table(raw_arrow_schema().empty_table(), os.path.join(folder, "part-00000-empty.parquet"))
 
 
 def _existing_dataset(spark: SparkSession, out: str) -> DataFrame | None:

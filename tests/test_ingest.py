@@ -221,3 +221,50 @@ def test_preprocess_stores_resized_images_and_exact_train_statistics(tiny_images
     assert counts["normalization"]["n_images"] == len(train)
     assert counts["normalization"]["mean"] == pytest.approx(train.mean(), rel=1e-6)
     assert counts["normalization"]["std"] == pytest.approx(train.std(), rel=1e-5)
+
+
+def test_index_and_keep_keeps_a_files_own_bytes_only_when_the_plan_and_its_checks_allow(shared_data, tmp_path):
+    """Pass 1's work on one file, as a task does it and as the benchmark times it in one process."""
+    import hashlib
+
+    import cv2
+    import pyarrow.parquet as pq
+
+    from cxr_spark.images import decode_grayscale, resize_square
+    from cxr_spark.ingest import index_and_keep, raw_arrow_schema
+    from cxr_spark.schemas import RawSchema, encode_column
+    from cxr_spark.storage import ParquetPartWriter
+
+    first, second = sorted((shared_data / "samples").glob("*.png"))
+    dicom = next((shared_data / "samples").glob("*.dcm"))
+    cut = tmp_path / "cut.png"
+    cut.write_bytes(first.read_bytes()[:-4096])
+    labels = encode_column(RawSchema, "labels", [np.zeros(14, np.uint8)])[0]
+
+    def plan(path):  # the columns the plan gives a file it lets into raw
+        return {"image_id": path.name, "patient_id": 7, "follow_up": 0, "age": 58, "sex": "M", "view": "PA",
+                "finding_labels": "No Finding", "labels": labels, "split": "train", "source_path": str(path)}
+
+    folder = tmp_path / "part"
+    folder.mkdir()
+    with ParquetPartWriter(str(folder), "part.parquet", raw_arrow_schema(), image_column="png",
+                           row_group_bytes=2**20) as writer:
+        results = {path.name: index_and_keep(writer, str(path), 224, columns) for path, columns in
+                   ((first, plan(first)), (second, None), (cut, plan(cut)), (dicom, plan(dicom)))}
+
+    assert {name: kept for name, (_, _, kept) in results.items()} == {
+        first.name: True, second.name: False, cut.name: False, dicom.name: False}
+    for path in (first, second):  # indexed either way: hash, length, the resized image
+        row, length, _ = results[path.name]
+        data = path.read_bytes()
+        assert (row["content_sha256"], length, row["reason"]) == (hashlib.sha256(data).hexdigest(), len(data), None)
+        stored = cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_UNCHANGED)
+        np.testing.assert_array_equal(stored, resize_square(decode_grayscale(data), 224))
+    assert results[cut.name][0]["reason"] == "corrupt_image"
+    assert results[dicom.name][0]["format"] == "dicom"
+    table = pq.read_table(folder / "part.parquet").to_pylist()
+    assert [row["image_id"] for row in table] == [first.name]
+    height, width = decode_grayscale(first.read_bytes()).shape
+    assert table[0]["png"] == first.read_bytes()
+    assert (table[0]["content_sha256"], table[0]["height"], table[0]["width"], table[0]["patient_id"]) == (
+        hashlib.sha256(first.read_bytes()).hexdigest(), height, width, 7)
