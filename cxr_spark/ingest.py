@@ -31,6 +31,7 @@ import os
 import time
 import uuid
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -43,11 +44,11 @@ from pyspark.sql.types import BinaryType
 
 from cxr_spark.config import IngestConfig, PipelineConfig, PreprocessConfig, load_config, override
 from cxr_spark.images import (CONVERSIONS, PNG_SIGNATURE, PNG_TAIL_BYTES, ImageError, check_png_end,
-                              decode_dicom, encode_png, image_header, read_dicom)
+                              decode_dicom, encode_png, image_header, read_dicom, resize_square)
 from cxr_spark.labels import LABELS, NUM_LABELS, UnknownFindingError, canonical_name, parse_finding_labels
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.metadata import BBOX_DDL, SPARK_DDL, age_problem, dicom_metadata, parse_age
-from cxr_spark.preprocess import resize_encoded, write_images
+from cxr_spark.preprocess import encode_resized, resize_encoded, write_images
 from cxr_spark.schemas import (QUARANTINE_DIR, QUARANTINE_SCHEMA, RawSchema, encode_column, images_schema,
                                metadata_columns)
 from cxr_spark.splits import hash_split, official_split
@@ -120,7 +121,14 @@ def inspect_file(data: bytes, tail: bytes | None = None) -> dict:
     ``data`` is the whole file (what pass 1 sends), or a PNG's first :data:`PNG_HEAD_BYTES` with ``tail``
     its last :data:`PNG_TAIL_BYTES`: a PNG is checked from its header and its end, never decoded.
     """
+    return _inspect(data, tail)[0]
+
+
+def _inspect(data: bytes, tail: bytes | None = None) -> tuple[dict, np.ndarray | None]:
+    """:func:`inspect_file`, and a DICOM's decoded pixels (None for other files): decoding is most of a
+    DICOM's cost, and pass 1 resizes those same pixels."""
     row = dict.fromkeys(("format", "width", "height", "conversion", "view", "sex", "age", "reason", "detail"))
+    pixels = None
     try:
         header = image_header(data)
         row.update(format=header.format, width=header.width, height=header.height, conversion=header.conversion)
@@ -132,10 +140,10 @@ def inspect_file(data: bytes, tail: bytes | None = None) -> dict:
             if problem:
                 raise ImageError("unparseable_age", f"DICOM {problem}")
             row.update(view=fields["view"], sex=fields["sex"], age=parse_age(fields["age_text"]))
-            decode_dicom(data)
+            pixels = decode_dicom(data)
     except ImageError as error:
         row.update(reason=error.reason, detail=error.detail)
-    return row
+    return row, pixels
 
 
 INSPECT_COLUMNS = [field.split()[0] for field in INSPECT_OUT.split(", ")]
@@ -146,13 +154,14 @@ IMAGE_OUT = "image binary, pixel_mean float, pixel_std float"
 def index_file(data: bytes, size: int | None = None) -> dict:
     """Pass 1 for one file: :func:`inspect_file`, its SHA-256 and, with ``size``, the image decoded and resized
     as ``images_<size>`` stores it (then a file whose pixels do not decode is quarantined here)."""
-    row = inspect_file(data)
+    row, pixels = _inspect(data)
     row["content_sha256"] = sha256_hex(data) if len(data) else None  # as for the 0-byte files Spark never reads
     if size is not None:
         row.update(image=None, pixel_mean=None, pixel_std=None)
         if row["reason"] is None:
-            try:
-                row["image"], row["pixel_mean"], row["pixel_std"] = resize_encoded(data, size)
+            try:  # a DICOM is resized from the pixels inspecting it decoded (the same as decode_resized's)
+                row["image"], row["pixel_mean"], row["pixel_std"] = (
+                    resize_encoded(data, size) if pixels is None else encode_resized(resize_square(pixels, size)))
             except ImageError as error:
                 row.update(reason=error.reason, detail=error.detail)
     return row

@@ -50,7 +50,11 @@ def resize_encoded(data: bytes, size: int) -> tuple[bytes, float, float]:
     Preprocess maps it over ``raw``; ingest with ``--images-out`` over the files themselves, so both
     write the same bytes for the same image.
     """
-    pixels = decode_resized(data, size)
+    return encode_resized(decode_resized(data, size))
+
+
+def encode_resized(pixels: np.ndarray) -> tuple[bytes, float, float]:
+    """Resized pixels as ``images_<size>`` stores them (:func:`resize_encoded`), with their mean and std."""
     mean, std = cv2.meanStdDev(pixels)
     # encode_png, not the field's Petastorm codec (OpenCV's writer, 2.3x slower): the same pixels, any PNG
     # decoder reads them, Petastorm's included.

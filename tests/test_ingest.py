@@ -268,3 +268,21 @@ def test_index_and_keep_keeps_a_files_own_bytes_only_when_the_plan_and_its_check
     assert table[0]["png"] == first.read_bytes()
     assert (table[0]["content_sha256"], table[0]["height"], table[0]["width"], table[0]["patient_id"]) == (
         hashlib.sha256(first.read_bytes()).hexdigest(), height, width, 7)
+
+
+def test_pass_one_decodes_a_dicom_once_and_stores_the_pixels_decode_resized_gives(shared_data, monkeypatch):
+    import cv2
+
+    from cxr_spark import images as images_module
+    from cxr_spark import ingest as ingest_module
+    from cxr_spark.images import decode_dicom, decode_resized
+
+    data = next((shared_data / "samples").glob("*.dcm")).read_bytes()
+    expected = decode_resized(data, 224)
+    decodes = []
+    for module in (ingest_module, images_module):  # every way pass 1 can reach the decoder
+        monkeypatch.setattr(module, "decode_dicom", lambda d: decodes.append(len(d)) or decode_dicom(d))
+    row = ingest_module.index_file(data, 224)
+    assert (row["reason"], row["format"], decodes) == (None, "dicom", [len(data)])
+    np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_UNCHANGED), expected)
+    assert (row["pixel_mean"], row["pixel_std"]) == pytest.approx((expected.mean(), expected.std()), rel=1e-5)
