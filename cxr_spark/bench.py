@@ -47,31 +47,35 @@ OURS = "opencv imdecode at half size (its 2x2 box) + resize_square: 2x2 box, the
 
 
 ONE_PASS_WORK = ("one pass's own work on each file (read into raw's Parquet writer, checks, SHA-256, decode + "
-                 "resize, PNG encode, raw row kept: ingest.index_and_keep)")
+                 "resize, PNG encode, raw row and images row kept: ingest.index_and_keep)")
 
 
 def one_pass_work(size: int, folder: Path):
     """Pass 1's work on each file in this process, as one Spark task of ``ingest --images-out`` does it
-    (:func:`~cxr_spark.ingest.index_and_keep` of each file into one raw Parquet file in ``folder``), without
-    Spark: decoding plus everything the pipeline must do to each file besides. Returns a function of a
-    list of paths."""
+    (:func:`~cxr_spark.ingest.index_and_keep` of each file into one raw Parquet file in ``folder`` and one
+    images_<size> file in its ``split=train`` folder), without Spark: decoding plus everything the pipeline
+    must do to each file besides. Returns a function of a list of paths."""
     from cxr_spark.config import load_config
-    from cxr_spark.ingest import index_and_keep, raw_arrow_schema
+    from cxr_spark.ingest import images_part_schema, index_and_keep, raw_arrow_schema
     from cxr_spark.labels import NUM_LABELS
     from cxr_spark.schemas import RawSchema, encode_column
-    from cxr_spark.storage import ParquetPartWriter
+    from cxr_spark.storage import ParquetPartWriter, PartitionedPartWriter
 
-    row_group_bytes = load_config().ingest.row_group_size_mb * 2**20
+    config = load_config()
     labels = encode_column(RawSchema, "labels", [np.zeros(NUM_LABELS, np.uint8)])[0]
     folder.mkdir(parents=True, exist_ok=True)
 
     def work(some: list[Path]) -> None:
         with ParquetPartWriter(str(folder), "part.parquet", raw_arrow_schema(), image_column="png",
-                               row_group_bytes=row_group_bytes) as writer:
+                               row_group_bytes=config.ingest.row_group_size_mb * 2**20) as writer, \
+                PartitionedPartWriter(str(folder), "part.parquet", images_part_schema(size), column="split",
+                                      image_column="image",
+                                      row_group_bytes=config.preprocess.row_group_size_mb * 2**20) as resized:
             for path in some:  # the columns the plan gives a task (metadata, split, ...)
                 index_and_keep(writer, str(path), size, {
                     "image_id": path.name, "patient_id": 1, "follow_up": 0, "age": 50, "sex": "M", "view": "PA",
-                    "finding_labels": "No Finding", "labels": labels, "split": "train", "source_path": str(path)})
+                    "finding_labels": "No Finding", "labels": labels, "split": "train", "source_path": str(path)},
+                    resized)
 
     return work
 

@@ -21,6 +21,9 @@ decode. With ``--images-out`` pass 1 also decodes and resizes each file exactly 
 (:func:`cxr_spark.preprocess.resize_encoded`), a file that does not decode is quarantined here, and
 ``images_<size>`` is written from those rows once ``raw`` is in place: each file is read and decoded
 once instead of twice, the fastest way from a dump to training data (``make bench`` measures both).
+When pass 1 writes ``raw`` itself and ``--images-out`` is local too, each task also writes the
+``images_<size>`` rows of the files it keeps, one Parquet file per split, which are moved into the
+images dataset as it is written: those images never cross to the JVM nor are shuffled.
 """
 from __future__ import annotations
 
@@ -30,6 +33,7 @@ import math
 import os
 import time
 import uuid
+from contextlib import nullcontext
 
 import numpy as np
 import pandas as pd
@@ -52,9 +56,9 @@ from cxr_spark.preprocess import encode_resized, resize_encoded, write_images
 from cxr_spark.schemas import (QUARANTINE_DIR, QUARANTINE_SCHEMA, RawSchema, encode_column, images_schema,
                                metadata_columns)
 from cxr_spark.splits import hash_split, official_split
-from cxr_spark.storage import (FileSystem, ParquetPartWriter, atomic_output, image_rows_writer, listed_files, local_path,
-                               local_file_path, read_json, read_local_file, scratch_dir, sha256_hex, to_url,
-                               write_parquet_part)
+from cxr_spark.storage import (FileSystem, ParquetPartWriter, PartitionedPartWriter, atomic_output, image_rows_writer,
+                               listed_files, local_file_path, local_path, move_parquet_parts, read_json,
+                               read_local_file, scratch_dir, sha256_hex, to_url, write_parquet_part)
 
 log = logging.getLogger(__name__)
 
@@ -190,49 +194,76 @@ def _index_partition(size: int | None, read_files: bool):
 #: RawSchema columns pass 1 learns from the file itself (besides ``png``); the others come from the plan
 #: (:func:`_plan`).
 _FROM_FILE = ("height", "width", "content_sha256")
+#: The metadata columns of an images_<size> row in a split's partition folder (which carries ``split``).
+_IMAGE_ROW = tuple(name for name in metadata_columns() if name != "split")
 
 
-def index_and_keep(writer: ParquetPartWriter, path: str, size: int | None,
-                   columns: dict | None) -> tuple[dict, int, bool]:
+def images_part_schema(size: int) -> pa.Schema:
+    """images_<size>'s columns as Arrow types, but ``split`` (the partition folders carry it), every column
+    nullable as in the files Spark's writer makes."""
+    return pa.schema([pa.field(field.name, to_arrow_type(field.dataType))
+                      for field in images_schema(size).as_spark_schema().fields if field.name != "split"])
+
+
+def index_and_keep(writer: ParquetPartWriter, path: str, size: int | None, columns: dict | None,
+                   resized: PartitionedPartWriter | None = None) -> tuple[dict, int, bool]:
     """Pass 1's work on one local file when it writes ``raw`` too: the file read straight into ``writer``'s
     buffer, :func:`index_file` of those bytes, and the bytes kept as a raw row (``columns``, the plan's, and
     the columns learnt from the file) when ``columns`` is given and the file's own checks pass; otherwise
-    dropped. Returns the index row, the file's length, and whether it was kept."""
+    dropped. With ``resized`` (and ``size``) a kept file's resized image goes there as its
+    ``images_<size>`` row, in its split's partition, instead of in the index row (whose ``image`` is then
+    null). Returns the index row, the file's length, and whether it was kept."""
     data = writer.read_image(path)
     if data[:8] != PNG_SIGNATURE:  # PNG is checked and decoded from the buffer itself
         data = bytes(data)
     row = index_file(data, size)
     keep = columns is not None and row["reason"] is None and row["format"] != "dicom"
     if keep:
-        writer.keep_image({**columns, **{name: row[name] for name in _FROM_FILE}})
+        kept = {**columns, **{name: row[name] for name in _FROM_FILE}}
+        writer.keep_image(kept)
+        if resized is not None:
+            resized.add_image(kept["split"], row["image"],
+                              {**{name: kept[name] for name in _IMAGE_ROW}, "pixel_mean": row["pixel_mean"],
+                               "pixel_std": row["pixel_std"]})
+            row["image"] = None
     else:
         writer.drop_image()
     return row, len(data), keep
 
 
-def _index_and_write_partition(size: int | None, folder: str, run: str, row_group_bytes: int):
+def _index_and_write_partition(size: int | None, folder: str, run: str, row_group_bytes: int,
+                               images: tuple[str, int] | None = None):
     """The mapInPandas function of pass 1 when the Python workers do the file I/O and ``raw`` is local:
     :func:`index_and_keep` of every planned file, keeping those the plan lets through (``writable``) whose
     own checks pass, as one Parquet file per task (:class:`ParquetPartWriter`). ``raw_written`` tells which.
     The decisions made after pass 1 then only check this choice (and copy what pass 1 could not write:
     DICOM, whose id is its content hash).
+
+    With ``images`` (a local folder, and row-group bytes) the task also writes the images_<size> rows of the
+    files it keeps, as one Parquet file per split under ``<folder>/split=<split>/``
+    (:class:`PartitionedPartWriter`): those images never cross to the JVM, nor are they shuffled to be
+    written.
     """
     columns = ["content_sha256"] + INSPECT_COLUMNS + (["image", "pixel_mean", "pixel_std"] if size else [])
     schema = raw_arrow_schema()
     from_plan = [name for name in schema.names[:-1] if name not in _FROM_FILE]  # the last is png
+    resized_schema = images_part_schema(size) if images else None
 
     def index(batches):
         context = TaskContext.get()
+        part, attempt = f"part-{context.partitionId():05d}-{run}.parquet", context.attemptNumber()
         os.makedirs(folder, exist_ok=True)
-        with ParquetPartWriter(folder, f"part-{context.partitionId():05d}-{run}.parquet", schema,
-                               image_column="png", row_group_bytes=row_group_bytes,
-                               attempt=context.attemptNumber()) as writer:
+        with ParquetPartWriter(folder, part, schema, image_column="png", row_group_bytes=row_group_bytes,
+                               attempt=attempt) as writer, \
+                (PartitionedPartWriter(images[0], part, resized_schema, column="split", image_column="image",
+                                       row_group_bytes=images[1], attempt=attempt)
+                 if images else nullcontext()) as resized:
             for frame in batches:
                 rows, lengths, written = [], [], []
                 for plan in frame.itertuples(index=False):
                     row, length, keep = index_and_keep(
                         writer, local_file_path(plan.path), size,
-                        {name: getattr(plan, name) for name in from_plan} if plan.writable else None)
+                        {name: getattr(plan, name) for name in from_plan} if plan.writable else None, resized)
                     rows.append(row)
                     lengths.append(length)
                     written.append(keep)
@@ -373,12 +404,13 @@ def _opaque_id(digest: Column) -> Column:
 
 def _index_files(spark: SparkSession, files: DataFrame, layout: str, stage: str, size: int | None,
                  read_files: bool, plan: DataFrame | None = None, raw_parts: str | None = None,
-                 row_group_bytes: int = 0) -> DataFrame:
+                 row_group_bytes: int = 0, images: tuple[str, int] | None = None) -> DataFrame:
     """One row per listed file: path, id, size, SHA-256, header facts and check (a quarantine reason or null).
 
     Pass 1 writes its rows to ``stage`` (Parquet; with ``size`` they carry the resized image too) and the
     decisions read back only the small columns. With a ``plan`` (:func:`_plan`) pass 1 runs over it and
-    writes the raw rows it can into ``raw_parts`` (``raw_written``). Without one, it runs over the
+    writes the raw rows it can into ``raw_parts`` (``raw_written``), and with ``images`` their images_<size>
+    rows too (:func:`_index_and_write_partition`). Without one, it runs over the
     ``binaryFile`` rows, and as Spark's file sources make no split for a 0-byte file, such files yield no
     row there; the listing itself (the driver's file index) still names them, and they are added back
     as ``empty_file``.
@@ -386,7 +418,7 @@ def _index_files(spark: SparkSession, files: DataFrame, layout: str, stage: str,
     out = "path string, length long, content_sha256 string, " + INSPECT_OUT + (", " + IMAGE_OUT if size else "")
     if plan is not None:
         index = plan.mapInPandas(_index_and_write_partition(size, local_path(raw_parts), uuid.uuid4().hex[:8],
-                                                            row_group_bytes), out + ", raw_written boolean")
+                                                            row_group_bytes, images), out + ", raw_written boolean")
     else:
         source = files.select("path", "length") if read_files else files.select("path", "length", "content")
         index = source.mapInPandas(_index_partition(size, read_files), out)
@@ -420,14 +452,14 @@ def _identify(indexed: DataFrame, layout: str) -> DataFrame:
 
 
 def _plan(spark: SparkSession, files: DataFrame, layout: str, meta: DataFrame | None,
-          existing: DataFrame | None) -> DataFrame:
+          existing: DataFrame | None, min_tasks: int = 1) -> DataFrame:
     """Pass 1's input when it writes ``raw`` itself: every listed file (0-byte ones included) with the raw
     columns that do not depend on its content, and ``writable``: what :func:`_decide` will say from the
     path, the metadata and the existing ids alone lets the file into ``raw`` if its own checks pass.
 
     Decided by name, a file is never let in wrongly: its id there is its name, and only DICOM (left to
     pass 2) gets another id, from its content. Tasks hold about ``spark.sql.files.maxPartitionBytes`` of
-    files each (the file index knows their total without reading them).
+    files each (the file index knows their total without reading them); there are at least ``min_tasks``.
     """
     listed = listed_files(spark, files).select(
         "path", *[F.lit(None).cast(dtype).alias(name) for name, dtype in
@@ -438,7 +470,7 @@ def _plan(spark: SparkSession, files: DataFrame, layout: str, meta: DataFrame | 
     total_bytes = int(files._jdf.queryExecution().optimizedPlan().stats().sizeInBytes())
     return (_schema_columns(planned.withColumn("labels", _encode_labels("labels")), columns, "path",
                             writable.alias("writable"))
-            .repartition(_tasks_for(spark, total_bytes), "path"))
+            .repartition(max(min_tasks, _tasks_for(spark, total_bytes)), "path"))
 
 
 def read_metadata(spark: SparkSession, metadata: str, split_lists: str | None, settings: IngestConfig) -> DataFrame:
@@ -499,7 +531,7 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
     previous_images = _previous_images(spark, out, images_out) if images_out and existing is not None else None
     with scratch_dir(spark, out) as stage:
         counts = _ingest(spark, images, out, metadata, split_lists, settings, bbox, mode, layout, existing, stage,
-                         resize.size if images_out else None, started)
+                         images_out, resize, started)
         if images_out:
             counts["images"] = _write_images(spark, out, images_out, stage, resize, previous_images, started)
     return counts
@@ -507,7 +539,7 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
 
 def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, split_lists: str | None,
             settings: IngestConfig, bbox: str | None, mode: str, layout: str, existing: DataFrame | None,
-            stage: str, size: int | None, started: float) -> dict:
+            stage: str, images_out: str | None, resize: PreprocessConfig | None, started: float) -> dict:
     files = list_files(spark, images)  # listed once: pass 1 (index) and pass 2 (copy) share the file index
     read_files = local_path(to_url(images)) is not None
     meta = None
@@ -521,14 +553,21 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
     # Python workers that read the files write raw's rows from the bytes in hand (no second read), when
     # raw is local too; the decisions after pass 1 check their choice and pass 2 copies the rest.
     in_workers = settings.worker_file_io and read_files and local_path(to_url(out)) is not None
-    plan = _plan(spark, files, layout, first_meta, existing) if in_workers else None
+    size = resize.size if images_out else None
+    # With images_out local too, they write the images_<size> rows of the files they keep in raw as well
+    # (each task one file per split: at least min_files_per_split tasks keep Horovod's shards balanced).
+    resized = ((local_path(f"{stage}/images"), resize.row_group_size_mb * 2**20)
+               if in_workers and size and local_path(to_url(images_out)) is not None else None)
+    plan = (_plan(spark, files, layout, first_meta, existing, resize.min_files_per_split if resized else 1)
+            if in_workers else None)
     index = _index_files(spark, files, layout, f"{stage}/index", size, read_files, plan, f"{stage}/raw",
-                         settings.row_group_size_mb * 2**20).cache()  # no image bytes
+                         settings.row_group_size_mb * 2**20, resized).cache()  # no image bytes
     decided = _decide(index, first_meta, layout, existing).cache()
     fates = _fates(decided)
 
-    if size:  # which pass-1 rows become images_<size> rows, for _write_images
-        decided.where("reason IS NULL AND NOT skipped").select("path", "image_id").write.parquet(f"{stage}/accepted")
+    if size:  # which pass-1 index rows become images_<size> rows, for _write_images
+        (decided.where("reason IS NULL AND NOT skipped" + (" AND NOT raw_written" if resized else ""))
+         .select("path", "image_id").write.parquet(f"{stage}/accepted"))
     with atomic_output(spark, out) as tmp:
         accepted = decided.where("reason IS NULL AND NOT skipped")
         accepted = accepted.withColumn("labels", _encode_labels("labels"))
@@ -536,7 +575,7 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
             if in_workers:
                 if existing is not None:
                     image_rows_writer(_schema_columns(existing).write, "png").parquet(tmp)
-                _move_parts(local_path(f"{stage}/raw"), local_path(tmp))
+                move_parquet_parts(local_path(f"{stage}/raw"), local_path(tmp))
                 rest = [fate for fate in fates if fate["accepted"] and not fate["skipped"] and not fate["raw_written"]]
                 _copy_in_workers(spark, accepted.where("NOT raw_written"), tmp, settings.row_group_size_mb,
                                  sum(fate["bytes"] for fate in rest), sum(fate["count"] for fate in rest))
@@ -583,7 +622,8 @@ def _previous_images(spark: SparkSession, out: str, images_out: str) -> tuple[Da
 
 def _write_images(spark: SparkSession, out: str, images_out: str, stage: str, resize: PreprocessConfig,
                   previous: tuple[DataFrame, DataFrame] | None, started: float) -> dict:
-    """``images_<size>`` from pass 1's resized images and the metadata of the raw rows just written to ``out``."""
+    """``images_<size>`` from pass 1's resized images: the rows its tasks wrote themselves, and the others
+    (DICOM) from its index rows joined to the metadata of the raw rows just written to ``out``."""
     raw = spark.read.parquet(to_url(out))
     columns = [field.name for field in images_schema(resize.size).fields.values()]
     resized = (spark.read.parquet(f"{stage}/index").select("path", "image", "pixel_mean", "pixel_std")
@@ -596,7 +636,8 @@ def _write_images(spark: SparkSession, out: str, images_out: str, stage: str, re
         return previous[1] if previous is not None else spark.createDataFrame([], QUARANTINE_SCHEMA)
 
     return write_images(spark, rows, images_out, resize, n_rows=raw.count(), quarantine=quarantine, started=started,
-                        inputs={"raw": input_version(spark, out)}, extra={"written_by": "ingest --images-out"})
+                        inputs={"raw": input_version(spark, out)}, extra={"written_by": "ingest --images-out"},
+                        parts=local_path(f"{stage}/images"))
 
 
 def _schema_columns(frame: DataFrame, names=tuple(RawSchema.fields), *others: str) -> DataFrame:
@@ -617,15 +658,6 @@ def _copy_in_spark(files: DataFrame, accepted: DataFrame) -> DataFrame:
         return raw.withColumn("png", F.coalesce(to_png(F.when(F.col("format") == "dicom", F.col("content"))),
                                                 F.col("content")))
     return raw.withColumn("png", F.col("content"))
-
-
-def _move_parts(parts: str, folder: str) -> None:
-    """Move the Parquet files pass 1's tasks completed in ``parts`` into the dataset being written at
-    ``folder`` (a failed attempt's file is hidden: ``.part-...``, left behind)."""
-    os.makedirs(folder, exist_ok=True)
-    for name in sorted(os.listdir(parts)) if os.path.isdir(parts) else []:
-        if name.endswith(".parquet") and not name.startswith("."):
-            os.rename(os.path.join(parts, name), os.path.join(folder, name))
 
 
 def _tasks_for(spark: SparkSession, total_bytes: int) -> int:

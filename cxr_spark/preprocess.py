@@ -6,7 +6,8 @@ Stored images stay uint8; normalisation is applied by the training and scoring i
 Ingest checks only a PNG's header and end, so a raw row whose pixels cannot be decoded is quarantined
 here, in ``<images>/_quarantine/`` with ingest's columns and reasons, and the counts reconcile: raw rows
 = images + quarantined. ``ingest --images-out`` writes the same dataset in its own pass over the files
-(through :func:`resize_encoded` and :func:`write_images`), without reading ``raw`` back.
+(through :func:`resize_encoded` and :func:`write_images`, its tasks writing most rows themselves), without
+reading ``raw`` back.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 import cv2
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 from petastorm.etl.dataset_metadata import materialize_dataset
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -26,7 +28,8 @@ from cxr_spark.config import PipelineConfig, PreprocessConfig, override
 from cxr_spark.images import ImageError, decode_grayscale, decode_resized, encode_png
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.schemas import QUARANTINE_DIR, QUARANTINE_SCHEMA, images_schema, metadata_columns
-from cxr_spark.storage import atomic_output, image_rows_writer, to_url, write_json
+from cxr_spark.storage import (atomic_output, image_rows_writer, local_path, move_parquet_parts, parquet_parts, to_url,
+                               write_json)
 
 log = logging.getLogger(__name__)
 NORMALIZATION_FILE = "_normalization.json"
@@ -125,23 +128,37 @@ def preprocess(spark: SparkSession, input_url: str, out: str, settings: Preproce
                         inputs={"raw": input_version(spark, input_url)})
 
 
+def _files_per_split(written: DataFrame) -> dict:
+    """How many data files each split of a written images dataset has."""
+    files = [url.rsplit("/", 2)[-2] for url in written.inputFiles()]
+    return {name.split("=", 1)[1]: files.count(name) for name in sorted(set(files)) if name.startswith("split=")}
+
+
 def write_images(spark: SparkSession, images: DataFrame, out: str, settings: PreprocessConfig, *, n_rows: int,
-                 quarantine, inputs: dict, started: float, extra: dict | None = None) -> dict:
+                 quarantine, inputs: dict, started: float, extra: dict | None = None, parts: str | None = None) -> dict:
     """Write ``images`` (rows of :func:`images_schema`) as the ``images_<size>`` dataset at ``out``, replaced
     atomically, with its quarantine, the train split's statistics and a manifest; returns the counts.
 
-    ``quarantine(written, n_images)`` gives the quarantine rows once the images are written; the run fails
-    unless ``n_rows`` (the raw rows the images come from) = images + quarantined.
+    ``parts``, a local folder, may hold rows of the dataset already written as Parquet files in its layout
+    (``split=<split>/*.parquet``, as ``ingest --images-out``'s pass 1 writes them); they are moved in beside
+    ``images``, which are then the other rows. ``quarantine(written, n_images)`` gives the quarantine rows
+    once the images are written; the run fails unless ``n_rows`` (the raw rows the images come from) =
+    images + quarantined.
     """
     size = settings.size
-    est_bytes = n_rows * size * size * PNG_BYTES_PER_PIXEL
-    files_per_split = max(settings.min_files_per_split,
+    in_parts = parquet_parts(parts)
+    rest = n_rows - sum(pq.read_metadata(path).num_rows for path in in_parts)  # at most the rows of ``images``
+    est_bytes = rest * size * size * PNG_BYTES_PER_PIXEL
+    files_per_split = max(1 if in_parts else settings.min_files_per_split,
                           math.ceil(est_bytes / (settings.row_group_size_mb * 2**20)))
     # Resize first, then shuffle: the shuffle moves small resized rows, not the original PNGs.
     images = images.repartition(files_per_split, "image_id")
     with atomic_output(spark, out) as tmp:
         with materialize_dataset(spark, tmp, images_schema(size), settings.row_group_size_mb):
-            image_rows_writer(images.write, "image").partitionBy("split").parquet(tmp)
+            if rest > 0 or not in_parts:
+                image_rows_writer(images.write, "image").partitionBy("split").parquet(tmp)
+            if in_parts:
+                move_parquet_parts(parts, local_path(tmp))
         written = spark.read.parquet(tmp)
         # rows per split and the train split's pixel moments, in one job
         per_split = {r["split"]: r for r in written.groupBy("split").agg(
@@ -160,7 +177,7 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
         write_json(spark, f"{tmp}/{NORMALIZATION_FILE}", normalization)
         counts = {"raw_rows": n_rows, "images": sum(by_split.values()), "quarantined": sum(reasons.values()),
                   "quarantine_reasons": dict(sorted(reasons.items(), key=str)), "splits": dict(sorted(by_split.items())),
-                  "files_per_split": files_per_split, "size": size}
+                  "files_per_split": _files_per_split(written), "size": size}
         if counts["raw_rows"] != counts["images"] + counts["quarantined"] or None in reasons:
             raise RuntimeError(f"preprocess counts do not reconcile (raw_rows != images + quarantined, or a "
                                f"quarantined row decodes): {counts}")

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import uuid
 from contextlib import contextmanager
 from typing import Iterator
@@ -198,10 +199,12 @@ _IMAGES = ImageColumn()
 class ParquetPartWriter:
     """Rows from a Python worker written as one Parquet file ``folder/name``, a batch at a time.
 
-    Each batch is a pandas frame of ``schema``'s columns but ``image_column`` (the last), and for each row
-    the local path of a file whose bytes are its image, or the bytes themselves. Row groups hold about
+    Each batch is a pandas frame of ``schema``'s columns but ``image_column``, and for each row the local
+    path of a file whose bytes are its image, or the bytes themselves. Row groups hold about
     ``row_group_bytes`` of images, stored without compression or dictionary (they are compressed
-    already), as :func:`image_rows_writer` tells Spark's own writer.
+    already), as :func:`image_rows_writer` tells Spark's own writer. The images are gathered in
+    ``buffer`` (by default the one the process reuses for its whole images; a writer open beside another
+    needs its own).
 
     The file is written under a hidden name (``.name.<attempt>``, which Spark and Petastorm skip) and
     renamed by :meth:`close`, so a retried task replaces it whole and no half-written file is ever read;
@@ -210,13 +213,14 @@ class ParquetPartWriter:
     """
 
     def __init__(self, folder: str, name: str, schema: pa.Schema, *, image_column: str, row_group_bytes: int,
-                 attempt: int = 0):
-        if schema.names[-1] != image_column:
-            raise ValueError(f"{image_column} must be the last column of {schema.names}")
+                 attempt: int = 0, buffer: ImageColumn | None = None):
         self._partial, self._final = os.path.join(folder, f".{name}.{attempt}"), os.path.join(folder, name)
         self._schema, self._image_column, self._row_group_bytes = schema, image_column, row_group_bytes
-        self._others = pa.schema(list(schema)[:-1])
-        self._images, self._frames, self._rows, self._writer = _IMAGES, [], [], None
+        self._image_index = schema.get_field_index(image_column)
+        if self._image_index < 0:
+            raise ValueError(f"{image_column} is not one of the columns {schema.names}")
+        self._others = schema.remove(self._image_index)
+        self._images, self._frames, self._rows, self._writer = _IMAGES if buffer is None else buffer, [], [], None
         self._images.clear()
         self.rows = 0
 
@@ -236,6 +240,11 @@ class ParquetPartWriter:
     def drop_image(self) -> None:
         """Forget the image just read."""
         self._images.drop_last()
+
+    def add_image(self, data: bytes, row: dict) -> None:
+        """Add a row: ``data``, its image, and ``row``, the other columns."""
+        self._images.add_bytes(data)
+        self.keep_image(row)
 
     def add(self, frame: pd.DataFrame, sources: list) -> None:
         """Add the rows of ``frame`` with their images (local paths or bytes, one per row). A writer takes
@@ -257,8 +266,8 @@ class ParquetPartWriter:
     def _flush(self) -> None:
         frame = pd.concat(self._frames, ignore_index=True) if self._frames else pd.DataFrame(self._rows)
         table = pa.Table.from_pandas(frame, schema=self._others, preserve_index=False)
-        table = table.append_column(self._schema.field(self._image_column),
-                                    self._images.take()).replace_schema_metadata(None)
+        table = table.add_column(self._image_index, self._schema.field(self._image_column),
+                                 self._images.take()).replace_schema_metadata(None)
         if self._writer is None:
             # write_batch_size: the writer closes a data page (about 1 MB) only between batches of values,
             # and by default a batch is 1,024 values: a whole row group of images became one page, built
@@ -297,6 +306,76 @@ class ParquetPartWriter:
             self.close()
         else:
             self.abort()
+
+
+class PartitionedPartWriter:
+    """Rows from a Python worker written in Hive-style partitions, as Spark's ``partitionBy(column)`` lays
+    them out: ``folder/<column>=<value>/name``, one :class:`ParquetPartWriter` (with its own image buffer)
+    for each value met. ``schema`` has no ``column``: the folder names carry it."""
+
+    def __init__(self, folder: str, name: str, schema: pa.Schema, *, column: str, image_column: str,
+                 row_group_bytes: int, attempt: int = 0):
+        self._folder, self._name, self._schema, self._column = folder, name, schema, column
+        self._options = {"image_column": image_column, "row_group_bytes": row_group_bytes, "attempt": attempt}
+        self._writers: dict[str, ParquetPartWriter] = {}
+
+    def add_image(self, value: str, data: bytes, row: dict) -> None:
+        """Add a row to the partition ``value``: ``data``, its image, and ``row``, its other columns."""
+        writer = self._writers.get(value)
+        if writer is None:
+            if not isinstance(value, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", value) or value.startswith("."):
+                raise ValueError(f"{self._column}={value!r}: not a partition value this writer names folders by")
+            folder = os.path.join(self._folder, f"{self._column}={value}")
+            os.makedirs(folder, exist_ok=True)
+            writer = self._writers[value] = ParquetPartWriter(folder, self._name, self._schema, buffer=ImageColumn(),
+                                                              **self._options)
+        writer.add_image(data, row)
+
+    @property
+    def rows(self) -> int:
+        return sum(writer.rows for writer in self._writers.values())
+
+    def close(self) -> int:
+        """Close every partition's file; returns the rows written."""
+        for writer in self._writers.values():
+            writer.close()
+        return self.rows
+
+    def abort(self) -> None:
+        """Delete every partition's partial file."""
+        for writer in self._writers.values():
+            writer.abort()
+
+    def __enter__(self) -> PartitionedPartWriter:
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def parquet_parts(folder: str | None) -> list[str]:
+    """The Parquet files under the local ``folder`` (partition folders included) that readers would see:
+    none hidden (``.`` or ``_``), in sorted order; empty when there is no such folder."""
+    found = []
+    for parent, folders, files in os.walk(folder) if folder else ():
+        folders[:] = sorted(name for name in folders if not name.startswith((".", "_")))
+        found += [os.path.join(parent, name) for name in sorted(files)
+                  if name.endswith(".parquet") and not name.startswith((".", "_"))]
+    return found
+
+
+def move_parquet_parts(parts: str, folder: str) -> int:
+    """Move the Parquet files under the local ``parts`` (:func:`parquet_parts`) to the same places under
+    ``folder``; returns how many. A hidden file (a failed task attempt's) stays behind."""
+    moved = parquet_parts(parts)
+    for path in moved:
+        target = os.path.join(folder, os.path.relpath(path, parts))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.move(path, target)  # a rename on the same filesystem
+    return len(moved)
 
 
 def write_parquet_part(batches: Iterator[tuple[pd.DataFrame, list]], folder: str, name: str, schema: pa.Schema, *,

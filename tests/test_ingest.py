@@ -270,6 +270,64 @@ def test_index_and_keep_keeps_a_files_own_bytes_only_when_the_plan_and_its_check
         hashlib.sha256(first.read_bytes()).hexdigest(), height, width, 7)
 
 
+def test_pass_one_writes_the_images_row_of_a_file_it_keeps_beside_its_raw_row(shared_data, tmp_path):
+    """With --images-out pass 1 writes a kept file's images_<size> row into its split's folder, while the raw
+    writer beside it (the process's shared image buffer) goes on; other files keep their image in the index."""
+    import cv2
+    import pyarrow.parquet as pq
+
+    from cxr_spark.images import decode_grayscale, resize_square
+    from cxr_spark.ingest import images_part_schema, index_and_keep, raw_arrow_schema
+    from cxr_spark.schemas import RawSchema, encode_column
+    from cxr_spark.storage import ParquetPartWriter, PartitionedPartWriter, parquet_parts
+
+    first, second = sorted((shared_data / "samples").glob("*.png"))
+    dicom = next((shared_data / "samples").glob("*.dcm"))
+    labels = encode_column(RawSchema, "labels", [np.eye(14, dtype=np.uint8)[3]])[0]
+
+    def plan(path, split):
+        return {"image_id": path.name, "patient_id": 9, "follow_up": 2, "age": 61, "sex": "F", "view": "AP",
+                "finding_labels": "Effusion", "labels": labels, "split": split, "source_path": str(path)}
+
+    raw, images = tmp_path / "raw", tmp_path / "images"
+    raw.mkdir()
+    with ParquetPartWriter(str(raw), "part.parquet", raw_arrow_schema(), image_column="png",
+                           row_group_bytes=2**20) as writer, \
+            PartitionedPartWriter(str(images), "part.parquet", images_part_schema(64), column="split",
+                                  image_column="image", row_group_bytes=2**20) as resized:
+        rows = {path.name: index_and_keep(writer, str(path), 64, plan(path, split), resized)[0]
+                for path, split in ((first, "train"), (dicom, "train"), (second, "test"))}
+        with pytest.raises(ValueError, match="partition value"):
+            resized.add_image("../train", b"", {})
+
+    assert [row["image_id"] for row in pq.read_table(raw / "part.parquet").to_pylist()] == [first.name, second.name]
+    assert [bytes(row["png"]) for row in pq.read_table(raw / "part.parquet").to_pylist()] == [
+        first.read_bytes(), second.read_bytes()]
+    assert rows[first.name]["image"] is None and rows[second.name]["image"] is None  # in images_<size> instead
+    assert rows[dicom.name]["image"] is not None  # DICOM is not kept by pass 1: its image stays in the index
+    assert parquet_parts(str(images)) == [str(images / "split=test" / "part.parquet"),
+                                          str(images / "split=train" / "part.parquet")]
+    for path, split in ((first, "train"), (second, "test")):
+        table = pq.read_table(images / f"split={split}" / "part.parquet")
+        assert table.schema.names == images_part_schema(64).names  # the image column is not last
+        (row,) = table.to_pylist()
+        expected = resize_square(decode_grayscale(path.read_bytes()), 64)
+        np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_UNCHANGED),
+                                      expected)
+        assert (row["pixel_mean"], row["pixel_std"]) == pytest.approx((expected.mean(), expected.std()), rel=1e-6)
+        assert (row["image_id"], row["age"], row["sex"], row["labels"], row["height"]) == (
+            path.name, 61, "F", labels, decode_grayscale(path.read_bytes()).shape[0])
+
+    failed = tmp_path / "failed"
+    with pytest.raises(RuntimeError):
+        with PartitionedPartWriter(str(failed), "part.parquet", images_part_schema(64), column="split",
+                                   image_column="image", row_group_bytes=1) as resized:
+            resized.add_image("val", first.read_bytes(), {**plan(first, "val"), "pixel_mean": 1.0, "pixel_std": 1.0,
+                                                          "height": 1, "width": 1, "content_sha256": "0"})
+            raise RuntimeError("the task fails after its first row group was written")
+    assert (failed / "split=val").is_dir() and parquet_parts(str(failed)) == []  # nothing a reader would see
+
+
 def test_pass_one_decodes_a_dicom_once_and_stores_the_pixels_decode_resized_gives(shared_data, monkeypatch):
     import cv2
 

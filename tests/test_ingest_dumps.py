@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -82,19 +83,35 @@ def test_generic_dump_of_png_jpeg_and_dicom_keeps_no_identifying_dicom_data(spar
     from cxr_spark.config import override
     from cxr_spark.preprocess import preprocess
 
-    resized = preprocess(spark, str(raw), str(tmp_path / "images_16"),  # rows without a patient id go on
-                         override(config.preprocess, size=16, min_files_per_split=1))
+    resize = override(config.preprocess, size=16, min_files_per_split=1)
+    resized = preprocess(spark, str(raw), str(tmp_path / "images_16"), resize)  # rows without a patient id go on
     assert resized["images"] == 4 and resized["splits"] == {"unlabeled": 4}
+
+    # One pass: its tasks write the PNG's and the JPEG's images rows themselves (files named by pass 1's
+    # tasks); the DICOM rows, whose ids come from their content, are written by Spark. The same dataset.
+    from pyspark.sql import functions as F
+
+    one_pass = tmp_path / "images_16_one_pass"
+    counts = ingest(spark, str(dump), str(tmp_path / "raw_one_pass"), None, None, config.ingest,
+                    images_out=str(one_pass), resize=resize)
+    one, two = spark.read.parquet(str(one_pass)), spark.read.parquet(str(tmp_path / "images_16"))
+    assert counts["images"]["images"] == 4 and one.exceptAll(two).count() == 0 == two.exceptAll(one).count()
+    files = {row.image_id: row.file.rsplit("/", 1)[1]
+             for row in one.select("image_id", F.input_file_name().alias("file")).collect()}
+    by_pass_one = {name for name, file in files.items() if re.fullmatch(r"part-\d{5}-[0-9a-f]{8}\.parquet", file)}
+    assert by_pass_one == {"a.png", "b.jpeg"}
+    assert counts["images"]["files_per_split"] == {"unlabeled": len(set(files.values()))}
 
     secrets = set().union(*(_identifying_values(data) for data in dicoms.values())) | {"DOE_JANE", "IM0001"}
     assert {"DOE^JANE", "PID-0042-XYZ", "Saint Example Hospital", "20200315"} <= secrets
-    for path in raw.rglob("*"):  # every byte of every file written, compressed or not
-        if path.is_file():
-            content = path.read_bytes()
-            assert not [s for s in secrets if s.encode() in content], path
-    for cell in _all_cells(raw):  # and every decoded Parquet value
-        text = cell.decode("latin-1") if isinstance(cell, bytes) else str(cell)
-        assert not [s for s in secrets if s in text]
+    for written in (raw, one_pass):
+        for path in written.rglob("*"):  # every byte of every file written, compressed or not
+            if path.is_file():
+                content = path.read_bytes()
+                assert not [s for s in secrets if s.encode() in content], path
+        for cell in _all_cells(written):  # and every decoded Parquet value
+            text = cell.decode("latin-1") if isinstance(cell, bytes) else str(cell)
+            assert not [s for s in secrets if s in text]
 
 
 def test_a_dicom_named_like_a_png_does_not_keep_the_png_of_that_name_out_of_raw(spark, tmp_path, config):
