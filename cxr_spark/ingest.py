@@ -52,7 +52,7 @@ from cxr_spark.images import (CONVERSIONS, PNG_SIGNATURE, PNG_TAIL_BYTES, ImageE
 from cxr_spark.labels import LABELS, NUM_LABELS, UnknownFindingError, canonical_name, parse_finding_labels
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.metadata import BBOX_DDL, SPARK_DDL, age_problem, dicom_metadata, parse_age
-from cxr_spark.preprocess import encode_resized, resize_encoded, write_images
+from cxr_spark.preprocess import PNG_BYTES_PER_PIXEL, encode_resized, resize_encoded, write_images
 from cxr_spark.schemas import (QUARANTINE_DIR, QUARANTINE_SCHEMA, RawSchema, encode_column, images_schema,
                                metadata_columns)
 from cxr_spark.splits import hash_split, official_split
@@ -452,14 +452,15 @@ def _identify(indexed: DataFrame, layout: str) -> DataFrame:
 
 
 def _plan(spark: SparkSession, files: DataFrame, layout: str, meta: DataFrame | None,
-          existing: DataFrame | None, min_tasks: int = 1) -> DataFrame:
+          existing: DataFrame | None, images: PreprocessConfig | None = None) -> DataFrame:
     """Pass 1's input when it writes ``raw`` itself: every listed file (0-byte ones included) with the raw
     columns that do not depend on its content, and ``writable``: what :func:`_decide` will say from the
     path, the metadata and the existing ids alone lets the file into ``raw`` if its own checks pass.
 
     Decided by name, a file is never let in wrongly: its id there is its name, and only DICOM (left to
     pass 2) gets another id, from its content. Tasks hold about ``spark.sql.files.maxPartitionBytes`` of
-    files each (the file index knows their total without reading them); there are at least ``min_tasks``.
+    files each (the file index knows their total without reading them), or, when pass 1 writes the
+    ``images`` dataset too, about one row group of its images each (:func:`_image_tasks`).
     """
     listed = listed_files(spark, files).select(
         "path", *[F.lit(None).cast(dtype).alias(name) for name, dtype in
@@ -470,7 +471,8 @@ def _plan(spark: SparkSession, files: DataFrame, layout: str, meta: DataFrame | 
     total_bytes = int(files._jdf.queryExecution().optimizedPlan().stats().sizeInBytes())
     return (_schema_columns(planned.withColumn("labels", _encode_labels("labels")), columns, "path",
                             writable.alias("writable"))
-            .repartition(max(min_tasks, _tasks_for(spark, total_bytes)), "path"))
+            .repartition(_image_tasks(spark, len(files.inputFiles()), images) if images
+                         else _tasks_for(spark, total_bytes), "path"))
 
 
 def read_metadata(spark: SparkSession, metadata: str, split_lists: str | None, settings: IngestConfig) -> DataFrame:
@@ -555,11 +557,10 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
     in_workers = settings.worker_file_io and read_files and local_path(to_url(out)) is not None
     size = resize.size if images_out else None
     # With images_out local too, they write the images_<size> rows of the files they keep in raw as well
-    # (each task one file per split: at least min_files_per_split tasks keep Horovod's shards balanced).
+    # (each task one file per split).
     resized = ((local_path(f"{stage}/images"), resize.row_group_size_mb * 2**20)
                if in_workers and size and local_path(to_url(images_out)) is not None else None)
-    plan = (_plan(spark, files, layout, first_meta, existing, resize.min_files_per_split if resized else 1)
-            if in_workers else None)
+    plan = _plan(spark, files, layout, first_meta, existing, resize if resized else None) if in_workers else None
     index = _index_files(spark, files, layout, f"{stage}/index", size, read_files, plan, f"{stage}/raw",
                          settings.row_group_size_mb * 2**20, resized).cache()  # no image bytes
     decided = _decide(index, first_meta, layout, existing).cache()
@@ -658,6 +659,17 @@ def _copy_in_spark(files: DataFrame, accepted: DataFrame) -> DataFrame:
         return raw.withColumn("png", F.coalesce(to_png(F.when(F.col("format") == "dicom", F.col("content"))),
                                                 F.col("content")))
     return raw.withColumn("png", F.col("content"))
+
+
+def _image_tasks(spark: SparkSession, n_files: int, images: PreprocessConfig) -> int:
+    """Pass 1's tasks when each writes the images_<size> rows of its files, one Parquet file per split: as
+    many as make about one row group of images each, so the images dataset gets files of row-group size
+    (Petastorm indexes a dataset's row groups with a Spark task per file, 45-50 ms of task time each
+    here), at least ``min_files_per_split`` (each split then gets that many files, for Horovod's shards)
+    and one per core."""
+    image_bytes = n_files * images.size**2 * PNG_BYTES_PER_PIXEL
+    return max(images.min_files_per_split, spark.sparkContext.defaultParallelism,
+               math.ceil(image_bytes / (images.row_group_size_mb * 2**20)))
 
 
 def _tasks_for(spark: SparkSession, total_bytes: int) -> int:

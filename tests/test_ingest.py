@@ -125,9 +125,14 @@ def test_one_pass_writes_what_preprocess_writes_and_quarantines_undecodable_pngs
 
     dump, good, truncated, damaged = _dump_with_undecodable_pngs(tiny_dump, tmp_path)
     raw, one_pass, two_stage = tmp_path / "raw", tmp_path / "images_one_pass", tmp_path / "images_two_stage"
-    resize = override(config.preprocess, size=32, min_files_per_split=1)
+    # min_files_per_split=3: pass 1 runs as 3 tasks (1 per core is 2 here), each writing one raw file and one
+    # images file per split it has rows of
+    resize = override(config.preprocess, size=32, min_files_per_split=3)
     counts = ingest(spark, str(dump), str(raw), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest,
                     images_out=str(one_pass), resize=resize)
+    assert len(list(raw.glob("part-*.parquet"))) == 3
+    on_disk = {folder.name.split("=")[1]: len(list(folder.glob("*.parquet"))) for folder in one_pass.glob("split=*")}
+    assert counts["images"]["files_per_split"] == on_disk and max(on_disk.values()) == 3
     quarantine = spark.read.schema(QUARANTINE_SCHEMA).parquet(str(raw / QUARANTINE_DIR)).toPandas().set_index("image_id")
     assert quarantine.loc[[truncated.name, damaged.name], "reason"].tolist() == ["corrupt_image"] * 2
     assert "IEND" in quarantine.loc[truncated.name, "detail"] and "decode" in quarantine.loc[damaged.name, "detail"]
