@@ -196,7 +196,27 @@ class ImageColumn:
 _IMAGES = ImageColumn()
 
 
-class ParquetPartWriter:
+class _Part:
+    """A file written by a task: closed (and given its name) when its ``with`` block ends normally,
+    deleted when the block ends by an exception."""
+
+    def close(self) -> int:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, trace) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class ParquetPartWriter(_Part):
     """Rows from a Python worker written as one Parquet file ``folder/name``, a batch at a time.
 
     Each batch is a pandas frame of ``schema``'s columns but ``image_column``, and for each row the local
@@ -298,17 +318,8 @@ class ParquetPartWriter:
             os.remove(self._partial)
             self._writer = None
 
-    def __enter__(self) -> ParquetPartWriter:
-        return self
 
-    def __exit__(self, kind, error, trace) -> None:
-        if kind is None:
-            self.close()
-        else:
-            self.abort()
-
-
-class PartitionedPartWriter:
+class PartitionedPartWriter(_Part):
     """Rows from a Python worker written in Hive-style partitions, as Spark's ``partitionBy(column)`` lays
     them out: ``folder/<column>=<value>/name``, one :class:`ParquetPartWriter` (with its own image buffer)
     for each value met. ``schema`` has no ``column``: the folder names carry it."""
@@ -345,15 +356,6 @@ class PartitionedPartWriter:
         """Delete every partition's partial file."""
         for writer in self._writers.values():
             writer.abort()
-
-    def __enter__(self) -> PartitionedPartWriter:
-        return self
-
-    def __exit__(self, kind, error, trace) -> None:
-        if kind is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def parquet_parts(folder: str | None) -> list[str]:
