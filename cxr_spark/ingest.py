@@ -452,15 +452,15 @@ def _identify(indexed: DataFrame, layout: str) -> DataFrame:
 
 
 def _plan(spark: SparkSession, files: DataFrame, layout: str, meta: DataFrame | None,
-          existing: DataFrame | None, images: PreprocessConfig | None = None) -> DataFrame:
+          existing: DataFrame | None, resize: PreprocessConfig | None = None) -> DataFrame:
     """Pass 1's input when it writes ``raw`` itself: every listed file (0-byte ones included) with the raw
     columns that do not depend on its content, and ``writable``: what :func:`_decide` will say from the
     path, the metadata and the existing ids alone lets the file into ``raw`` if its own checks pass.
 
     Decided by name, a file is never let in wrongly: its id there is its name, and only DICOM (left to
     pass 2) gets another id, from its content. Tasks hold about ``spark.sql.files.maxPartitionBytes`` of
-    files each (the file index knows their total without reading them), or, when pass 1 writes the
-    ``images`` dataset too, about one row group of its images each (:func:`_image_tasks`).
+    files each (the file index knows their total without reading them), or, when pass 1 writes the images
+    dataset too (``resize``, its settings), about one row group of its images each (:func:`_image_tasks`).
     """
     listed = listed_files(spark, files).select(
         "path", *[F.lit(None).cast(dtype).alias(name) for name, dtype in
@@ -471,7 +471,7 @@ def _plan(spark: SparkSession, files: DataFrame, layout: str, meta: DataFrame | 
     total_bytes = int(files._jdf.queryExecution().optimizedPlan().stats().sizeInBytes())
     return (_schema_columns(planned.withColumn("labels", _encode_labels("labels")), columns, "path",
                             writable.alias("writable"))
-            .repartition(_image_tasks(spark, len(files.inputFiles()), images) if images
+            .repartition(_image_tasks(spark, len(files.inputFiles()), resize) if resize
                          else _tasks_for(spark, total_bytes), "path"))
 
 
@@ -661,15 +661,15 @@ def _copy_in_spark(files: DataFrame, accepted: DataFrame) -> DataFrame:
     return raw.withColumn("png", F.col("content"))
 
 
-def _image_tasks(spark: SparkSession, n_files: int, images: PreprocessConfig) -> int:
+def _image_tasks(spark: SparkSession, n_files: int, resize: PreprocessConfig) -> int:
     """Pass 1's tasks when each writes the images_<size> rows of its files, one Parquet file per split: as
     many as make about one row group of images each, so the images dataset gets files of row-group size
     (Petastorm indexes a dataset's row groups with a Spark task per file, 45-50 ms of task time each
     here), at least ``min_files_per_split`` (each split then gets that many files, for Horovod's shards)
     and one per core."""
-    image_bytes = n_files * images.size**2 * PNG_BYTES_PER_PIXEL
-    return max(images.min_files_per_split, spark.sparkContext.defaultParallelism,
-               math.ceil(image_bytes / (images.row_group_size_mb * 2**20)))
+    image_bytes = n_files * resize.size**2 * PNG_BYTES_PER_PIXEL
+    return max(resize.min_files_per_split, spark.sparkContext.defaultParallelism,
+               math.ceil(image_bytes / (resize.row_group_size_mb * 2**20)))
 
 
 def _tasks_for(spark: SparkSession, total_bytes: int) -> int:

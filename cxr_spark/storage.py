@@ -223,8 +223,8 @@ class ParquetPartWriter(_Part):
     path of a file whose bytes are its image, or the bytes themselves. Row groups hold about
     ``row_group_bytes`` of images, stored without compression or dictionary (they are compressed
     already), as :func:`image_rows_writer` tells Spark's own writer. The images are gathered in
-    ``buffer`` (by default the one the process reuses for its whole images; a writer open beside another
-    needs its own).
+    ``buffer``: by default the one buffer the process reuses task after task, so a writer open beside
+    another needs a buffer of its own.
 
     The file is written under a hidden name (``.name.<attempt>``, which Spark and Petastorm skip) and
     renamed by :meth:`close`, so a retried task replaces it whole and no half-written file is ever read;
