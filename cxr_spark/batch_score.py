@@ -26,10 +26,8 @@ import datetime as dt
 import json
 import logging
 import os
-import socket
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Iterator
 
 import numpy as np
@@ -38,12 +36,16 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig
-from cxr_spark.images import PNG_SIGNATURE, ImageError, decode_resized
-from cxr_spark.ingest import QUARANTINE_DIR
+from cxr_spark.commit import DEFAULT_LOCK_STALE_AFTER_S, EXIT_LOCKED, RunLock, step
+from cxr_spark.guards import UsageError, check_run
+from cxr_spark.identity import IMAGE_GLOB, stored_identity
+from cxr_spark.images import ImageError, decode_resized, sniff_format
+from cxr_spark.schemas import QUARANTINE_DIR
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.input_pipeline import model_inputs
 from cxr_spark.score import loaded_model, predict_probabilities
-from cxr_spark.storage import FileSystem, content_sha256, listed_files, local_path, read_bytes, read_json, to_url
+from cxr_spark.storage import (FileSystem, content_sha256, listed_files, local_path, read_bytes, read_json, to_url,
+                               write_text)
 from cxr_spark.train import MODEL_FILE, load_model_card
 
 log = logging.getLogger(__name__)
@@ -51,28 +53,19 @@ log = logging.getLogger(__name__)
 EXIT_SCORED = 0
 EXIT_FAILED = 1
 EXIT_NOTHING_NEW = 3
-EXIT_LOCKED = 4
 EXIT_CODES_HELP = (f"exit codes: {EXIT_SCORED} new images processed (scored and/or quarantined), "
                    f"{EXIT_NOTHING_NEW} nothing new, {EXIT_LOCKED} store locked by another run, "
                    f"{EXIT_FAILED} failed (the store is left as it was)")
 
-#: Every PNG, JPEG and DICOM file, whatever the case of its extension (Hadoop glob syntax).
-IMAGE_GLOB = "*.{[pP][nN][gG],[jJ][pP][gG],[jJ][pP][eE][gG],[dD][cC][mM]}"
 LOCK_FILE = "_lock"
 RUNS_DIR = "_runs"
 STAGING_DIR = "_staging"
-DEFAULT_LOCK_STALE_AFTER_S = 6 * 3600  # longer than any nightly run; a crashed run's lock expires by then
+#: ``_staging/<run_id>.commit.json``: written before a run's renames; a run with one has committed.
+COMMIT_SUFFIX = ".commit.json"
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256(b"")
 SCORED_DDL = ("image_id string, source_path string, content_sha256 string, image_format string, "
               "probabilities array<float>, flagged array<string>, reason string, detail string")
 STORE_KEY_DDL = "content_sha256 string, model_version string"
-
-
-class StoreLockedError(RuntimeError):
-    """Another run holds the store's lock; the CLI ends with :data:`EXIT_LOCKED`."""
-
-    exit_code = EXIT_LOCKED
-    status = "locked"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +82,24 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.epilog = EXIT_CODES_HELP
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The run's paths, before Spark starts: the store may not overlap the dump or the model, and an existing
+    store must be one (:func:`check_store`)."""
+    check_run({"--images": args.images, "--model": args.model}, {"--out": (args.out, None)},
+              folders=("--images", "--model"))
+    path = local_path(to_url(args.out))
+    if path is not None and os.path.isdir(path):
+        check_store(args.out, os.listdir(path))
+
+
+def check_store(store: str, entries: list[str] | None) -> None:
+    """Refuse an ``--out`` that holds something other than a predictions store (a store has ``_runs/``
+    once its first run ended; a new one is a missing or empty folder)."""
+    if entries and RUNS_DIR not in entries:
+        raise UsageError(f"--out {store} exists and is not a batch-score store (it has no {RUNS_DIR}/); "
+                         f"writing runs into it would mix them with what is there")
+
+
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
     return batch_score(spark, args.images, args.model, args.out, batch_size=args.batch_size or config.score.batch_size,
                        lock_stale_after_s=args.lock_stale_after, retry_quarantined=args.retry_quarantined)
@@ -101,40 +112,6 @@ def exit_code(counts: dict) -> int:
 
 # ---------------------------------------------------------------------------------------------
 # pure per-image logic
-
-
-def sniff_format(data: bytes) -> str:
-    """``png``, ``jpeg`` or ``dicom`` from a file's first bytes, else an :class:`ImageError`.
-
-    >>> sniff_format(b"\\xff\\xd8\\xff\\xe0" + bytes(8))
-    'jpeg'
-    """
-    if len(data) == 0:
-        raise ImageError("empty_file", "zero bytes")
-    if data[:8] == PNG_SIGNATURE:
-        return "png"
-    if data[:3] == b"\xff\xd8\xff":
-        return "jpeg"
-    if data[128:132] == b"DICM":  # DICOM Part 10: a 128-byte preamble, then the magic
-        return "dicom"
-    raise ImageError("not_an_image", f"neither PNG, JPEG nor DICOM; first bytes {bytes(data[:8])!r}")
-
-
-def stored_identity(source_path: str, content_sha256: str, image_format: str | None) -> tuple[str, str]:
-    """The ``(image_id, source_path)`` the store keeps for a file.
-
-    A file name is the id, except for DICOM (by content or by a ``.dcm`` name): exports often name
-    files after the patient or their UIDs, so a DICOM's id is its content hash and only its folder is kept.
-
-    >>> stored_identity("file:/dump/x/00000001_000.png", "ab12", "png")
-    ('00000001_000.png', 'file:/dump/x/00000001_000.png')
-    >>> stored_identity("file:/dump/x/Doe^John.dcm", "ab12", "dicom")
-    ('sha256:ab12', 'file:/dump/x/')
-    """
-    folder, name = source_path.rsplit("/", 1)
-    if image_format == "dicom" or name.lower().endswith(".dcm"):
-        return f"sha256:{content_sha256}", f"{folder}/"
-    return name, source_path
 
 
 def flag_findings(probabilities: np.ndarray, thresholds: np.ndarray, labels: list[str]) -> list[list[str]]:
@@ -190,102 +167,6 @@ def _score_files(plain: dict, model_broadcast, batch_size: int):
 
 
 # ---------------------------------------------------------------------------------------------
-# the store's lock
-
-
-@dataclass
-class StoreLock:
-    """An exclusive lock file in the store: created atomically, holding pid, host, time and run id."""
-
-    spark: SparkSession
-    url: str
-    run_id: str
-    stale_after_s: float
-
-    def acquire(self) -> None:
-        """Take the lock, breaking a stale one once; raise :class:`StoreLockedError` if another run holds it."""
-        holder = {"pid": os.getpid(), "host": socket.gethostname(), "run_id": self.run_id,
-                  "started_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")}
-        if self._create(json.dumps(holder)):
-            return
-        current, age = self._read()
-        reason = self._stale_reason(current, age)
-        if reason is None:
-            raise StoreLockedError(f"store is locked by {self.url}: {json.dumps(current)} (held {age:.0f} s); "
-                                   f"another batch-score run is writing it. Not scoring.")
-        log.warning("breaking stale lock %s held by %s: %s", self.url, json.dumps(current), reason)
-        self._delete()
-        if not self._create(json.dumps(holder)):
-            raise StoreLockedError(f"store lock {self.url} was taken by another run while breaking a stale one")
-
-    def release(self) -> None:
-        """Remove the lock if this run still holds it."""
-        current, _ = self._read()
-        if current.get("run_id") == self.run_id:
-            self._delete()
-        else:
-            log.warning("lock %s is no longer ours (%s); leaving it", self.url, current)
-
-    def _stale_reason(self, holder: dict, age: float) -> str | None:
-        if age > self.stale_after_s:
-            return f"older than {self.stale_after_s:.0f} s ({age:.0f} s)"
-        if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            try:
-                os.kill(holder["pid"], 0)
-            except ProcessLookupError:
-                return f"process {holder['pid']} on this host is gone"
-            except PermissionError:  # alive, owned by another user
-                return None
-        return None
-
-    def _create(self, text: str) -> bool:
-        path = local_path(self.url)
-        if path is not None:
-            try:
-                descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                return False
-            with os.fdopen(descriptor, "w") as handle:
-                handle.write(text)
-            return True
-        jvm = self.spark._jvm
-        hadoop_path = jvm.org.apache.hadoop.fs.Path(self.url)
-        fs = hadoop_path.getFileSystem(self.spark._jsc.hadoopConfiguration())
-        try:
-            stream = fs.create(hadoop_path, False)  # HDFS: fails atomically if it exists
-        except Exception as error:  # noqa: BLE001 - py4j wraps FileAlreadyExistsException
-            if "FileAlreadyExists" in str(error):
-                return False
-            raise
-        try:
-            stream.write(bytearray(text.encode("utf-8")))
-        finally:
-            stream.close()
-        return True
-
-    def _read(self) -> tuple[dict, float]:
-        """The holder's record (empty if unreadable, e.g. half-written) and the lock's age in seconds."""
-        path = local_path(self.url)
-        try:
-            if path is not None:
-                modified = os.path.getmtime(path)
-            else:
-                hadoop_path = self.spark._jvm.org.apache.hadoop.fs.Path(self.url)
-                fs = hadoop_path.getFileSystem(self.spark._jsc.hadoopConfiguration())
-                modified = fs.getFileStatus(hadoop_path).getModificationTime() / 1000
-        except Exception:  # noqa: BLE001 - OSError here, py4j's wrapped FileNotFoundException on Hadoop
-            return {}, 0.0  # gone meanwhile
-        try:
-            holder = read_json(self.spark, self.url)
-        except (OSError, ValueError):
-            holder = {}
-        return (holder if isinstance(holder, dict) else {}), time.time() - modified
-
-    def _delete(self) -> None:
-        FileSystem(self.spark, self.url).delete(self.url)
-
-
-# ---------------------------------------------------------------------------------------------
 # the job
 
 
@@ -318,7 +199,7 @@ def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, ba
                 lock_stale_after_s: float = DEFAULT_LOCK_STALE_AFTER_S, retry_quarantined: bool = False) -> dict:
     """Score the files of ``images`` that ``model_dir``'s version has not seen into ``store``; return the summary.
 
-    Raises :class:`StoreLockedError` when another run holds the store; any other failure leaves the
+    Raises :class:`~cxr_spark.commit.OutputLockedError` when another run holds the store; any other failure leaves the
     store as it was.
     """
     started = time.time()
@@ -331,20 +212,26 @@ def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, ba
     scored_date = f"{scored_at:%Y-%m-%d}"
 
     fs = FileSystem(spark, store)
+    check_store(store, [name for name in fs.names(store) or [] if name not in (LOCK_FILE, STAGING_DIR)])
     created_store = not fs.exists(store)
     fs.mkdirs(store)
-    lock = StoreLock(spark, f"{store}/{LOCK_FILE}", run_id, lock_stale_after_s)
-    lock.acquire()  # on failure the folder stays: the run holding the lock may have just created it
+    lock = RunLock(spark, f"{store}/{LOCK_FILE}", run_id, lock_stale_after_s)
+    lock.acquire("store")  # on failure the folder stays: the run holding the lock may have just created it
     staging = f"{store}/{STAGING_DIR}/{run_id}"
     committed = False
     try:
+        recover_staged_runs(spark, fs, store)
         log.info("batch-score run %s: %s with model %s into %s", run_id, images, plain["model_version"], store)
         summary = _score_run(spark, images, model_url, store, staging, plain, model_bytes, batch_size,
                              scored_at, run_id, retry_quarantined, started)
-        _commit(fs, store, [(f"{staging}/predictions", f"{store}/scored_date={scored_date}/run_id={run_id}"),
-                            (f"{staging}/quarantine",
-                             f"{store}/{QUARANTINE_DIR}/scored_date={scored_date}/run_id={run_id}"),
-                            (f"{staging}/_manifest.json", f"{store}/{RUNS_DIR}/{run_id}.json")])
+        # The summary first: a reader never sees a row whose run has no summary, even after a kill.
+        moves = [(f"{staging}/_manifest.json", f"{store}/{RUNS_DIR}/{run_id}.json"),
+                 (f"{staging}/quarantine", f"{store}/{QUARANTINE_DIR}/scored_date={scored_date}/run_id={run_id}"),
+                 (f"{staging}/predictions", f"{store}/scored_date={scored_date}/run_id={run_id}")]
+        step("store staged")
+        write_text(spark, f"{staging}{COMMIT_SUFFIX}", json.dumps({"run_id": run_id, "moves": moves}) + "\n")
+        step("store committed")
+        _commit(fs, store, moves)
         committed = True
         return summary
     finally:
@@ -353,8 +240,29 @@ def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, ba
             log.warning("run %s failed; removed the store folder %s it had created", run_id, store)
         else:
             fs.delete(staging)
+            fs.delete(f"{staging}{COMMIT_SUFFIX}")
             _delete_if_empty(fs, f"{store}/{STAGING_DIR}")
             lock.release()
+
+
+def recover_staged_runs(spark: SparkSession, fs: FileSystem, store: str) -> None:
+    """What dead runs left in ``_staging/`` (the caller holds the lock, so no live run owns any of it): a run
+    whose commit record exists had committed, and its remaining moves are done; any other staged run never
+    committed and is deleted. Afterwards every row in the store belongs to a run with a summary."""
+    staging = f"{store}/{STAGING_DIR}"
+    names = fs.names(staging) or []
+    for name in sorted(name for name in names if name.endswith(COMMIT_SUFFIX)):
+        record = read_json(spark, f"{staging}/{name}")
+        log.warning("finishing the commit of batch-score run %s, killed during it", record["run_id"])
+        for source, target in record["moves"]:
+            if fs.exists(source):
+                fs.mkdirs(target.rsplit("/", 1)[0])
+                fs.rename(source, target)
+        fs.delete(f"{staging}/{name}")
+    for name in names:
+        if not name.endswith(COMMIT_SUFFIX):
+            log.warning("removing %s/%s: a batch-score run killed before its commit", staging, name)
+            fs.delete(f"{staging}/{name}")
 
 
 def _score_run(spark: SparkSession, images: str, model_url: str, store: str, staging: str, plain: dict,
@@ -445,6 +353,7 @@ def _commit(fs: FileSystem, store: str, moves: list[tuple[str, str]]) -> None:
             fs.mkdirs(parent)
             fs.rename(source, target)
             renamed.append((source, target))
+            step(f"store moved {len(renamed)}")
     except BaseException:
         log.error("commit failed; undoing %d renames so the store is as it was", len(renamed))
         for source, target in reversed(renamed):

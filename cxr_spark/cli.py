@@ -2,7 +2,9 @@
 
 ``spark_jobs/<stage>.py`` call :func:`submit_main` with the same arguments under ``spark-submit``.
 
-Exit codes: 0 on success. A stage module may define ``exit_code(counts) -> int`` to report a
+Exit codes: 0 on success; 2 for a run refused before it could do harm (:class:`~cxr_spark.guards.UsageError`:
+an output over an input, an output that is not a dataset of its kind, a metadata file of another layout,
+a run with nothing to write), printed as one line. A stage module may define ``exit_code(counts) -> int`` to report a
 distinct code for a finished run (``batch-score``: 3 when nothing was new), and an exception with an
 integer ``exit_code`` attribute ends the command with that code and its message instead of a
 traceback (``batch-score``: 4 when the store is locked). Any other failure exits with 1.
@@ -17,6 +19,7 @@ from types import ModuleType
 
 from cxr_spark import __version__, batch_score, features, ingest, preprocess, report, score, train
 from cxr_spark.config import load_config
+from cxr_spark.guards import UsageError
 from cxr_spark.session import build_session
 
 log = logging.getLogger("cxr_spark")
@@ -120,7 +123,13 @@ def main(argv: list[str] | None = None) -> int:
         counts = run_demo(args)
     else:
         try:
+            check = getattr(SPARK_STAGES[args.command][0], "check_args", None)
+            if check is not None:
+                check(args)  # paths and files, before Spark starts
             counts = run_stage(args.command, args)
+        except UsageError as error:
+            print(f"cxr-spark {args.command}: error: {error}", file=sys.stderr)
+            return error.exit_code
         except Exception as error:
             code = getattr(error, "exit_code", None)
             if not isinstance(code, int):

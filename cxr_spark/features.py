@@ -49,7 +49,9 @@ from cxr_spark.metrics import DEFAULT_THRESHOLD, macro_average, tune_thresholds
 from cxr_spark.report import label_metrics
 from cxr_spark.schemas import decode_column, images_schema
 from cxr_spark.score import PREDICTIONS_DDL
-from cxr_spark.storage import atomic_output, read_json, to_url
+from cxr_spark.commit import atomic_output, settle
+from cxr_spark.guards import UsageError, check_run
+from cxr_spark.storage import read_json, to_url
 
 log = logging.getLogger(__name__)
 
@@ -276,11 +278,21 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                                f"models in {MLLIB_FOLDER}/ (replaced atomically)")
     parser.add_argument("--max-iter", type=int, help="logistic regression iterations (default from conf)")
     parser.add_argument("--reg-param", type=float, help="L2 regularisation of the baseline (default from conf)")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write the output even when the input has no image (by default such a run fails and leaves --out as "
+                             "it was)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The run's paths, before Spark starts (:func:`cxr_spark.guards.check_run`)."""
+    check_run({"--in": args.input}, {"--out": (args.out, "features"),
+                                     "--baseline-out": (args.baseline_out, "features-baseline")}, folders=("--in",))
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
     settings = override(config.features, max_iter=args.max_iter, reg_param=args.reg_param)
-    return features(spark, args.input, args.out, settings, baseline_out=args.baseline_out)
+    return features(spark, args.input, args.out, settings, baseline_out=args.baseline_out,
+                    allow_empty=args.allow_empty)
 
 
 def _features_partition(size: int):
@@ -312,20 +324,24 @@ def _dataset_size(spark: SparkSession, url: str) -> int:
 
 
 def features(spark: SparkSession, input_url: str, out: str, settings: FeaturesConfig,
-             baseline_out: str | None = None) -> dict:
+             baseline_out: str | None = None, allow_empty: bool = False) -> dict:
     """Write the ``features`` dataset of ``images_<size>``, and the MLlib baseline when ``baseline_out``
     is given; returns the counts (images per split, number of features, baseline test macro AUROC)."""
     from pyspark.ml.functions import array_to_vector
 
     started = time.time()
     url, out_url = to_url(input_url), to_url(out)
+    settle(spark, url)
     size = _dataset_size(spark, url)
     images = spark.read.parquet(url)
     n_images = images.count()
+    if n_images == 0 and not allow_empty:
+        raise UsageError(f"{url} has no image: nothing to compute; --out is left as it was "
+                         f"(--allow-empty writes an empty features dataset)")
     vectors = (images.select("image_id", "split", "labels", "image")
                .mapInPandas(_features_partition(size), FEATURES_DDL)
                .withColumn("features", array_to_vector("features")))
-    with atomic_output(spark, out_url) as tmp:
+    with atomic_output(spark, out_url, "features") as tmp:
         vectors.write.parquet(tmp)
         written = spark.read.parquet(tmp)
         by_split = {row["split"]: row["count"] for row in written.groupBy("split").count().collect()}
@@ -431,7 +447,7 @@ def train_baseline(spark: SparkSession, vectors: DataFrame, out: str, size: int,
             "input_size": size, "thresholds": dict(zip(LABELS, map(float, thresholds))),
             "feature_names": list(FEATURE_NAMES), "mllib_model": MLLIB_FOLDER,
             "train_positives": dict(zip(LABELS, positives))}
-    with atomic_output(spark, out) as tmp:
+    with atomic_output(spark, out, "features-baseline") as tmp:
         predictions.write.parquet(tmp)
         model.write().save(f"{tmp}/{MLLIB_FOLDER}")
         written = spark.read.schema(PREDICTIONS_DDL + ", model_version string, scored_at timestamp").parquet(tmp)

@@ -46,7 +46,10 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import to_arrow_type
 from pyspark.sql.types import BinaryType
 
+from cxr_spark.commit import OutputRun
 from cxr_spark.config import IngestConfig, PipelineConfig, PreprocessConfig, load_config, override
+from cxr_spark.guards import UsageError, check_metadata_file, check_paths, check_run, metadata_header_problem
+from cxr_spark.identity import DICOM_ID_HEX, DICOM_NAME, DICOM_SOURCE, IMAGE_GLOB
 from cxr_spark.images import (CONVERSIONS, PNG_SIGNATURE, PNG_TAIL_BYTES, ImageError, check_png_end,
                               decode_dicom, encode_png, image_header, read_dicom, resize_square)
 from cxr_spark.labels import LABELS, NUM_LABELS, UnknownFindingError, canonical_name, parse_finding_labels
@@ -56,16 +59,12 @@ from cxr_spark.preprocess import PNG_BYTES_PER_PIXEL, encode_resized, resize_enc
 from cxr_spark.schemas import (QUARANTINE_DIR, QUARANTINE_SCHEMA, RawSchema, encode_column, images_schema,
                                metadata_columns)
 from cxr_spark.splits import hash_split, official_split
-from cxr_spark.storage import (FileSystem, ParquetPartWriter, PartitionedPartWriter, atomic_output, image_rows_writer,
+from cxr_spark.storage import (FileSystem, ParquetPartWriter, PartitionedPartWriter, image_rows_writer,
                                listed_files, local_file_path, local_path, move_parquet_parts, read_json,
-                               read_local_file, scratch_dir, sha256_hex, to_url, write_parquet_part)
+                               read_local_file, sha256_hex, to_url, write_parquet_part)
 
 log = logging.getLogger(__name__)
 
-_EXTENSIONS = ("png", "jpg", "jpeg", "dcm", "dicom")
-#: Files considered images (the container is then sniffed from the bytes, not the name).
-IMAGE_GLOB = "*.{" + ",".join(e for ext in _EXTENSIONS for e in (ext, ext.upper())) + "}"
-DICOM_NAME = r"(?i)\.(dcm|dicom)$"
 BBOX_DIR = "_bbox"
 #: The quarantine ``reason`` vocabulary (README documents each).
 REASONS = ("empty_file", "not_an_image", "corrupt_image", "unsupported_format", "image_too_large",
@@ -100,16 +99,36 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                              "--out) in the same pass over the files: each file is read once and "
                                              "decoded once; a file that does not decode is quarantined here")
     parser.add_argument("--size", type=int, help="with --images-out: output side in pixels (default from conf: 224)")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write the dataset even when no image could be used or no metadata row matched an "
+                             "image (by default such a run fails and leaves --out as it was)")
+
+
+def _paths(images: str, metadata: str | None, split_lists: str | None, bbox: str | None, out: str,
+           images_out: str | None) -> tuple[dict, dict]:
+    """The run's inputs and outputs by flag, the outputs with the manifest stage an existing one must have."""
+    return ({"--images": images, "--metadata": metadata, "--split-lists": split_lists, "--bbox": bbox},
+            {"--out": (out, "ingest"), "--images-out": (images_out, "preprocess")})
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The run's paths and metadata file, before Spark starts (:mod:`cxr_spark.guards`)."""
+    if args.size is not None and not args.images_out:
+        raise UsageError("--size needs --images-out")
+    inputs, outputs = _paths(args.images, args.metadata, args.split_lists, args.bbox, args.out, args.images_out)
+    check_run(inputs, outputs, folders=("--images", "--split-lists"))
+    check_metadata_file(args.metadata)
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
     settings = override(config.ingest, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                         split_seed=args.split_seed)
     if args.size is not None and not args.images_out:
-        raise SystemExit("ingest: --size needs --images-out")
+        raise UsageError("--size needs --images-out")
     resize = override(config.preprocess, size=args.size) if args.images_out else None
     return ingest(spark, args.images, args.out, args.metadata, args.split_lists, settings,
-                  bbox=args.bbox, mode=args.mode, layout=args.layout, images_out=args.images_out, resize=resize)
+                  bbox=args.bbox, mode=args.mode, layout=args.layout, images_out=args.images_out, resize=resize,
+                  allow_empty=args.allow_empty)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -398,8 +417,8 @@ def detect_layout(spark: SparkSession, images: str) -> str:
 
 
 def _opaque_id(digest: Column) -> Column:
-    """A DICOM image's id: its content hash, never a file name (DICOM names carry UIDs and patient ids)."""
-    return F.concat(F.substring(digest, 1, 32), F.lit(".dcm"))
+    """A DICOM image's id, :func:`cxr_spark.identity.dicom_id` as a column: never a file name."""
+    return F.concat(F.substring(digest, 1, DICOM_ID_HEX), F.lit(".dcm"))
 
 
 def _index_files(spark: SparkSession, files: DataFrame, layout: str, stage: str, size: int | None,
@@ -446,7 +465,7 @@ def _identify(indexed: DataFrame, layout: str) -> DataFrame:
     opaque = _opaque_id(F.coalesce("content_sha256", F.sha2("path", 256)))
     return (indexed
             .withColumn("image_id", F.when(is_dicom, opaque).otherwise(name))
-            .withColumn("source_path", F.when(is_dicom, F.concat(F.lit("dicom:"), opaque)).otherwise(F.col("path")))
+            .withColumn("source_path", F.when(is_dicom, F.concat(F.lit(DICOM_SOURCE), opaque)).otherwise(F.col("path")))
             .withColumn("duplicate_rank",
                         F.row_number().over(Window.partitionBy("image_id").orderBy("path"))))
 
@@ -506,7 +525,7 @@ def read_bbox(spark: SparkSession, bbox: str) -> DataFrame:
 def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = None,
            split_lists: str | None = None, settings: IngestConfig | None = None, *,
            bbox: str | None = None, mode: str = "overwrite", layout: str = "auto",
-           images_out: str | None = None, resize: PreprocessConfig | None = None) -> dict:
+           images_out: str | None = None, resize: PreprocessConfig | None = None, allow_empty: bool = False) -> dict:
     """Ingest ``images`` (+ ``metadata``) into the raw dataset at ``out``; returns the run's counts.
 
     ``mode="append-new"`` keeps every row of the existing ``out`` and adds only files whose image id
@@ -518,31 +537,57 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
     dataset preprocess would write from ``out``, without reading the images a second time. Its counts
     are under ``"images"``. In append-new mode the existing ``images_out`` must be the one made from the
     existing ``out``; its rows are kept.
+
+    Nothing is lost: no output may overlap an input, only datasets of their kinds are replaced, ``out`` and
+    ``images_out`` are committed together (:class:`cxr_spark.commit.OutputRun`), and a run in which no
+    image could be used, or no metadata row matched an image, fails unless ``allow_empty``.
     """
     if mode not in MODES or layout not in LAYOUTS:
         raise ValueError(f"mode must be one of {MODES} (got {mode!r}); layout one of {LAYOUTS} (got {layout!r})")
+    inputs, outputs = _paths(images, metadata, split_lists, bbox, out, images_out)
+    check_paths(inputs, {flag: path for flag, (path, _) in outputs.items()})
+    _check_metadata(spark, metadata)
     settings = settings or load_config().ingest
     started = time.time()
     if layout == "auto":
         layout = detect_layout(spark, images)
     if layout == "kaggle" and metadata:
         raise ValueError("the Kaggle layout takes its labels from the folders; do not pass --metadata")
-    existing = _existing_dataset(spark, out) if mode == "append-new" else None
     if images_out and resize is None:
         raise ValueError("images_out needs resize (the preprocess settings: size, row groups, files per split)")
-    previous_images = _previous_images(spark, out, images_out) if images_out and existing is not None else None
-    with scratch_dir(spark, out) as stage:
+    with OutputRun(spark, {"raw": (out, "ingest"), "images": (images_out, "preprocess")}) as run:
+        existing = _existing_dataset(spark, out) if mode == "append-new" else None
+        previous_images = _previous_images(spark, out, images_out) if images_out and existing is not None else None
+        stage = run.scratch("raw")
         counts = _ingest(spark, images, out, metadata, split_lists, settings, bbox, mode, layout, existing, stage,
-                         images_out, resize, started)
+                         images_out, resize, started, run.tmp("raw"), allow_empty)
         if images_out:
-            counts["images"] = _write_images(spark, out, images_out, stage, resize, previous_images, started)
+            counts["images"] = _write_images(spark, out, run.tmp("raw"), images_out, run.tmp("images"), stage, resize,
+                                             previous_images, started, allow_empty)
+        run.commit()
     return counts
+
+
+def _check_metadata(spark: SparkSession, metadata: str | None) -> None:
+    """Refuse a metadata file that is not a published NIH layout, on any filesystem
+    (:func:`cxr_spark.guards.check_metadata_file`; Spark reads the first line of a remote one)."""
+    if not metadata or local_path(to_url(metadata)) is not None:
+        check_metadata_file(local_path(to_url(metadata)) if metadata else None)
+        return
+    first = spark.read.text(to_url(metadata)).first()
+    problem = metadata_header_problem((first[0] if first else "").encode("utf-8"))
+    if problem:
+        raise UsageError(f"--metadata {metadata}: not an NIH Data_Entry_2017 file: {problem}")
 
 
 def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, split_lists: str | None,
             settings: IngestConfig, bbox: str | None, mode: str, layout: str, existing: DataFrame | None,
-            stage: str, images_out: str | None, resize: PreprocessConfig | None, started: float) -> dict:
+            stage: str, images_out: str | None, resize: PreprocessConfig | None, started: float, tmp: str,
+            allow_empty: bool) -> dict:
     files = list_files(spark, images)  # listed once: pass 1 (index) and pass 2 (copy) share the file index
+    if not allow_empty and not files.inputFiles():
+        raise UsageError(f"--images {images}: no image file in it (*.png, *.jpg, *.jpeg, *.dcm, *.dicom in any case, searched recursively); nothing "
+                         f"is replaced (--allow-empty to write an empty dataset)")
     read_files = local_path(to_url(images)) is not None
     meta = None
     if metadata:
@@ -569,38 +614,55 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
     if size:  # which pass-1 index rows become images_<size> rows, for _write_images
         (decided.where("reason IS NULL AND NOT skipped" + (" AND NOT raw_written" if resized else ""))
          .select("path", "image_id").write.parquet(f"{stage}/accepted"))
-    with atomic_output(spark, out) as tmp:
-        accepted = decided.where("reason IS NULL AND NOT skipped")
-        accepted = accepted.withColumn("labels", _encode_labels("labels"))
-        with materialize_dataset(spark, tmp, RawSchema, settings.row_group_size_mb):
-            if in_workers:
-                if existing is not None:
-                    image_rows_writer(_schema_columns(existing).write, "png").parquet(tmp)
-                move_parquet_parts(local_path(f"{stage}/raw"), local_path(tmp))
-                rest = [fate for fate in fates if fate["accepted"] and not fate["skipped"] and not fate["raw_written"]]
-                _copy_in_workers(spark, accepted.where("NOT raw_written"), tmp, settings.row_group_size_mb,
-                                 sum(fate["bytes"] for fate in rest), sum(fate["count"] for fate in rest))
-            else:
-                raw = _schema_columns(_copy_in_spark(files, accepted))
-                if existing is not None:
-                    raw = _schema_columns(existing).unionByName(raw)
-                image_rows_writer(raw.write, "png").parquet(tmp)
-        _quarantine_rows(decided, meta, boxes).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
-        if boxes is not None:
-            (boxes.where("reason IS NULL").select("image_id", "finding", "x", "y", "w", "h")
-             .coalesce(1).write.parquet(f"{tmp}/{BBOX_DIR}"))
-        counts = _count(spark, tmp, fates, decided, meta, boxes, existing)
-        extra = {"task": "multilabel", "labels": list(LABELS), "layout": layout, "mode": mode}
-        if layout == "kaggle":
-            extra.update(task="binary", binary_label=KAGGLE_CLASSES["PNEUMONIA"])
-        finish_manifest(spark, tmp, "ingest", started,
-                        config=settings, inputs={"images": to_url(images), "metadata": metadata,
-                                                 "split_lists": split_lists, "bbox": bbox},
-                        counts=counts, extra=extra)
+    accepted = decided.where("reason IS NULL AND NOT skipped")
+    accepted = accepted.withColumn("labels", _encode_labels("labels"))
+    with materialize_dataset(spark, tmp, RawSchema, settings.row_group_size_mb):
+        if in_workers:
+            if existing is not None:
+                image_rows_writer(_schema_columns(existing).write, "png").parquet(tmp)
+            move_parquet_parts(local_path(f"{stage}/raw"), local_path(tmp))
+            rest = [fate for fate in fates if fate["accepted"] and not fate["skipped"] and not fate["raw_written"]]
+            _copy_in_workers(spark, accepted.where("NOT raw_written"), tmp, settings.row_group_size_mb,
+                             sum(fate["bytes"] for fate in rest), sum(fate["count"] for fate in rest))
+        else:
+            raw = _schema_columns(_copy_in_spark(files, accepted))
+            if existing is not None:
+                raw = _schema_columns(existing).unionByName(raw)
+            image_rows_writer(raw.write, "png").parquet(tmp)
+    _quarantine_rows(decided, meta, boxes).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
+    if boxes is not None:
+        (boxes.where("reason IS NULL").select("image_id", "finding", "x", "y", "w", "h")
+         .coalesce(1).write.parquet(f"{tmp}/{BBOX_DIR}"))
+    counts = _count(spark, tmp, fates, decided, meta, boxes, existing)
+    _refuse_if_empty(counts, metadata, allow_empty)
+    extra = {"task": "multilabel", "labels": list(LABELS), "layout": layout, "mode": mode}
+    if layout == "kaggle":
+        extra.update(task="binary", binary_label=KAGGLE_CLASSES["PNEUMONIA"])
+    finish_manifest(spark, tmp, "ingest", started,
+                    config=settings, inputs={"images": to_url(images), "metadata": metadata,
+                                             "split_lists": split_lists, "bbox": bbox},
+                    counts=counts, extra=extra)
     for frame in (index, decided, meta, boxes):
         if frame is not None:
             frame.unpersist()
     return counts
+
+
+def _refuse_if_empty(counts: dict, metadata: str | None, allow_empty: bool) -> None:
+    """A run whose dataset would have no row, or in which no metadata row matched an image, cannot be
+    what was meant (an empty folder, a metadata file of another dump): it fails before anything is replaced,
+    unless ``allow_empty``."""
+    if allow_empty:
+        return
+    reasons = ", ".join(f"{n} {reason}" for reason, n in counts["quarantine_reasons"].items()) or "none"
+    if metadata and counts["files_listed"] and not counts["metadata_matched"]:
+        raise UsageError(f"no row of --metadata {metadata} ({counts['metadata_rows']} rows) matched any of the "
+                         f"{counts['files_listed']} image files (quarantined: {reasons}); nothing is replaced "
+                         f"(--allow-empty to write the result anyway)")
+    if not sum(counts["splits"].values()):
+        raise UsageError(f"no usable image: {counts['files_listed']} image files listed, "
+                         f"{counts['quarantined']} quarantined (reasons: {reasons}); nothing is replaced "
+                         f"(--allow-empty to write an empty dataset)")
 
 
 def _previous_images(spark: SparkSession, out: str, images_out: str) -> tuple[DataFrame, DataFrame] | None:
@@ -621,11 +683,12 @@ def _previous_images(spark: SparkSession, out: str, images_out: str) -> tuple[Da
             spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{images_url}/{QUARANTINE_DIR}"))
 
 
-def _write_images(spark: SparkSession, out: str, images_out: str, stage: str, resize: PreprocessConfig,
-                  previous: tuple[DataFrame, DataFrame] | None, started: float) -> dict:
-    """``images_<size>`` from pass 1's resized images: the rows its tasks wrote themselves, and the others
-    (DICOM) from its index rows joined to the metadata of the raw rows just written to ``out``."""
-    raw = spark.read.parquet(to_url(out))
+def _write_images(spark: SparkSession, out: str, raw_tmp: str, images_out: str, images_tmp: str, stage: str,
+                  resize: PreprocessConfig, previous: tuple[DataFrame, DataFrame] | None, started: float, allow_empty: bool) -> dict:
+    """``images_<size>`` (into ``images_tmp``, committed with raw) from pass 1's resized images: the rows its
+    tasks wrote themselves, and the others (DICOM) from its index rows joined to the metadata of the raw
+    rows just written to ``raw_tmp``, which becomes ``out``."""
+    raw = spark.read.parquet(raw_tmp)
     columns = [field.name for field in images_schema(resize.size).fields.values()]
     resized = (spark.read.parquet(f"{stage}/index").select("path", "image", "pixel_mean", "pixel_std")
                .join(spark.read.parquet(f"{stage}/accepted"), "path").drop("path"))
@@ -636,9 +699,10 @@ def _write_images(spark: SparkSession, out: str, images_out: str, stage: str, re
     def quarantine(written, n_images):
         return previous[1] if previous is not None else spark.createDataFrame([], QUARANTINE_SCHEMA)
 
+    made_from = {**input_version(spark, raw_tmp), "url": to_url(out)}  # the raw run committed with it
     return write_images(spark, rows, images_out, resize, n_rows=raw.count(), quarantine=quarantine, started=started,
-                        inputs={"raw": input_version(spark, out)}, extra={"written_by": "ingest --images-out"},
-                        parts=local_path(f"{stage}/images"))
+                        inputs={"raw": made_from}, extra={"written_by": "ingest --images-out"},
+                        parts=local_path(f"{stage}/images"), into=images_tmp, allow_empty=allow_empty)
 
 
 def _schema_columns(frame: DataFrame, names=tuple(RawSchema.fields), *others: str) -> DataFrame:
@@ -767,9 +831,10 @@ def _decide(index: DataFrame, meta: DataFrame | None, layout: str, existing: Dat
               .when(~has_meta, F.lit("no row in the metadata CSV for this image id"))
               .otherwise(F.col("meta_detail")))
     skipped = F.col("reason").isNull() & (F.col("duplicate_rank") == 1) & same_content
+    # reason and detail in one step: both read the file's own reason, not the other's result
     return (labelled.withColumn("skipped", F.coalesce(skipped, F.lit(False)))
             .withColumn("in_existing", in_existing)
-            .withColumn("reason", reason).withColumn("detail", detail)
+            .withColumns({"reason": reason, "detail": detail})
             .withColumn("kind", F.lit("file"))
             .drop("meta_reason", "meta_detail", "_has_meta", "_existing_sha"))
 

@@ -15,6 +15,7 @@ import argparse
 import logging
 import math
 import time
+from contextlib import nullcontext
 
 import cv2
 import numpy as np
@@ -24,11 +25,13 @@ from petastorm.etl.dataset_metadata import materialize_dataset
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from cxr_spark.commit import atomic_output, settle
 from cxr_spark.config import PipelineConfig, PreprocessConfig, override
+from cxr_spark.guards import UsageError, check_run
 from cxr_spark.images import ImageError, decode_grayscale, decode_resized, encode_png
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.schemas import QUARANTINE_DIR, QUARANTINE_SCHEMA, images_schema, metadata_columns
-from cxr_spark.storage import (atomic_output, image_rows_writer, local_path, move_parquet_parts, parquet_parts, to_url,
+from cxr_spark.storage import (image_rows_writer, local_path, move_parquet_parts, parquet_parts, to_url,
                                write_json)
 
 log = logging.getLogger(__name__)
@@ -40,10 +43,19 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in", dest="input", required=True, help="raw dataset written by ingest")
     parser.add_argument("--out", required=True, help="images dataset to write (replaced atomically)")
     parser.add_argument("--size", type=int, help="output side in pixels (default from conf: 224)")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write the dataset even when no image is usable (by default such a run fails and "
+                             "leaves --out as it was)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The run's paths, before Spark starts (:func:`cxr_spark.guards.check_run`)."""
+    check_run({"--in": args.input}, {"--out": (args.out, "preprocess")}, folders=("--in",))
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
-    return preprocess(spark, args.input, args.out, override(config.preprocess, size=args.size))
+    return preprocess(spark, args.input, args.out, override(config.preprocess, size=args.size),
+                      allow_empty=args.allow_empty)
 
 
 def resize_encoded(data: bytes, size: int) -> tuple[bytes, float, float]:
@@ -117,15 +129,17 @@ def _quarantine_rows(spark: SparkSession, raw, written, n_rows: int, n_images: i
     return missing.mapInPandas(_decode_failures, QUARANTINE_SCHEMA)
 
 
-def preprocess(spark: SparkSession, input_url: str, out: str, settings: PreprocessConfig) -> dict:
+def preprocess(spark: SparkSession, input_url: str, out: str, settings: PreprocessConfig, *,
+               allow_empty: bool = False) -> dict:
     """Write ``images_<size>`` from ``raw``; returns counts and the train split's mean/std."""
     started = time.time()
+    settle(spark, to_url(input_url))
     raw = spark.read.parquet(to_url(input_url))
     n_rows = raw.count()
     images = raw.mapInPandas(_resize_partition(settings.size), images_schema(settings.size).as_spark_schema())
     return write_images(spark, images, out, settings, n_rows=n_rows, started=started,
                         quarantine=lambda written, n_images: _quarantine_rows(spark, raw, written, n_rows, n_images),
-                        inputs={"raw": input_version(spark, input_url)})
+                        inputs={"raw": input_version(spark, input_url)}, allow_empty=allow_empty)
 
 
 def _files_per_split(written: DataFrame) -> dict:
@@ -135,7 +149,8 @@ def _files_per_split(written: DataFrame) -> dict:
 
 
 def write_images(spark: SparkSession, images: DataFrame, out: str, settings: PreprocessConfig, *, n_rows: int,
-                 quarantine, inputs: dict, started: float, extra: dict | None = None, parts: str | None = None) -> dict:
+                 quarantine, inputs: dict, started: float, extra: dict | None = None, parts: str | None = None,
+                 into: str | None = None, allow_empty: bool = False) -> dict:
     """Write ``images`` (rows of :func:`images_schema`) as the ``images_<size>`` dataset at ``out``, replaced
     atomically, with its quarantine, the train split's statistics and a manifest; returns the counts.
 
@@ -143,7 +158,9 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
     (``split=<split>/*.parquet``, as ``ingest --images-out``'s pass 1 writes them); they are moved in beside
     ``images``, which are then the other rows. ``quarantine(written, n_images)`` gives the quarantine rows
     once the images are written; the run fails unless ``n_rows`` (the raw rows the images come from) =
-    images + quarantined.
+    images + quarantined. With ``into`` the dataset is written there as it is, for a caller that commits it
+    together with another (:class:`cxr_spark.commit.OutputRun`). A run with no image fails
+    (:class:`~cxr_spark.guards.UsageError`) unless ``allow_empty``, so ``out`` stays as it was.
     """
     size = settings.size
     in_parts = parquet_parts(parts)
@@ -153,7 +170,7 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
                           math.ceil(est_bytes / (settings.row_group_size_mb * 2**20)))
     # Resize first, then shuffle: the shuffle moves small resized rows, not the original PNGs.
     images = images.repartition(files_per_split, "image_id")
-    with atomic_output(spark, out) as tmp:
+    with nullcontext(into) if into else atomic_output(spark, out, "preprocess") as tmp:
         with materialize_dataset(spark, tmp, images_schema(size), settings.row_group_size_mb):
             if rest > 0 or not in_parts:
                 image_rows_writer(images.write, "image").partitionBy("split").parquet(tmp)
@@ -165,6 +182,9 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
             F.count("*").alias("n"), F.avg("pixel_mean").alias("mean"),
             F.avg(F.col("pixel_std") ** 2 + F.col("pixel_mean") ** 2).alias("mean_sq")).collect()}
         by_split = {split: row["n"] for split, row in per_split.items()}
+        if not by_split and not allow_empty:
+            raise UsageError(f"{to_url(out)}: no usable image among the {n_rows} rows of the input; nothing is "
+                             f"replaced (--allow-empty writes an empty dataset)")
         quarantine(written, sum(by_split.values())).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
         quarantined = spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{tmp}/{QUARANTINE_DIR}")
         reasons = {r["reason"]: r["count"] for r in quarantined.groupBy("reason").count().collect()}

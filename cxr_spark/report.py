@@ -39,7 +39,9 @@ from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.metrics import (AGE_BANDS, COUNT_NAMES, RANKING_NAMES, THRESHOLD_RATE_NAMES, UNKNOWN,
                                macro_average, micro_counts, rates)
 from cxr_spark.report_render import render_html, render_markdown
-from cxr_spark.storage import atomic_output, read_json, to_url, write_bytes, write_json, write_text
+from cxr_spark.commit import atomic_output
+from cxr_spark.guards import check_run
+from cxr_spark.storage import read_json, to_url, write_bytes, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +83,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                      "accuracy, precision, recall, specificity, F1, exact AUROC and average precision; macro and "
                      "micro averages; dataset summary; ROC/PR curves; training curves; Grad-CAM heatmaps; "
                      "published reference figures, marked as references.")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The run's paths, before Spark starts (:func:`cxr_spark.guards.check_run`)."""
+    check_run({"--predictions": args.predictions, "--baseline": args.baseline, "--images": args.images,
+               "--model": args.model, "--bbox": args.bbox}, {"--out": (args.out, "report")},
+              folders=("--predictions",))
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
@@ -375,7 +384,7 @@ def report(spark: SparkSession, predictions_url: str, out: str, baseline_url: st
                              history["history"] if history else None)
     figures.update(explained.overlays)
     training = {key: history[key] for key in ("model_dir", "model_version")} if history else None
-    with atomic_output(spark, out) as tmp:
+    with atomic_output(spark, out, "report") as tmp:
         write_json(spark, f"{tmp}/metrics.json", metrics)
         write_text(spark, f"{tmp}/report.md", render_markdown(metrics))
         write_text(spark, f"{tmp}/report.html", render_html(metrics, figures, training, max_curve_points))

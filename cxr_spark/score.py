@@ -21,7 +21,9 @@ from pyspark.sql import functions as F
 from cxr_spark.config import PipelineConfig, override
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.schemas import decode_column, images_schema
-from cxr_spark.storage import atomic_output, read_bytes, read_json, to_url
+from cxr_spark.commit import atomic_output, settle
+from cxr_spark.guards import UsageError, check_run
+from cxr_spark.storage import read_bytes, read_json, to_url
 from cxr_spark.input_pipeline import model_inputs
 from cxr_spark.labels import LABELS
 from cxr_spark.train import MODEL_FILE, load_model_card
@@ -39,11 +41,20 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="model folder written by train")
     parser.add_argument("--out", required=True, help="predictions dataset to write (replaced atomically)")
     parser.add_argument("--split", help="split to score: train, val, test or all (default from conf: test)")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="write the output even when the split has no image (by default such a run fails and leaves --out as "
+                             "it was)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The run's paths, before Spark starts (:func:`cxr_spark.guards.check_run`)."""
+    check_run({"--in": args.input, "--model": args.model}, {"--out": (args.out, "score")}, folders=("--in", "--model"))
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
     settings = override(config.score, split=args.split)
-    return score(spark, args.input, args.model, args.out, settings.split, settings.batch_size)
+    return score(spark, args.input, args.model, args.out, settings.split, settings.batch_size,
+                 allow_empty=args.allow_empty)
 
 
 def load_model_bytes(model_bytes: bytes):
@@ -120,10 +131,12 @@ def _spread_over_slots(spark: SparkSession, images):
 
 
 def score(spark: SparkSession, input_url: str, model_dir: str, out: str, split: str = "test",
-          batch_size: int = 64) -> dict:
-    """Write ``predictions`` for ``split`` of ``input_url`` (``all`` for every row); returns counts."""
+          batch_size: int = 64, *, allow_empty: bool = False) -> dict:
+    """Write ``predictions`` for ``split`` of ``input_url`` (``all`` for every row); returns counts. A split
+    with no image fails (:class:`~cxr_spark.guards.UsageError`) unless ``allow_empty``."""
     started = time.time()
     url, model_url = to_url(input_url), to_url(model_dir)
+    settle(spark, url)
     card = load_model_card(spark, model_url)
     dataset_size = read_json(spark, f"{url}/_manifest.json")["counts"]["size"]
     if dataset_size != card["input_size"]:
@@ -139,9 +152,12 @@ def score(spark: SparkSession, input_url: str, model_dir: str, out: str, split: 
                    .mapInPandas(_score_partition(card, model_broadcast, batch_size), PREDICTIONS_DDL)
                    .withColumn("model_version", F.lit(card["model_version"]))
                    .withColumn("scored_at", F.lit(scored_at).cast("timestamp")))
-    with atomic_output(spark, out) as tmp:
+    with atomic_output(spark, out, "score") as tmp:
         predictions.write.parquet(tmp)
         n_scored = spark.read.parquet(tmp).count()
+        if n_scored == 0 and not allow_empty:
+            raise UsageError(f"no image of split {split!r} in {url}: nothing to score; --out is left as it was "
+                             f"(--allow-empty writes empty predictions)")
         counts = {"scored": n_scored, "split": split}
         finish_manifest(spark, tmp, "score", started, config={"split": split, "batch_size": batch_size},
                         inputs={"images": input_version(spark, url), "model": input_version(spark, model_url)},

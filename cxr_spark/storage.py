@@ -1,9 +1,7 @@
 """Paths on any filesystem Spark knows (local, ``file://``, ``hdfs://``, ``s3a://``) through Hadoop's
-FileSystem API, and atomic replacement of a dataset folder.
+FileSystem API, small files on them, and Parquet files written by the Python workers.
 
-A stage writes into a hidden sibling (``.<name>.tmp-<run>``) and only a complete output is swapped in,
-so a failed or killed run never leaves a half-written dataset under the real name nor destroys the
-previous one.
+How a whole output is replaced (atomically, under a lock) is :mod:`cxr_spark.commit`'s.
 """
 from __future__ import annotations
 
@@ -13,8 +11,6 @@ import logging
 import os
 import re
 import shutil
-import uuid
-from contextlib import contextmanager
 from typing import Iterator
 from urllib.parse import unquote, urlparse
 
@@ -58,6 +54,32 @@ class FileSystem:
     def rename(self, src: str, dst: str) -> None:
         if not self._fs.rename(self._Path(src), self._Path(dst)):
             raise OSError(f"could not rename {src} to {dst}")
+
+    def names(self, url: str) -> list[str] | None:
+        """The names in folder ``url`` (None when nothing is there)."""
+        if not self.exists(url):
+            return None
+        return [status.getPath().getName() for status in self._fs.listStatus(self._Path(url))]
+
+    def modified(self, url: str) -> float | None:
+        """When ``url`` was last modified (seconds since the epoch), None when it does not exist."""
+        try:
+            return self._fs.getFileStatus(self._Path(url)).getModificationTime() / 1000
+        except Exception:  # noqa: BLE001 - py4j's wrapped FileNotFoundException
+            return None
+
+    def create_new(self, url: str, text: str) -> None:
+        """Create the file ``url`` holding ``text``; FileExistsError if it exists (atomic on HDFS)."""
+        try:
+            stream = self._fs.create(self._Path(url), False)
+        except Exception as error:  # noqa: BLE001 - py4j wraps FileAlreadyExistsException
+            if "FileAlreadyExists" in str(error):
+                raise FileExistsError(url) from error
+            raise
+        try:
+            stream.write(bytearray(text.encode("utf-8")))
+        finally:
+            stream.close()
 
     def mkdirs(self, url: str) -> None:
         self._fs.mkdirs(self._Path(url))
@@ -435,46 +457,3 @@ def read_bytes(url: str) -> bytes:
 def write_json(spark: SparkSession, url: str, value: dict) -> None:
     """Write a small JSON file to any filesystem."""
     write_text(spark, url, json.dumps(value, indent=2, default=str) + "\n")
-
-
-@contextmanager
-def atomic_output(spark: SparkSession, out: str) -> Iterator[str]:
-    """Yield a temporary URL to write a whole dataset into; on success it replaces ``out``.
-
-    On an exception the temporary output is deleted and ``out`` is untouched. The swap itself is two
-    renames; the previous output is kept under ``.<name>.old-<run>`` until the new one is in place.
-    """
-    out = to_url(out)
-    parent, name = out.rsplit("/", 1)
-    run = uuid.uuid4().hex[:8]
-    tmp, old = f"{parent}/.{name}.tmp-{run}", f"{parent}/.{name}.old-{run}"
-    fs = FileSystem(spark, out)
-    fs.mkdirs(parent)
-    try:
-        yield tmp
-    except BaseException:
-        log.warning("output %s not replaced: the run failed; removing its partial output %s", out, tmp)
-        fs.delete(tmp)
-        raise
-    had_previous = fs.exists(out)
-    if had_previous:
-        fs.rename(out, old)
-    fs.rename(tmp, out)
-    if had_previous:
-        fs.delete(old)
-    log.info("wrote %s", out)
-
-
-@contextmanager
-def scratch_dir(spark: SparkSession, beside: str) -> Iterator[str]:
-    """Yield a hidden folder next to ``beside`` (``.<name>.scratch-<run>``) for a job's intermediate data;
-    it is deleted when the block ends, whether the job succeeded or failed."""
-    url = to_url(beside)
-    parent, name = url.rsplit("/", 1)
-    scratch = f"{parent}/.{name}.scratch-{uuid.uuid4().hex[:8]}"
-    fs = FileSystem(spark, url)
-    fs.mkdirs(parent)
-    try:
-        yield scratch
-    finally:
-        fs.delete(scratch)

@@ -25,7 +25,9 @@ from cxr_spark.labels import LABELS
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.plots import plot_training_curves
 from cxr_spark.preprocess import NORMALIZATION_FILE
-from cxr_spark.storage import atomic_output, local_path, read_json, to_url, write_bytes, write_json
+from cxr_spark.commit import atomic_output, settle
+from cxr_spark.guards import check_run
+from cxr_spark.storage import local_path, read_json, to_url, write_bytes, write_json
 
 log = logging.getLogger(__name__)
 MODEL_FILE = "model.keras"
@@ -59,6 +61,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                                                  " on a cluster a filesystem every executor mounts)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint in --checkpoint-dir (epoch, weights, optimiser)")
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The run's paths, before Spark starts (:func:`cxr_spark.guards.check_run`)."""
+    check_run({"--in": args.input, "--weights": args.weights},
+              {"--out": (args.out, "train"), "--checkpoint-dir": (args.checkpoint_dir, None)}, folders=("--in",))
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
@@ -281,6 +289,7 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
 
     started = time.time()
     url = to_url(input_url)
+    settle(spark, url)
     manifest = read_json(spark, f"{url}/_manifest.json")
     splits, size = manifest["counts"]["splits"], manifest["counts"]["size"]
     n_train, n_val = splits.get("train", 0), splits.get("val", 0)
@@ -380,7 +389,7 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
               "steps_per_epoch": steps, "remainder_per_epoch": n_train - steps * global_batch,
               "best_epoch": best + 1, "best_val_loss": history["val_loss"][best],
               "best_val_auroc": history.get("val_auroc", [None] * (best + 1))[best]}
-    with atomic_output(spark, out) as tmp:
+    with atomic_output(spark, out, "train") as tmp:
         write_bytes(f"{tmp}/{MODEL_FILE}", result["model_bytes"])
         write_json(spark, f"{tmp}/{MODEL_CARD}", card)
         plot_training_curves(history, local_path(f"{tmp}/{CURVES_FILE}"), f"{model_version}: {n_train} train images")

@@ -18,15 +18,15 @@ import cv2
 import numpy as np
 import pytest
 
-from cxr_spark.batch_score import (EMPTY_SHA256, EXIT_LOCKED, EXIT_NOTHING_NEW, LOCK_FILE, RUNS_DIR, StoreLock,
-                                   StoreLockedError, batch_score, flag_findings, sniff_format,
-                                   stored_identity)
-from cxr_spark.images import ImageError, decode_grayscale
-from cxr_spark.ingest import QUARANTINE_DIR
+from cxr_spark.batch_score import EMPTY_SHA256, EXIT_NOTHING_NEW, LOCK_FILE, RUNS_DIR, batch_score, flag_findings
+from cxr_spark.commit import EXIT_LOCKED, OutputLockedError, RunLock
+from cxr_spark.identity import stored_identity
+from cxr_spark.images import ImageError, decode_grayscale, sniff_format
+from cxr_spark.schemas import QUARANTINE_DIR
 from cxr_spark.labels import LABELS
 from cxr_spark.train import MODEL_CARD, MODEL_FILE
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, dicom_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32
@@ -164,10 +164,13 @@ def test_flag_findings_matches_an_elementwise_comparison():
         assert flags[i] == [LABELS[j] for j in range(len(LABELS)) if probabilities[i, j] >= thresholds[j]]
 
 
-def test_dicom_files_are_stored_by_content_hash_without_their_file_name():
-    assert stored_identity("file:/d/Doe^John_123.dcm", "ab" * 32, "dicom") == ("sha256:" + "ab" * 32, "file:/d/")
-    assert stored_identity("file:/d/x/1_000.png", "ab" * 32, "png") == ("1_000.png", "file:/d/x/1_000.png")
-    assert stored_identity("file:/d/x/Doe.DCM", "ab" * 32, None) == ("sha256:" + "ab" * 32, "file:/d/x/")
+def test_dicom_files_are_stored_by_content_hash_without_their_file_or_folder_name():
+    digest = hashlib.sha256(b"some dicom").hexdigest()
+    expected = (digest[:32] + ".dcm", "dicom:" + digest[:32] + ".dcm")  # ingest's id of the same file
+    assert stored_identity("file:/d/MRN7654321/Doe^John_123.dcm", digest, "dicom") == expected
+    assert stored_identity("file:/d/x/Doe.DICOM", digest, None) == expected  # by its name, any case
+    assert stored_identity("file:/d/x/scan.png", digest, "dicom") == expected  # by its content
+    assert stored_identity("file:/d/x/1_000.png", digest, "png") == ("1_000.png", "file:/d/x/1_000.png")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,11 +179,11 @@ def test_dicom_files_are_stored_by_content_hash_without_their_file_name():
 
 def test_lock_held_by_a_live_process_refuses_and_stale_locks_are_broken(spark, tmp_path, caplog):
     lock_url = f"file://{tmp_path}/{LOCK_FILE}"
-    holder = StoreLock(spark, lock_url, "run-a", stale_after_s=3600)
+    holder = RunLock(spark, lock_url, "run-a", stale_after_s=3600)
     holder.acquire()
     assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
-    with pytest.raises(StoreLockedError, match="locked"):
-        StoreLock(spark, lock_url, "run-b", stale_after_s=3600).acquire()
+    with pytest.raises(OutputLockedError, match="locked"):
+        RunLock(spark, lock_url, "run-b", stale_after_s=3600).acquire()
     holder.release()
     assert not (tmp_path / LOCK_FILE).exists()
 
@@ -188,8 +191,8 @@ def test_lock_held_by_a_live_process_refuses_and_stale_locks_are_broken(spark, t
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
                                                   "run_id": "crashed"}))
-    with caplog.at_level("WARNING", logger="cxr_spark.batch_score"):
-        StoreLock(spark, lock_url, "run-c", stale_after_s=3600).acquire()
+    with caplog.at_level("WARNING", logger="cxr_spark.commit"):
+        RunLock(spark, lock_url, "run-c", stale_after_s=3600).acquire()
     assert "breaking stale lock" in caplog.text and "is gone" in caplog.text
     assert json.loads((tmp_path / LOCK_FILE).read_text())["run_id"] == "run-c"
 
@@ -197,9 +200,9 @@ def test_lock_held_by_a_live_process_refuses_and_stale_locks_are_broken(spark, t
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 1, "host": "another-host", "run_id": "old"}))
     old = time.time() - 120
     os.utime(tmp_path / LOCK_FILE, (old, old))
-    with pytest.raises(StoreLockedError):
-        StoreLock(spark, lock_url, "run-d", stale_after_s=600).acquire()
-    StoreLock(spark, lock_url, "run-e", stale_after_s=60).acquire()
+    with pytest.raises(OutputLockedError):
+        RunLock(spark, lock_url, "run-d", stale_after_s=600).acquire()
+    RunLock(spark, lock_url, "run-e", stale_after_s=60).acquire()
     assert json.loads((tmp_path / LOCK_FILE).read_text())["run_id"] == "run-e"
 
 
@@ -372,10 +375,80 @@ def test_dicom_is_scored_with_an_opaque_id_and_no_patient_tags(spark, model, tmp
     counts = batch_score(spark, str(dump), str(model_dir), str(store))
     assert (counts["scored"], counts["quarantined"]) == (1, 0)
     stored = _read_store(spark, store)
-    assert list(stored["image_id"]) == ["sha256:" + hashlib.sha256(data).hexdigest()]
-    assert list(stored["image_format"]) == ["dicom"] and list(stored["source_path"]) == [f"file:{dump}/"]
+    image_id = hashlib.sha256(data).hexdigest()[:32] + ".dcm"
+    assert list(stored["image_id"]) == [image_id]
+    assert list(stored["image_format"]) == ["dicom"] and list(stored["source_path"]) == ["dicom:" + image_id]
     for path in store.rglob("*"):
         if path.is_file():
             content = path.read_bytes()
             for value in identifiers:
                 assert value.encode() not in content, (value, path)
+
+
+def test_no_dicom_folder_or_file_name_reaches_the_store(spark, model, tmp_path):
+    # exports name folders and files after the patient: neither may be stored, scored or quarantined
+    dump, store = tmp_path / "incoming", tmp_path / "store"
+    (dump / "MRN7654321").mkdir(parents=True)
+    pixels = np.random.default_rng(3).integers(0, 4096, (48, 40), dtype=np.uint16)
+    good = dicom_bytes(pixels, BitsStored=12, HighBit=11)
+    (dump / "MRN7654321" / "DOE_JOHN.dcm").write_bytes(good)
+    (dump / "MRN7654321" / "ROE_JANE.DICOM").write_bytes(good[:200])  # truncated: quarantined
+    model_dir, _ = model
+    counts = batch_score(spark, str(dump), str(model_dir), str(store))
+    assert (counts["files_listed"], counts["scored"], counts["quarantined"]) == (2, 1, 1)
+    stored = _read_store(spark, store)
+    assert list(stored["source_path"]) == ["dicom:" + hashlib.sha256(good).hexdigest()[:32] + ".dcm"]
+    quarantined = spark.read.parquet(str(store / QUARANTINE_DIR)).toPandas()
+    assert list(quarantined["source_path"]) == ["dicom:" + hashlib.sha256(good[:200]).hexdigest()[:32] + ".dcm"]
+    assert quarantined["detail"].notna().all()
+    for path in store.rglob("*"):
+        assert not {"MRN7654321", "DOE_JOHN", "ROE_JANE"} & set(path.name.split(".")), path
+        if path.is_file():
+            content = path.read_bytes()
+            for name in (b"MRN7654321", b"DOE_JOHN", b"ROE_JANE"):
+                assert name not in content, (name, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# a killed run's commit is finished or undone by the next run
+
+
+@pytest.mark.slow  # a command-line run per step, each starting Spark and TensorFlow
+@pytest.mark.parametrize("step, committed", [("store staged", False), ("store committed", True),
+                                             ("store moved 1", True), ("store moved 2", True)])
+def test_a_run_killed_during_its_commit_is_finished_or_undone_by_the_next(spark, dump, model, tmp_path, step,
+                                                                           committed):
+    from faults import kill_at_step
+
+    model_dir, _ = model
+    store = tmp_path / "store"
+    first = batch_score(spark, str(dump), str(model_dir), str(store))  # a store with one run
+    _write_images(tmp_path / "new", ["n1.png", "n2.png", "n3.jpg"], seed=5)
+    (tmp_path / "new" / "bad.png").write_bytes(b"broken")
+    killed = kill_at_step(["batch-score", "--images", str(tmp_path / "new"), "--model", str(model_dir),
+                           "--out", str(store)], step, tmp_path)
+    killed_run = next(line.split("batch-score run ", 1)[1].split(":", 1)[0] for line in killed.splitlines()
+                      if "batch-score run " in line)
+    assert list((store / "_staging").iterdir()), "the killed run left nothing to recover"
+    # what a reader sees before anyone recovers: no row whose run has no summary
+    visible = set(_read_store(spark, store)["run_id"])
+    assert visible <= {path.stem for path in (store / RUNS_DIR).glob("*.json")}, visible
+
+    later = batch_score(spark, str(tmp_path / "new"), str(model_dir), str(store))  # breaks the dead run's lock
+    summaries = {path.stem: json.loads(path.read_text())["counts"] for path in (store / RUNS_DIR).glob("*.json")}
+    rows = _read_store(spark, store)
+    quarantined = spark.read.parquet(f"file://{store}/{QUARANTINE_DIR}").toPandas()
+    # every row visible belongs to a run with a summary, and each summary counts exactly its rows
+    assert set(rows["run_id"]) | set(quarantined["run_id"]) <= set(summaries)
+    for run_id, counts in summaries.items():
+        assert (counts["scored"], counts["quarantined"]) == ((rows["run_id"] == run_id).sum(),
+                                                             (quarantined["run_id"] == run_id).sum()), run_id
+    # the new files are in the store once, by the killed run if it had committed, else by the next one
+    new = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / "new").iterdir()}
+    owner = killed_run if committed else later["run_id"]
+    assert set(rows.loc[rows["run_id"] == owner, "content_sha256"]) | set(
+        quarantined.loc[quarantined["run_id"] == owner, "content_sha256"]) == new
+    assert (killed_run in summaries) == committed
+    assert (later["scored"], later["quarantined"]) == ((0, 0) if committed else (3, 1))
+    assert set(summaries) == {first["run_id"], later["run_id"]} | ({killed_run} if committed else set())
+    assert not (store / "_staging").exists() and not (store / LOCK_FILE).exists()

@@ -17,6 +17,8 @@ from cxr_spark.metrics import macro_average, rates
 from cxr_spark.splits import hash_split, official_split
 from cxr_spark.synth import read_data_entry_csv
 
+from conftest import dicom_bytes
+
 
 def test_label_order_is_the_canonical_fourteen():
     assert len(LABELS) == 14 and LABELS[0] == "Atelectasis" and LABELS[-1] == "Hernia"
@@ -256,41 +258,12 @@ def test_decompression_bomb_is_refused_from_the_header():
         assert error.value.reason == "image_too_large" and f"{side}x{side}" in error.value.detail
 
 
-def _dicom_bytes(pixels: np.ndarray, **attributes) -> bytes:
-    """An uncompressed single-frame DICOM file built with pydicom (explicit VR little endian)."""
-    import io
-
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = pixels.dtype.itemsize * 8
-    ds.BitsStored = ds.BitsAllocated
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 0
-    for key, value in attributes.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
 def test_dicom_window_rescale_and_monochrome1_match_pydicom_voi():
     from pydicom import dcmread
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
     stored = np.random.default_rng(4).integers(0, 4096, (12, 10)).astype(np.uint16)
-    data = _dicom_bytes(stored, BitsStored=12, HighBit=11, PhotometricInterpretation="MONOCHROME1",
+    data = dicom_bytes(stored, BitsStored=12, HighBit=11, PhotometricInterpretation="MONOCHROME1",
                         RescaleSlope=2, RescaleIntercept=-1024, WindowCenter=1500, WindowWidth=3000)
     assert image_header(data).conversion == "16bit"
     ds = dcmread(__import__("io").BytesIO(data))
@@ -303,7 +276,7 @@ def test_dicom_window_rescale_and_monochrome1_match_pydicom_voi():
 
 def test_dicom_without_window_is_stretched_min_to_max():
     stored = np.array([[100, 200], [300, 1100]], np.uint16)
-    decoded = decode_grayscale(_dicom_bytes(stored))
+    decoded = decode_grayscale(dicom_bytes(stored))
     assert decoded.tolist() == np.rint((stored - 100) / 1000 * 255).astype(int).tolist()
 
 

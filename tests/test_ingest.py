@@ -12,7 +12,7 @@ import pytest
 
 from cxr_spark.ingest import QUARANTINE_DIR, QUARANTINE_SCHEMA, ingest
 from cxr_spark.labels import parse_finding_labels
-from cxr_spark.storage import atomic_output
+from cxr_spark.commit import atomic_output
 
 from conftest import read_rows
 
@@ -208,12 +208,13 @@ def test_failed_run_leaves_previous_output_untouched(spark, tmp_path):
     target = tmp_path / "dataset"
     target.mkdir()
     (target / "part-0.txt").write_text("previous good output")
+    (target / "_manifest.json").write_text('{"stage": "score"}')
     with pytest.raises(RuntimeError, match="killed"):
-        with atomic_output(spark, str(target)) as tmp:
+        with atomic_output(spark, str(target), "score") as tmp:
             spark.range(10).write.parquet(tmp)
             raise RuntimeError("killed mid-write")
     assert (target / "part-0.txt").read_text() == "previous good output"
-    assert [p.name for p in tmp_path.iterdir()] == ["dataset"]  # no temporary output left behind
+    assert [p.name for p in tmp_path.iterdir()] == ["dataset"]  # no temporary output or lock left behind
 
 
 def test_preprocess_stores_resized_images_and_exact_train_statistics(tiny_images, tiny_raw):

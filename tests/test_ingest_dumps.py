@@ -20,8 +20,7 @@ from cxr_spark.images import decode_grayscale
 from cxr_spark.ingest import ingest
 from cxr_spark.labels import LABELS
 
-from conftest import ROOT, read_rows
-from test_core import _dicom_bytes
+from conftest import ROOT, dicom_bytes, read_rows
 
 IDENTIFYING = ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "PatientBirthDate",
@@ -53,7 +52,7 @@ def test_generic_dump_of_png_jpeg_and_dicom_keeps_no_identifying_dicom_data(spar
     Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(dump / "b.jpeg", "JPEG")
     sample = next((shared_data / "samples").glob("rsna_*.dcm"))
     (dump / sample.name).write_bytes(sample.read_bytes())  # its name holds the SOPInstanceUID
-    synthetic = _dicom_bytes(rng.integers(0, 4096, (24, 20)).astype(np.uint16), BitsStored=12, HighBit=11,
+    synthetic = dicom_bytes(rng.integers(0, 4096, (24, 20)).astype(np.uint16), BitsStored=12, HighBit=11,
                              PhotometricInterpretation="MONOCHROME1", PatientName="DOE^JANE",
                              PatientID="PID-0042-XYZ", InstitutionName="Saint Example Hospital",
                              StudyDate="20200315", StudyInstanceUID="1.2.3.4.5.6.7.8.9", PatientAge="045Y",
@@ -125,7 +124,7 @@ def test_a_dicom_named_like_a_png_does_not_keep_the_png_of_that_name_out_of_raw(
     (dump / "a").mkdir(parents=True)
     (dump / "b").mkdir()
     rng = np.random.default_rng(6)
-    dicom = _dicom_bytes(rng.integers(0, 256, (24, 20)).astype(np.uint8))
+    dicom = dicom_bytes(rng.integers(0, 256, (24, 20)).astype(np.uint8))
     (dump / "a" / "x.png").write_bytes(dicom)
     Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8)).save(dump / "b" / "x.png")
 
@@ -173,7 +172,7 @@ def test_python_workers_and_spark_write_the_same_raw_dataset(spark, tmp_path, co
     dump = tmp_path / "dump"
     _write_pngs(dump, ["a.png", "b.png", "c.png"], seed=1)
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 16), dtype=np.uint8)).save(dump / "d.jpeg")
-    dicom = _dicom_bytes(np.random.default_rng(3).integers(0, 4096, (12, 10)).astype(np.uint16), BitsStored=12,
+    dicom = dicom_bytes(np.random.default_rng(3).integers(0, 4096, (12, 10)).astype(np.uint16), BitsStored=12,
                          HighBit=11, PatientName="DOE^JANE", PatientSex="F", ViewPosition="AP")
     (dump / "IM0001.dcm").write_bytes(dicom)
     in_spark = override(config.ingest, worker_file_io=False)

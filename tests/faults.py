@@ -1,0 +1,80 @@
+"""Fault injection for the tests: run a ``cxr-spark`` command in a process group of its own and SIGKILL the
+whole group (driver, Spark's JVM, its Python workers) when the run reaches a named commit step
+(:func:`cxr_spark.commit.step`, which waits there when ``CXR_SPARK_PAUSE_AT`` names it)."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def spark_conf(folder: Path) -> Path:
+    """A properties file for command-line runs in tests: local.conf without the UI and the console bar."""
+    conf = folder / "spark-test.conf"
+    conf.write_text((ROOT / "conf/spark/local.conf").read_text()
+                    + "\nspark.ui.enabled false\nspark.ui.showConsoleProgress false\n")
+    return conf
+
+
+def cli(args: list[str], folder: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``cxr-spark <args>`` run to its end (with the test Spark properties)."""
+    return subprocess.run([sys.executable, "-m", "cxr_spark.cli", *args, "--spark-conf", str(spark_conf(folder))],
+                          capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYSPARK_PYTHON": sys.executable, **(env or {})})
+
+
+def kill_at_step(args: list[str], step: str, folder: Path, timeout: float = 600) -> str:
+    """Run ``cxr-spark <args>`` until it logs that it paused at commit step ``step``, then SIGKILL its process
+    group; returns what it logged. AssertionError if it ends, or takes longer than ``timeout``, first."""
+    log_path = folder / f"killed-at-{step.replace(' ', '_')}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "cxr_spark.cli", *args, "--spark-conf", str(spark_conf(folder))],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            env={**os.environ, "PYSPARK_PYTHON": sys.executable, "CXR_SPARK_PAUSE_AT": step})
+    marker = f"commit step: {step}: paused"
+    deadline = time.monotonic() + timeout
+    try:
+        while marker not in log_path.read_text():
+            if process.poll() is not None:
+                raise AssertionError(f"the run ended (exit {process.returncode}) before step {step!r}:\n"
+                                     f"{log_path.read_text()[-4000:]}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no step {step!r} within {timeout} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.2)
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait(timeout=60)
+    _wait_for_group_to_end(process.pid)
+    return log_path.read_text()
+
+
+def _live_members(group: int) -> list[int]:
+    """Processes of ``group`` that still run (a zombie, dead but not yet reaped, does not count)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == group and fields[0] != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def _wait_for_group_to_end(group: int, timeout: float = 30) -> None:
+    """Until no process of the killed group runs (the JVM and workers die with the same signal)."""
+    deadline = time.monotonic() + timeout
+    while _live_members(group):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"processes {_live_members(group)} of group {group} still run {timeout} s "
+                                 f"after SIGKILL")
+        time.sleep(0.1)
