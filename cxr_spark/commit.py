@@ -41,7 +41,7 @@ PAUSE_AT = "CXR_SPARK_PAUSE_AT"
 
 def step(name: str) -> None:
     """Mark a step of a commit: logged, and where a test kills the run (``CXR_SPARK_PAUSE_AT=<name>``)."""
-    log.info("commit step: %s", name)
+    log.debug("commit step: %s", name)
     if os.environ.get(PAUSE_AT) == name:
         log.warning("commit step: %s: paused (%s) until killed", name, PAUSE_AT)
         while True:

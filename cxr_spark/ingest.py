@@ -123,8 +123,6 @@ def check_args(args: argparse.Namespace) -> None:
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
     settings = override(config.ingest, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                         split_seed=args.split_seed)
-    if args.size is not None and not args.images_out:
-        raise UsageError("--size needs --images-out")
     resize = override(config.preprocess, size=args.size) if args.images_out else None
     return ingest(spark, args.images, args.out, args.metadata, args.split_lists, settings,
                   bbox=args.bbox, mode=args.mode, layout=args.layout, images_out=args.images_out, resize=resize,
@@ -586,8 +584,8 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
             allow_empty: bool) -> dict:
     files = list_files(spark, images)  # listed once: pass 1 (index) and pass 2 (copy) share the file index
     if not allow_empty and not files.inputFiles():
-        raise UsageError(f"--images {images}: no image file in it (*.png, *.jpg, *.jpeg, *.dcm, *.dicom in any case, searched recursively); nothing "
-                         f"is replaced (--allow-empty to write an empty dataset)")
+        raise UsageError(f"--images {images}: no image file in it (*.png, *.jpg, *.jpeg, *.dcm, *.dicom in any "
+                         f"case, searched recursively); nothing is replaced (--allow-empty to write an empty dataset)")
     read_files = local_path(to_url(images)) is not None
     meta = None
     if metadata:

@@ -31,7 +31,7 @@ from cxr_spark.guards import UsageError, check_run
 from cxr_spark.images import ImageError, decode_grayscale, decode_resized, encode_png
 from cxr_spark.manifest import finish_manifest, input_version
 from cxr_spark.schemas import QUARANTINE_DIR, QUARANTINE_SCHEMA, images_schema, metadata_columns
-from cxr_spark.storage import (image_rows_writer, local_path, move_parquet_parts, parquet_parts, to_url,
+from cxr_spark.storage import (FileSystem, image_rows_writer, local_path, move_parquet_parts, parquet_parts, to_url,
                                write_json)
 
 log = logging.getLogger(__name__)
@@ -176,6 +176,10 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
                 image_rows_writer(images.write, "image").partitionBy("split").parquet(tmp)
             if in_parts:
                 move_parquet_parts(parts, local_path(tmp))
+            if not any(name[:1] not in "._" for name in FileSystem(spark, tmp).names(tmp) or []):
+                # no row, so no split folder: one empty file gives readers (and Petastorm) the schema
+                spark.createDataFrame([], images_schema(size).as_spark_schema()).coalesce(1).write.mode(
+                    "append").parquet(tmp)
         written = spark.read.parquet(tmp)
         # rows per split and the train split's pixel moments, in one job
         per_split = {r["split"]: r for r in written.groupBy("split").agg(

@@ -452,3 +452,18 @@ def test_a_run_killed_during_its_commit_is_finished_or_undone_by_the_next(spark,
     assert (later["scored"], later["quarantined"]) == ((0, 0) if committed else (3, 1))
     assert set(summaries) == {first["run_id"], later["run_id"]} | ({killed_run} if committed else set())
     assert not (store / "_staging").exists() and not (store / LOCK_FILE).exists()
+
+
+def test_score_refuses_a_split_with_no_image_and_leaves_its_output(spark, model, tiny_images, tmp_path):
+    from cxr_spark.guards import UsageError
+    from cxr_spark.score import score
+
+    model_dir, _ = model
+    images, counts = tiny_images
+    assert "unlabeled" not in counts["splits"]
+    out = tmp_path / "predictions"
+    with pytest.raises(UsageError, match="no image of split 'unlabeled'"):
+        score(spark, str(images), str(model_dir), str(out), split="unlabeled")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    written = score(spark, str(images), str(model_dir), str(out), split="unlabeled", allow_empty=True)
+    assert written["scored"] == 0 and spark.read.parquet(str(out)).count() == 0

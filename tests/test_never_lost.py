@@ -292,3 +292,22 @@ def test_two_ingests_to_one_out_one_is_refused_with_exit_4(spark, config, dumps,
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
     assert _what_a_reader_sees(spark, runs) == (N_IMAGES, N_IMAGES)  # the killed run had not committed
+
+
+def test_preprocess_and_features_refuse_an_empty_input_and_leave_their_outputs(spark, config, previous, tmp_path):
+    from cxr_spark.features import features
+    from cxr_spark.preprocess import preprocess
+
+    runs = _copy(previous, tmp_path)
+    empty_dump = tmp_path / "empty_dump"
+    empty_dump.mkdir()
+    ingest(spark, str(empty_dump), str(tmp_path / "empty_raw"), None, None, config.ingest, allow_empty=True)
+    resize = override(config.preprocess, size=32, min_files_per_split=1)
+    before = _snapshot(runs)
+    with pytest.raises(UsageError, match="no usable image among the 0 rows"):
+        preprocess(spark, str(tmp_path / "empty_raw"), str(runs / "images_32"), resize)
+    assert _snapshot(runs) == before and _hidden(runs) == []
+    preprocess(spark, str(tmp_path / "empty_raw"), str(tmp_path / "empty_images"), resize, allow_empty=True)
+    with pytest.raises(UsageError, match="has no image"):
+        features(spark, str(tmp_path / "empty_images"), str(tmp_path / "features"), config.features)
+    assert not (tmp_path / "features").exists()
