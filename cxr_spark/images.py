@@ -25,9 +25,8 @@ DICOM_MAGIC_OFFSET = 128  # a DICOM Part 10 file: 128-byte preamble, then b"DICM
 #: ``image_too_large`` before it is decoded (a 50 MP 8-bit image decodes to 50 MB; NIH's are 1 MP,
 #: the largest digital radiographs about 10 MP). Change it here; ingest and decoding both use it.
 MAX_PIXELS = 50_000_000
-#: What ingest reads of a PNG: the signature and IHDR chunk at its start, and its end, where a complete
-#: PNG has its IEND chunk (a truncated one does not). Its pixels are checked when preprocess decodes it.
-PNG_HEAD_BYTES = 64
+#: What ingest checks of a PNG besides its header: its end, where a complete PNG has its IEND chunk (a
+#: truncated one does not). Its pixels are checked when preprocess decodes it.
 PNG_TAIL_BYTES = 1024
 _IEND_CHUNK = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # length 0, type, CRC
 #: Pixel formats that are converted to 8-bit grayscale when decoded (and counted by ingest).
@@ -337,7 +336,7 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     A shrink by an integer factor ``k`` >= 2 that divides both sides is first taken as box averages:
     each factor 2 of ``k`` as one 2×2 average (OpenCV's vectorised path: 1024 -> 512 -> 256 took 0.22 ms,
     one 4×4 average 0.54 ms), then any odd rest in one step. The rest is area-resized (256 -> 224). Each
-    box step rounds, so a 2^n box stays within one gray level of the exact average; the whole resize
+    box step rounds, so a 2^n box stays within n/2 gray levels of the exact average; the whole resize
     is within half a gray level of one area resize from 1024 to 224 on average (``make bench``
     measures both).
     """

@@ -136,16 +136,14 @@ INSPECT_OUT = ("format string, width int, height int, conversion string, view st
                "reason string, detail string")
 
 
-def inspect_file(data: bytes, tail: bytes | None = None) -> dict:
-    """Header facts of one file, or its quarantine reason; DICOM is decoded too, so pass 2 cannot fail.
-
-    ``data`` is the whole file (what pass 1 sends), or a PNG's first :data:`PNG_HEAD_BYTES` with ``tail``
-    its last :data:`PNG_TAIL_BYTES`: a PNG is checked from its header and its end, never decoded.
-    """
-    return _inspect(data, tail)[0]
+def inspect_file(data: bytes) -> dict:
+    """Header facts of one whole file, or its quarantine reason; DICOM is decoded too, so pass 2 cannot
+    fail. A PNG is checked from its header and its last :data:`PNG_TAIL_BYTES` (its IEND chunk), never
+    decoded."""
+    return _inspect(data)[0]
 
 
-def _inspect(data: bytes, tail: bytes | None = None) -> tuple[dict, np.ndarray | None]:
+def _inspect(data: bytes) -> tuple[dict, np.ndarray | None]:
     """:func:`inspect_file`, and a DICOM's decoded pixels (None for other files): decoding is most of a
     DICOM's cost, and pass 1 resizes those same pixels."""
     row = dict.fromkeys(("format", "width", "height", "conversion", "view", "sex", "age", "reason", "detail"))
@@ -154,7 +152,7 @@ def _inspect(data: bytes, tail: bytes | None = None) -> tuple[dict, np.ndarray |
         header = image_header(data)
         row.update(format=header.format, width=header.width, height=header.height, conversion=header.conversion)
         if header.format == "png":
-            check_png_end(data[-PNG_TAIL_BYTES:] if tail is None else tail)
+            check_png_end(data[-PNG_TAIL_BYTES:])
         elif header.format == "dicom":
             fields = dicom_metadata(read_dicom(data))
             problem = age_problem(fields["age_text"])

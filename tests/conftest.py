@@ -87,7 +87,7 @@ def read_rows(url, fields, **kwargs) -> list:
         return list(reader)
 
 
-def dicom_bytes(pixels: "np.ndarray", **attributes) -> bytes:
+def dicom_bytes(pixels, **attributes) -> bytes:
     """An uncompressed single-frame DICOM file built with pydicom (explicit VR little endian)."""
     import io
 
@@ -114,3 +114,27 @@ def dicom_bytes(pixels: "np.ndarray", **attributes) -> bytes:
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
     return buffer.getvalue()
+
+
+@pytest.fixture(scope="session", params=["made here", "real"])
+def sample_films(request, tmp_path_factory) -> Path:
+    """A folder of two 8-bit gray PNG films and one DICOM (``rsna_<uid>.dcm``: PA, M, 62, with a patient name
+    and id): made here, or the real ones in ../shared/data/samples (skipped in a user's clone), so every test
+    of them runs on data the tests make themselves too."""
+    if request.param == "real":
+        return request.getfixturevalue("shared_data") / "samples"
+    import cv2
+    import numpy as np
+
+    from cxr_spark.images import encode_png
+
+    folder = tmp_path_factory.mktemp("films")
+    rng = np.random.default_rng(21)
+    for name in ("00000001_000.png", "00027426_000.png"):
+        smooth = cv2.GaussianBlur(rng.integers(0, 256, (512, 512)).astype(np.uint8), (0, 0), 4).astype(int)
+        film = np.clip(smooth + rng.integers(-25, 26, (512, 512)), 0, 255).astype(np.uint8)
+        (folder / name).write_bytes(encode_png(film))
+    pixels = cv2.GaussianBlur(rng.integers(0, 256, (512, 512)).astype(np.uint8), (0, 0), 4)
+    (folder / "rsna_1.2.826.0.1.3680043.99.4711.dcm").write_bytes(dicom_bytes(
+        pixels, PatientName="DOE^JOHN", PatientID="MRN0004711", ViewPosition="PA", PatientSex="M", PatientAge="062Y"))
+    return folder

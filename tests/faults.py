@@ -1,5 +1,5 @@
-"""Fault injection for the tests: run a ``cxr-spark`` command in a process group of its own and SIGKILL the
-whole group (driver, Spark's JVM, its Python workers) when the run reaches a named commit step
+"""Fault injection for the tests: run a ``cxr-spark`` command in a process group of its own and SIGKILL it
+with every process below it (driver, Spark's JVM, its Python workers) when the run reaches a named commit step
 (:func:`cxr_spark.commit.step`, which waits there when ``CXR_SPARK_PAUSE_AT`` names it)."""
 from __future__ import annotations
 
@@ -48,33 +48,53 @@ def kill_at_step(args: list[str], step: str, folder: Path, timeout: float = 600)
                 raise AssertionError(f"no step {step!r} within {timeout} s:\n{log_path.read_text()[-4000:]}")
             time.sleep(0.2)
     finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        kill_tree(process.pid)
         process.wait(timeout=60)
-    _wait_for_group_to_end(process.pid)
     return log_path.read_text()
 
 
-def _live_members(group: int) -> list[int]:
-    """Processes of ``group`` that still run (a zombie, dead but not yet reaped, does not count)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid``, from /proc (PySpark's worker daemon runs in a process group of its own)."""
+    children: dict[int, list[int]] = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+            with open(f"/proc/{entry}/stat") as stat:
+                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if int(fields[2]) == group and fields[0] != "Z":
-            members.append(int(stat.parent.name))
-    return members
+        children.setdefault(parent, []).append(int(entry))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
-def _wait_for_group_to_end(group: int, timeout: float = 30) -> None:
-    """Until no process of the killed group runs (the JVM and workers die with the same signal)."""
+def _alive(pid: int) -> bool:
+    """The process runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill_tree(pid: int, timeout: float = 30) -> None:
+    """SIGKILL ``pid``'s process group and every process below it, as killing the whole job would, and wait
+    until none of them runs."""
+    below = _descendants(pid)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    for child in below:
+        try:
+            os.kill(child, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     deadline = time.monotonic() + timeout
-    while _live_members(group):
+    while [child for child in below if _alive(child)]:
         if time.monotonic() > deadline:
-            raise AssertionError(f"processes {_live_members(group)} of group {group} still run {timeout} s "
-                                 f"after SIGKILL")
+            raise AssertionError(f"processes {[c for c in below if _alive(c)]} still run {timeout} s after SIGKILL")
         time.sleep(0.1)

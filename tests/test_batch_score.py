@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import cv2
@@ -21,7 +22,7 @@ import pytest
 from cxr_spark.batch_score import EMPTY_SHA256, EXIT_NOTHING_NEW, LOCK_FILE, RUNS_DIR, batch_score, flag_findings
 from cxr_spark.commit import EXIT_LOCKED, OutputLockedError, RunLock
 from cxr_spark.identity import stored_identity
-from cxr_spark.images import ImageError, decode_grayscale, sniff_format
+from cxr_spark.images import ImageError, sniff_format
 from cxr_spark.schemas import QUARANTINE_DIR
 from cxr_spark.labels import LABELS
 from cxr_spark.train import MODEL_CARD, MODEL_FILE
@@ -356,11 +357,6 @@ def test_dicom_is_scored_with_an_opaque_id_and_no_patient_tags(spark, model, tmp
     if not samples:
         pytest.skip(f"no real DICOM sample (samples/rsna_*.dcm) in {' or '.join(map(str, folders))}")
     data = samples[0].read_bytes()
-    try:
-        decode_grayscale(data)
-    except ImageError as error:
-        pytest.skip(f"images.decode_grayscale cannot decode DICOM yet ({error}); batch-score quarantines such "
-                    f"files until it can")
     import pydicom
 
     tags = pydicom.dcmread(samples[0], stop_before_pixels=True)
@@ -467,3 +463,45 @@ def test_score_refuses_a_split_with_no_image_and_leaves_its_output(spark, model,
     assert sorted(p.name for p in tmp_path.iterdir()) == []
     written = score(spark, str(images), str(model_dir), str(out), split="unlabeled", allow_empty=True)
     assert written["scored"] == 0 and spark.read.parquet(str(out)).count() == 0
+
+
+def test_score_gives_what_keras_predicts_on_the_cards_normalisation(spark, model, tiny_images, tmp_path):
+    """The fast suite's check of score(): every test image's probabilities equal Keras' predict on the same
+    stored pixels standardised here with the model card's mean and std (not the dataset's)."""
+    import tensorflow as tf
+
+    from cxr_spark.score import score
+    from conftest import read_rows
+
+    images, _ = tiny_images
+    model_dir = Path(shutil.copytree(model[0], tmp_path / "model"))
+    card = {**model[1], "normalization": {"mode": "train_mean_std", "mean": 30.0, "std": 90.0}}
+    (model_dir / MODEL_CARD).write_text(json.dumps(card))  # far from the dataset's own statistics
+    counts = score(spark, str(images), str(model_dir), str(tmp_path / "predictions"), split="test")
+    rows = [row for row in read_rows(images, ["image_id", "split", "image"]) if row.split == "test"]
+    assert counts["scored"] == len(rows) > 0
+    keras_model = tf.keras.models.load_model(model_dir / MODEL_FILE, compile=False)
+    pixels = np.stack([row.image for row in rows]).astype(np.float32)
+    expected = keras_model.predict(((pixels - 30.0) / 90.0)[..., np.newaxis], verbose=0)
+    scored = spark.read.parquet(str(tmp_path / "predictions")).toPandas().set_index("image_id")
+    for row, vector in zip(rows, expected):
+        np.testing.assert_allclose(scored.loc[row.image_id, "probabilities"], vector, rtol=1e-4, atol=1e-5)
+
+
+def test_a_second_model_version_scores_every_file_again_and_the_first_still_skips_them(spark, dump, model,
+                                                                                        tmp_path):
+    model_dir, card = model
+    second = Path(shutil.copytree(model_dir, tmp_path / "model_v2"))
+    (second / MODEL_CARD).write_text(json.dumps({**card, "model_version": card["model_version"] + "-v2"}))
+    store = tmp_path / "store"
+    listed = _image_files(dump)
+    distinct = {hashlib.sha256(p.read_bytes()).hexdigest() for p in listed}
+    first = batch_score(spark, str(dump), str(model_dir), str(store))
+    again = batch_score(spark, str(dump), str(second), str(store))
+    assert first["scored"] + first["quarantined"] == again["scored"] + again["quarantined"] == len(distinct)
+    assert again["skipped_known"] == 0
+    stored = _read_store(spark, store)
+    assert Counter(stored["model_version"]) == {card["model_version"]: first["scored"],
+                                                card["model_version"] + "-v2": again["scored"]}
+    third = batch_score(spark, str(dump), str(model_dir), str(store))  # the first version has seen them all
+    assert (third["scored"], third["quarantined"], third["skipped_known"]) == (0, 0, len(listed))

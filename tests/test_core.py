@@ -1,7 +1,8 @@
-"""Pure functions: labels, ages, splits, PNG headers, metric rates. No Spark."""
+"""Pure functions: labels, ages, PNG headers and ends, decoding (PNG, JPEG, DICOM) and resizing, metric rates. No Spark."""
 from __future__ import annotations
 
 import csv
+import io
 import gzip
 from collections import Counter
 
@@ -14,24 +15,38 @@ from cxr_spark.images import (MAX_PIXELS, PNG_TAIL_BYTES, ImageError, check_png_
 from cxr_spark.labels import LABELS, UnknownFindingError, format_finding_labels, parse_finding_labels
 from cxr_spark.metadata import COLUMN_NAMES, age_problem, parse_age
 from cxr_spark.metrics import macro_average, rates
-from cxr_spark.splits import hash_split, official_split
 from cxr_spark.synth import read_data_entry_csv
 
 from conftest import dicom_bytes
 
 
-def test_label_order_is_the_canonical_fourteen():
-    assert len(LABELS) == 14 and LABELS[0] == "Atelectasis" and LABELS[-1] == "Hernia"
-    assert LABELS[7] == "Pneumothorax" and LABELS[12] == "Pleural_Thickening"
+#: The published order (Wang et al. 2017, Table 1 order as CheXNet uses it), typed here independently of
+#: cxr_spark.labels: a model's outputs are read by position, so every position matters.
+PUBLISHED_ORDER = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+                   "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
+#: Images per finding in the real metadata file, as ../shared/data/README.md states them.
+PUBLISHED_COUNTS = {"Infiltration": 19_894, "Effusion": 13_317, "Atelectasis": 11_559, "Nodule": 6_331,
+                    "Mass": 5_782, "Pneumothorax": 5_302, "Consolidation": 4_667, "Pleural_Thickening": 3_385,
+                    "Cardiomegaly": 2_776, "Emphysema": 2_516, "Edema": 2_303, "Fibrosis": 1_686,
+                    "Pneumonia": 1_431, "Hernia": 227}
+
+
+def test_label_order_is_the_published_order_position_by_position():
+    assert LABELS == PUBLISHED_ORDER
+    for position, name in enumerate(PUBLISHED_ORDER):  # each finding parses onto its published position
+        assert np.flatnonzero(parse_finding_labels(name)).tolist() == [position], name
 
 
 def test_parse_and_format_round_trip():
     vector = parse_finding_labels("Hernia|Atelectasis|Effusion")
     assert vector.dtype == np.uint8
-    assert [LABELS[i] for i in np.flatnonzero(vector)] == ["Atelectasis", "Effusion", "Hernia"]
+    assert np.flatnonzero(vector).tolist() == [0, 2, 13]  # published positions of the three
     assert format_finding_labels(vector) == "Atelectasis|Effusion|Hernia"
     assert parse_finding_labels("No Finding").sum() == 0
-    assert parse_finding_labels("Infiltrate")[LABELS.index("Infiltration")] == 1  # BBox file spelling
+    assert format_finding_labels(np.zeros(14, np.uint8)) == "No Finding"
+    assert format_finding_labels(parse_finding_labels("No Finding")) == "No Finding"
+    assert format_finding_labels([0] * 4 + [1, 1] + [0] * 8) == "Mass|Nodule"
+    assert parse_finding_labels("Infiltrate")[3] == 1  # BBox file spelling of Infiltration
 
 
 def test_unknown_finding_names_the_value():
@@ -52,6 +67,7 @@ def test_real_metadata_label_counts_match_a_plain_csv_count(shared_data):
     assert len(table) == 112_120 and list(table.columns) == list(COLUMN_NAMES)
     totals = np.sum([parse_finding_labels(text) for text in table["finding_labels"]], axis=0)
     assert {name: int(totals[i]) for i, name in enumerate(LABELS)} == {name: plain[name] for name in LABELS}
+    assert dict(zip(PUBLISHED_ORDER, totals.tolist())) == PUBLISHED_COUNTS == {name: plain[name] for name in LABELS}
     assert plain["No Finding"] == 60_361  # the figure stated in shared/data/README.md
     assert table["patient_id"].nunique() == 30_805
 
@@ -67,16 +83,6 @@ def test_parse_age(text, years):
 def test_age_problem_flags_text_parse_age_cannot_read(text, bad):
     assert (age_problem(text) is not None) == bad
     assert bad == (text is not None and text.strip() != "" and parse_age(text) is None)
-
-
-def test_hash_split_is_stable_and_patient_wise():
-    splits = [hash_split(p, seed=3, val_fraction=0.1, test_fraction=0.2) for p in range(20_000)]
-    assert splits == [hash_split(p, seed=3, val_fraction=0.1, test_fraction=0.2) for p in range(20_000)]
-    shares = Counter(splits)
-    assert abs(shares["test"] / 20_000 - 0.2) < 0.015 and abs(shares["val"] / 20_000 - 0.1) < 0.015
-    assert hash_split(5, seed=3, val_fraction=0.1, test_fraction=0.2) != "" and official_split(True, 5, 3, 0.5) == "test"
-    with pytest.raises(ValueError, match="fractions"):
-        hash_split(1, seed=0, val_fraction=0.6, test_fraction=0.5)
 
 
 def test_png_header_matches_pillow_and_rejects_non_images(tmp_path):
@@ -128,25 +134,55 @@ def test_resize_square_takes_an_integer_box_average_first_and_stays_near_one_are
                           cv2.resize(smooth[:672, :672], (224, 224), interpolation=cv2.INTER_AREA))
 
 
-def test_decode_resized_gives_the_pixels_of_a_full_decode_then_resize_square(shared_data):
-    import cv2
-
-    smooth = cv2.GaussianBlur(np.random.default_rng(5).integers(0, 256, (1024, 1024)).astype(np.uint8), (0, 0), 3)
-    real = [path.read_bytes() for path in sorted((shared_data / "samples").glob("*.png"))]
-    assert real and all(png_header(data)[2:] == (8, 0) for data in real)  # the NIH films: 8-bit gray
-    images = real + [encode_png(smooth), encode_png(smooth[:1000, :1000]), encode_png(smooth[:672, :672]),
-                     encode_png(smooth[:1023, :1024]), cv2.imencode(".png", smooth.astype(np.uint16) * 200)[1].tobytes(),
-                     cv2.imencode(".png", np.dstack([smooth, smooth // 2, smooth // 3]))[1].tobytes(),
-                     cv2.imencode(".jpg", smooth)[1].tobytes()]
+def _assert_decode_resized_is_decode_then_resize(images: list[bytes]) -> None:
     for data in images:
         for size in (224, 256, 300, 512):
             expected = resize_square(decode_grayscale(data), size)
             assert np.array_equal(decode_resized(data, size), expected), (png_header(data) if data[:4] == b"\x89PNG"
                                                                            else "jpeg", size)
-    truncated = encode_png(smooth)[:-20_000]
+
+
+def _film(seed: int, side: int = 1024) -> np.ndarray:
+    """A textured 8-bit image: smooth structure plus pixel noise, so any wrong average shows."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    smooth = cv2.GaussianBlur(rng.integers(0, 256, (side, side)).astype(np.uint8), (0, 0), 3).astype(int)
+    return np.clip(smooth + rng.integers(-40, 41, (side, side)), 0, 255).astype(np.uint8)
+
+
+def test_decode_resized_of_self_made_files_is_a_full_decode_then_resize_square():
+    import cv2
+
+    film = _film(5)
+    _assert_decode_resized_is_decode_then_resize(
+        [encode_png(film), encode_png(film[:1000, :1000]), encode_png(film[:672, :672]), encode_png(film[:1023, :1024]),
+         cv2.imencode(".png", film.astype(np.uint16) * 200)[1].tobytes(),
+         cv2.imencode(".png", np.dstack([film, film // 2, film // 3]))[1].tobytes(), cv2.imencode(".jpg", film)[1].tobytes()])
+    truncated = encode_png(film)[:-20_000]
     with pytest.raises(ImageError) as error:
         decode_resized(truncated, 224)
     assert error.value.reason == "corrupt_image"
+
+
+@pytest.mark.parametrize("side, size, box", [(1024, 512, 2), (1024, 256, 4), (512, 128, 4), (1024, 128, 8)])
+def test_resize_of_a_png_is_the_box_average_numpy_computes(side, size, box):
+    film = _film(6, side)
+    blocks = film.reshape(size, box, size, box).astype(np.int64)
+    exact = blocks.mean(axis=(1, 3))  # the box average, unrounded
+    for resized in (decode_resized(encode_png(film), size), resize_square(film, size)):
+        assert resized.shape == (size, size) and resized.dtype == np.uint8
+        error = np.abs(resized - exact)
+        # each 2x2 step rounds, by at most half a gray level; the steps' errors add at worst
+        assert error.max() <= 0.5 * np.log2(box) and error.mean() < 0.5, (error.max(), error.mean())
+    if box == 2:  # one 2x2 step: rounded half up, exactly
+        assert np.array_equal(decode_resized(encode_png(film), size), (blocks.sum(axis=(1, 3)) + 2) // 4)
+
+
+def test_decode_resized_of_the_real_films_is_a_full_decode_then_resize_square(shared_data):
+    real = [path.read_bytes() for path in sorted((shared_data / "samples").glob("*.png"))]
+    assert real and all(png_header(data)[2:] == (8, 0) for data in real)  # the NIH films: 8-bit gray
+    _assert_decode_resized_is_decode_then_resize(real)
 
 
 def test_encode_png_is_lossless_for_other_decoders_and_keeps_opencvs_writer_on_request():
@@ -165,18 +201,19 @@ def test_encode_png_is_lossless_for_other_decoders_and_keeps_opencvs_writer_on_r
     assert encode_png(smooth, compression=3) == cv2.imencode(".png", smooth, [cv2.IMWRITE_PNG_COMPRESSION, 3])[1].tobytes()
 
 
-def test_png_end_check_finds_a_truncated_file_from_its_last_bytes():
+def test_a_truncated_png_is_corrupt_from_its_end_and_a_whole_one_is_not():
     from cxr_spark.ingest import inspect_file
 
-    data = encode_png(np.random.default_rng(5).integers(0, 256, (64, 64), dtype=np.uint8))
+    data = encode_png(np.random.default_rng(5).integers(0, 256, (64, 48), dtype=np.uint8))
+    whole = inspect_file(data)
+    assert (whole["reason"], whole["format"], whole["width"], whole["height"]) == (None, "png", 48, 64)
     check_png_end(data[-PNG_TAIL_BYTES:])
-    assert inspect_file(data)["reason"] is None
-    assert inspect_file(data[:64], data[-PNG_TAIL_BYTES:])["width"] == 64  # what pass 1 sends: head and tail
-    for cut in (data[:-1], data[:len(data) // 2]):
-        with pytest.raises(ImageError) as error:
+    for cut in (data[:-1], data[:-12], data[:len(data) // 2], data[:100]):  # IEND lost, or more
+        row = inspect_file(cut)  # what pass 1 does: the whole (truncated) file
+        assert row["reason"] == "corrupt_image" and "IEND" in row["detail"], len(cut)
+        with pytest.raises(ImageError, match="IEND"):
             check_png_end(cut[-PNG_TAIL_BYTES:])
-        assert error.value.reason == "corrupt_image" and "IEND" in error.value.detail
-        assert inspect_file(cut[:64], cut[-PNG_TAIL_BYTES:])["reason"] == "corrupt_image"
+    assert Image.open(io.BytesIO(data)).size == (48, 64)  # the reference: Pillow reads the whole file
 
 
 def test_rates_and_undefined_values():
@@ -272,6 +309,55 @@ def test_dicom_window_rescale_and_monochrome1_match_pydicom_voi():
     voi = apply_voi_lut(apply_modality_lut(ds.pixel_array, ds), ds)
     expected = 255 - np.rint((voi + 1024) / (4095 * 2) * 255)
     assert np.abs(decode_grayscale(data).astype(int) - expected).max() <= 1
+
+
+def _expected_dicom(data: bytes) -> np.ndarray:
+    """The 8-bit image a DICOM should become, computed here: pydicom's stored values, the modality LUT
+    (slope, intercept) and the VOI window (PS3.3 C.11.2.1.2) written out in numpy, a min-max stretch
+    without a window (8-bit data without rescale as it is), MONOCHROME1 inverted."""
+    import io
+
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(data))
+    stored = ds.pixel_array.astype(np.float64)
+    slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
+    values = stored * slope + intercept
+    if "WindowCenter" in ds:
+        center, width = float(ds.WindowCenter), float(ds.WindowWidth)
+        low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+        image = np.where(values <= low, 0, np.where(values > high, 255,
+                                                    ((values - (center - 0.5)) / (width - 1) + 0.5) * 255))
+    elif ds.BitsAllocated == 8 and (slope, intercept) == (1, 0):
+        image = stored
+    else:
+        image = (values - values.min()) / (values.max() - values.min()) * 255
+    image = np.clip(np.rint(image), 0, 255)
+    return (255 - image if ds.PhotometricInterpretation == "MONOCHROME1" else image).astype(np.uint8)
+
+
+@pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
+@pytest.mark.parametrize("window", [None, (1500, 3000), (300, 400)])
+@pytest.mark.parametrize("rescale", [(1, 0), (2, -1024), (-1, 4095)])
+def test_12_bit_dicom_decodes_as_pydicom_and_numpy_compute_it(photometric, window, rescale):
+    stored = np.random.default_rng(8).integers(0, 4096, (12, 10)).astype(np.uint16)
+    attributes = {"BitsStored": 12, "HighBit": 11, "PhotometricInterpretation": photometric,
+                  "RescaleSlope": rescale[0], "RescaleIntercept": rescale[1]}
+    if window:
+        attributes.update(WindowCenter=window[0], WindowWidth=window[1])
+    data = dicom_bytes(stored, **attributes)
+    decoded = decode_grayscale(data)
+    assert decoded.dtype == np.uint8 and decoded.shape == (12, 10)
+    assert np.abs(decoded.astype(int) - _expected_dicom(data)).max() <= 1  # rounding at .5 may differ
+
+
+def test_8_bit_monochrome1_dicom_is_inverted_with_or_without_a_window():
+    stored = np.random.default_rng(9).integers(0, 256, (6, 7)).astype(np.uint8)
+    for attributes in ({}, {"WindowCenter": 128, "WindowWidth": 256}):
+        data = dicom_bytes(stored, PhotometricInterpretation="MONOCHROME1", **attributes)
+        assert np.abs(decode_grayscale(data).astype(int) - _expected_dicom(data)).max() <= 1
+    plain = dicom_bytes(stored, PhotometricInterpretation="MONOCHROME1")
+    assert np.array_equal(decode_grayscale(plain), 255 - stored)
 
 
 def test_dicom_without_window_is_stretched_min_to_max():

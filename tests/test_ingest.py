@@ -229,7 +229,7 @@ def test_preprocess_stores_resized_images_and_exact_train_statistics(tiny_images
     assert counts["normalization"]["std"] == pytest.approx(train.std(), rel=1e-5)
 
 
-def test_index_and_keep_keeps_a_files_own_bytes_only_when_the_plan_and_its_checks_allow(shared_data, tmp_path):
+def test_index_and_keep_keeps_a_files_own_bytes_only_when_the_plan_and_its_checks_allow(sample_films, tmp_path):
     """Pass 1's work on one file, as a task does it and as the benchmark times it in one process."""
     import hashlib
 
@@ -241,8 +241,8 @@ def test_index_and_keep_keeps_a_files_own_bytes_only_when_the_plan_and_its_check
     from cxr_spark.schemas import RawSchema, encode_column
     from cxr_spark.storage import ParquetPartWriter
 
-    first, second = sorted((shared_data / "samples").glob("*.png"))
-    dicom = next((shared_data / "samples").glob("*.dcm"))
+    first, second = sorted(sample_films.glob("*.png"))
+    dicom = next(sample_films.glob("*.dcm"))
     cut = tmp_path / "cut.png"
     cut.write_bytes(first.read_bytes()[:-4096])
     labels = encode_column(RawSchema, "labels", [np.zeros(14, np.uint8)])[0]
@@ -276,7 +276,7 @@ def test_index_and_keep_keeps_a_files_own_bytes_only_when_the_plan_and_its_check
         hashlib.sha256(first.read_bytes()).hexdigest(), height, width, 7)
 
 
-def test_pass_one_writes_the_images_row_of_a_file_it_keeps_beside_its_raw_row(shared_data, tmp_path):
+def test_pass_one_writes_the_images_row_of_a_file_it_keeps_beside_its_raw_row(sample_films, tmp_path):
     """With --images-out pass 1 writes a kept file's images_<size> row into its split's folder, while the raw
     writer beside it (the process's shared image buffer) goes on; other files keep their image in the index."""
     import cv2
@@ -287,8 +287,8 @@ def test_pass_one_writes_the_images_row_of_a_file_it_keeps_beside_its_raw_row(sh
     from cxr_spark.schemas import RawSchema, encode_column
     from cxr_spark.storage import ParquetPartWriter, PartitionedPartWriter, parquet_parts
 
-    first, second = sorted((shared_data / "samples").glob("*.png"))
-    dicom = next((shared_data / "samples").glob("*.dcm"))
+    first, second = sorted(sample_films.glob("*.png"))
+    dicom = next(sample_films.glob("*.dcm"))
     labels = encode_column(RawSchema, "labels", [np.eye(14, dtype=np.uint8)[3]])[0]
 
     def plan(path, split):
@@ -334,14 +334,14 @@ def test_pass_one_writes_the_images_row_of_a_file_it_keeps_beside_its_raw_row(sh
     assert (failed / "split=val").is_dir() and parquet_parts(str(failed)) == []  # nothing a reader would see
 
 
-def test_pass_one_decodes_a_dicom_once_and_stores_the_pixels_decode_resized_gives(shared_data, monkeypatch):
+def test_pass_one_decodes_a_dicom_once_and_stores_the_pixels_decode_resized_gives(sample_films, monkeypatch):
     import cv2
 
     from cxr_spark import images as images_module
     from cxr_spark import ingest as ingest_module
     from cxr_spark.images import decode_dicom, decode_resized
 
-    data = next((shared_data / "samples").glob("*.dcm")).read_bytes()
+    data = next(sample_films.glob("*.dcm")).read_bytes()
     expected = decode_resized(data, 224)
     decodes = []
     for module in (ingest_module, images_module):  # every way pass 1 can reach the decoder

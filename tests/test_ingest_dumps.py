@@ -44,13 +44,13 @@ def _all_cells(path: Path):
             yield from column
 
 
-def test_generic_dump_of_png_jpeg_and_dicom_keeps_no_identifying_dicom_data(spark, tmp_path, config, shared_data):
+def test_generic_dump_of_png_jpeg_and_dicom_keeps_no_identifying_dicom_data(spark, tmp_path, config, sample_films):
     dump = tmp_path / "generic"
     (dump / "by_patient" / "DOE_JANE").mkdir(parents=True)
     rng = np.random.default_rng(5)
     Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(dump / "a.png")
     Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(dump / "b.jpeg", "JPEG")
-    sample = next((shared_data / "samples").glob("rsna_*.dcm"))
+    sample = next(sample_films.glob("rsna_*.dcm"))
     (dump / sample.name).write_bytes(sample.read_bytes())  # its name holds the SOPInstanceUID
     synthetic = dicom_bytes(rng.integers(0, 4096, (24, 20)).astype(np.uint16), BitsStored=12, HighBit=11,
                              PhotometricInterpretation="MONOCHROME1", PatientName="DOE^JANE",

@@ -23,6 +23,7 @@ from cxr_spark.score import score
 from cxr_spark.train import MODEL_FILE, train
 
 from conftest import read_rows
+from faults import kill_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -142,54 +143,9 @@ def test_every_command_has_help():
         assert done.returncode == 0 and f"cxr-spark {stage}" in done.stdout, stage
 
 
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid``, from /proc (PySpark's worker daemon runs in a process group of its own)."""
-    children: dict[int, list[int]] = {}
-    for entry in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                parent = int(stat.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(parent, []).append(int(entry))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid``'s process group and every process below it, as killing the whole job would."""
-    import signal
-
-    below = _descendants(pid)
-    os.killpg(pid, signal.SIGKILL)
-    for child in below:
-        try:
-            os.kill(child, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    deadline = time.time() + 30
-    while any(_alive(child) for child in below) and time.time() < deadline:
-        time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_killed_training_run_resumes_from_its_last_checkpoint(spark, tiny_images, config, tmp_path):
     """Kill `cxr-spark train` after its first checkpoint; --resume continues with that epoch, weights
     and optimiser state, and ends at the same epoch count as an uninterrupted run."""
-    import signal
-    import time
-
     import tensorflow as tf
 
     images, _ = tiny_images
@@ -208,7 +164,7 @@ def test_a_killed_training_run_resumes_from_its_last_checkpoint(spark, tiny_imag
             time.sleep(0.5)
         assert state_file.exists(), f"no checkpoint appeared (exit code {process.poll()})"
     finally:
-        _kill_tree(process.pid)  # the driver, its JVM, the Python workers and both Horovod processes
+        kill_tree(process.pid)  # the driver, its JVM, the Python workers and both Horovod processes
         process.wait()
     assert not out.exists()  # nothing half-written under the model's name
     state = json.loads(state_file.read_text())

@@ -153,3 +153,16 @@ def test_class_weights_and_weighted_loss_equal_a_numpy_computation():
     unweighted = weighted_binary_crossentropy([1.0] * 3, [1.0] * 3)(labels, scores).numpy()
     import tensorflow as tf
     assert np.allclose(unweighted, tf.keras.losses.binary_crossentropy(labels, scores).numpy(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("n_images, positives, expected", [
+    (4, [4], ([1.0], [1.0])),  # positive in every image: no negatives to weigh against, unweighted
+    (4, [0], ([1.0], [1.0])),  # never positive: unweighted
+    (1, [1], ([1.0], [1.0])),  # one image
+    (1, [0], ([1.0], [1.0])),
+    (10, [3, 9, 1], ([0.7, 0.1, 0.9], [0.3, 0.9, 0.1])),  # |N|/n for positives, |P|/n for negatives
+])
+def test_class_weights_at_the_edges(n_images, positives, expected):
+    positive, negative = class_weights(n_images, np.array(positives))
+    assert positive == pytest.approx(expected[0]) and negative == pytest.approx(expected[1])
+    assert all(0 < weight <= 1 for weight in positive + negative)  # a zero weight would silence a label
