@@ -11,7 +11,7 @@ PACK_ENV := build/pack-env
 ENV_ARCHIVE := dist/cxr-spark-env.tar.gz
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test test-fast cluster-test package bench clean help
+.PHONY: install demo test test-fast cluster-test package bench mutate clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -37,6 +37,12 @@ cluster-test: install $(ENV_ARCHIVE)  ## a Spark standalone master + 2 workers o
 bench: install  ## ingest, training input vs model + Horovod scaling, and scoring throughput as ratios, measured side by side (no timed tests)
 	$(BIN)/python -m cxr_spark.bench $(BENCH_ARGS)
 
+mutate: install  ## mutation score of the pure modules against the tests that need no Spark (minutes; not in CI)
+	$(BIN)/python -m pip install -q --disable-pip-version-check "mutmut==3.8.1"
+	rm -rf mutants
+	$(BIN)/mutmut run
+	$(BIN)/python scripts/mutation_score.py --equivalent tests/mutation_equivalent.txt
+
 package: $(ENV_ARCHIVE)  ## dist/: the project wheel and a relocatable environment archive for --archives
 
 $(ENV_ARCHIVE): $(STAMP) $(wildcard cxr_spark/*.py)
@@ -48,4 +54,4 @@ $(ENV_ARCHIVE): $(STAMP) $(wildcard cxr_spark/*.py)
 	@ls -lh dist
 
 clean:  ## remove demo outputs (keeps .venv)
-	rm -rf runs .pytest_cache build dist
+	rm -rf runs .pytest_cache build dist mutants

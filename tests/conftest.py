@@ -138,3 +138,11 @@ def sample_films(request, tmp_path_factory) -> Path:
     (folder / "rsna_1.2.826.0.1.3680043.99.4711.dcm").write_bytes(dicom_bytes(
         pixels, PatientName="DOE^JOHN", PatientID="MRN0004711", ViewPosition="PA", PatientSex="M", PatientAge="062Y"))
     return folder
+
+
+def pytest_collection_modifyitems(items):
+    """Mark every test that uses a Spark session (directly or through a fixture) ``spark``: ``make mutate``
+    runs the others, whose code under test all runs in the test's own process."""
+    for item in items:
+        if "spark" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.spark)

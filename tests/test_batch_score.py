@@ -174,6 +174,24 @@ def test_dicom_files_are_stored_by_content_hash_without_their_file_or_folder_nam
     assert stored_identity("file:/d/x/1_000.png", digest, "png") == ("1_000.png", "file:/d/x/1_000.png")
 
 
+def _glob_matches(glob: str, name: str) -> bool:
+    """Hadoop's ``*.{a,b}`` glob read here: its braces expanded, each alternative matched by fnmatch."""
+    import fnmatch
+
+    head, alternatives = glob.split("{", 1)
+    return any(fnmatch.fnmatchcase(name, head + alternative) for alternative in alternatives.rstrip("}").split(","))
+
+
+def test_the_image_glob_takes_every_image_extension_in_any_case_and_nothing_else():
+    from cxr_spark.identity import IMAGE_GLOB
+
+    for name in ("a.png", "a.PNG", "a.Png", "b.jpg", "b.JPG", "c.jpeg", "c.JpEg", "d.dcm", "d.DCM", "e.dicom",
+                 "e.DICOM", "x.y.png"):
+        assert _glob_matches(IMAGE_GLOB, name), name
+    for name in ("a.txt", "a.pngx", "apng", "a.png.txt", "a.gif", "a.dcm.gz"):
+        assert not _glob_matches(IMAGE_GLOB, name), name
+
+
 # ---------------------------------------------------------------------------------------------
 # the lock
 

@@ -49,9 +49,19 @@ def test_parse_and_format_round_trip():
     assert parse_finding_labels("Infiltrate")[3] == 1  # BBox file spelling of Infiltration
 
 
-def test_unknown_finding_names_the_value():
-    with pytest.raises(UnknownFindingError, match="Covid"):
+def test_unknown_finding_names_the_value_and_the_findings_expected():
+    with pytest.raises(UnknownFindingError) as error:
         parse_finding_labels("Effusion|Covid")
+    assert str(error.value) == ("unknown finding 'Covid'; expected one of " + ", ".join(PUBLISHED_ORDER)
+                                + " or 'No Finding'")
+    with pytest.raises(UnknownFindingError, match="^missing Finding Labels value$"):
+        parse_finding_labels(None)
+
+
+def test_no_finding_beside_a_finding_keeps_the_finding():
+    # not in NIH's file, but a hand-edited one: "No Finding" sets nothing, the findings around it still count
+    assert np.flatnonzero(parse_finding_labels("No Finding|Effusion|Mass")).tolist() == [2, 4]
+    assert np.flatnonzero(parse_finding_labels(" Mass | No Finding ")).tolist() == [4]
 
 
 def test_real_metadata_label_counts_match_a_plain_csv_count(shared_data):
@@ -374,3 +384,25 @@ def test_real_dicom_sample_decodes_like_pydicom(shared_data):
     header = image_header(data)
     assert (header.format, header.width, header.height, header.conversion) == ("dicom", 1024, 1024, None)
     assert np.array_equal(decode_grayscale(data), dcmread(path).pixel_array)  # 8-bit MONOCHROME2, no window
+
+
+def test_dicom_metadata_keeps_view_sex_and_age_text_only_and_blanks_are_none():
+    from pydicom.dataset import Dataset
+
+    from cxr_spark.metadata import dicom_metadata
+
+    ds = Dataset()
+    ds.ViewPosition, ds.PatientSex, ds.PatientName, ds.PatientID = " PA ", "", "DOE^JOHN", "MRN1"
+    assert dicom_metadata(ds) == {"view": "PA", "sex": None, "age_text": None}
+    ds.PatientAge, ds.PatientSex = "045Y", "F"
+    assert dicom_metadata(ds) == {"view": "PA", "sex": "F", "age_text": "045Y"}
+
+
+def test_model_inputs_are_the_standardised_pixels_with_a_channel_axis_and_steps_take_full_batches():
+    from cxr_spark.input_pipeline import model_inputs, steps_per_epoch
+
+    images = np.random.default_rng(3).integers(0, 256, (3, 5, 4)).astype(np.uint8)
+    inputs = model_inputs(images, {"mean": 100.0, "std": 40.0})
+    assert inputs.shape == (3, 5, 4, 1) and inputs.dtype == np.float32
+    np.testing.assert_allclose(inputs[..., 0], (images.astype(np.float64) - 100) / 40, rtol=1e-6)
+    assert [steps_per_epoch(sizes, 8) for sizes in ([53, 47], [8], [7, 100], [64, 64])] == [5, 1, 0, 8]

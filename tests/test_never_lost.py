@@ -137,6 +137,54 @@ def test_only_a_dataset_of_the_same_kind_is_replaced(spark, config, dumps, previ
     assert _snapshot(tmp_path) == before
 
 
+def test_what_may_be_replaced_is_decided_from_the_folder_and_its_manifest(tmp_path):
+    from cxr_spark.guards import check_run, replace_problem
+
+    assert replace_problem("ingest", None, None) is None and replace_problem("ingest", [], None) is None  # nothing there
+    assert replace_problem("ingest", ["part-0.parquet", "_manifest.json"], {"stage": "ingest"}) is None
+    assert replace_problem("ingest", ["notes.txt"], None) == (
+        "exists and is not an output of cxr-spark (it has no readable _manifest.json); replacing it would delete it")
+    assert replace_problem("ingest", ["x"], ["not", "a", "dict"]).startswith("exists and is not an output")
+    assert replace_problem("train", ["_manifest.json"], {"stage": "preprocess"}) == (
+        "is an images dataset (written by 'preprocess'), not a model folder; replacing it would delete it")
+    assert replace_problem("score", ["_manifest.json"], {"stage": "other"}).startswith(
+        "is an output (written by 'other'), not a predictions dataset")
+    dataset, foreign, empty, file = tmp_path / "raw", tmp_path / "mine", tmp_path / "empty", tmp_path / "file"
+    for folder in (dataset, foreign, empty):
+        folder.mkdir()
+    (dataset / "_manifest.json").write_text('{"stage": "ingest"}')
+    (foreign / "_manifest.json").write_text("{not json")
+    file.write_text("x")
+    for path in (dataset, empty, tmp_path / "missing"):
+        check_replaceable_local("--out", str(path), "ingest")
+    check_replaceable_local("--out", "hdfs://nn/raw", "ingest")  # other filesystems: checked at the swap
+    with pytest.raises(UsageError, match=f"^--out {foreign} exists and is not an output .*; choose another --out"):
+        check_replaceable_local("--out", str(foreign), "ingest")
+    with pytest.raises(UsageError, match=f"^--out {file} is a file, not a folder"):
+        check_replaceable_local("--out", str(file), "ingest")
+    with pytest.raises(UsageError, match=f"^--in {tmp_path / 'nowhere'}: no such folder$"):
+        check_run({"--in": str(tmp_path / "nowhere")}, {"--out": (str(tmp_path / "out"), "preprocess")},
+                  folders=("--in",))
+    with pytest.raises(UsageError, match="is inside --in"):  # the overlap is checked before the kind
+        check_run({"--in": str(dataset)}, {"--out": (str(dataset / "x"), "preprocess")}, folders=("--in",))
+    with pytest.raises(UsageError, match="is a raw dataset"):
+        check_run({"--in": str(empty)}, {"--out": (str(dataset), "preprocess"), "--other": (None, "score")},
+                  folders=("--in",))
+    check_run({"--in": str(empty), "--bbox": None}, {"--out": (str(tmp_path / "new"), "preprocess"),
+                                                     "--checkpoint-dir": (str(foreign), None)}, folders=("--in",))
+
+
+def test_a_missing_or_unreadable_metadata_file_is_refused_naming_it(tmp_path):
+    with pytest.raises(UsageError, match=f"^--metadata {tmp_path / 'none.csv'}: no such file$"):
+        check_metadata_file(str(tmp_path / "none.csv"))
+    broken = tmp_path / "Data_Entry_2017.csv.gz"
+    broken.write_bytes(b"not gzip at all")
+    with pytest.raises(UsageError, match=f"^--metadata {broken}: cannot be read"):
+        check_metadata_file(str(broken))
+    check_metadata_file(None)
+    check_metadata_file("s3a://bucket/Data_Entry_2017.csv")  # checked by ingest through Spark
+
+
 # ---------------------------------------------------------------------------------------------
 # a run that cannot be right does not replace a good one
 

@@ -34,8 +34,12 @@ def test_hash_split_follows_its_rule_and_is_the_same_in_another_process():
     assert [official_split(False, p, 3, 0.1) for p in range(500)] == [
         "val" if _fraction(p, 3) < 0.1 else "train" for p in range(500)]
     assert official_split(True, 7, 3, 0.9) == "test"
-    with pytest.raises(ValueError, match="fractions"):
-        hash_split(1, seed=0, val_fraction=0.6, test_fraction=0.5)
+    for val, test in ((0.6, 0.5), (0.5, 0.5), (0.0, 1.0), (-0.1, 0.2), (0.1, -0.2)):  # no room left for train
+        with pytest.raises(ValueError, match="fractions must be >= 0 and leave room for train"):
+            hash_split(1, seed=0, val_fraction=val, test_fraction=test)
+    # no test fraction (NIH's lists give the test split) and no validation are both fine
+    assert {hash_split(p, 0, 0.0, 0.0) for p in range(200)} == {"train"}
+    assert {hash_split(p, 0, 0.3, 0.0) for p in range(200)} == {"train", "val"}
 
 
 def _splits_by_patient(spark, metadata: str, split_lists: str | None, config) -> dict:
