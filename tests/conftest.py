@@ -141,8 +141,9 @@ def sample_films(request, tmp_path_factory) -> Path:
 
 
 def pytest_collection_modifyitems(items):
-    """Mark every test that uses a Spark session (directly or through a fixture) ``spark``: ``make mutate``
-    runs the others, whose code under test all runs in the test's own process."""
+    """Mark every test that uses a Spark session (directly or through a fixture) ``spark``, unless it is
+    marked ``in_process`` (Spark only made its data): ``make mutate`` runs the others, whose code under
+    test all runs in the test's own process, where the mutants are."""
     for item in items:
-        if "spark" in getattr(item, "fixturenames", ()):
+        if "spark" in getattr(item, "fixturenames", ()) and item.get_closest_marker("in_process") is None:
             item.add_marker(pytest.mark.spark)

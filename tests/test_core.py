@@ -333,7 +333,7 @@ def _expected_dicom(data: bytes) -> np.ndarray:
     stored = ds.pixel_array.astype(np.float64)
     slope, intercept = float(ds.get("RescaleSlope", 1)), float(ds.get("RescaleIntercept", 0))
     values = stored * slope + intercept
-    if "WindowCenter" in ds:
+    if "WindowCenter" in ds and "WindowWidth" in ds:  # a centre without a width is no window
         center, width = float(ds.WindowCenter), float(ds.WindowWidth)
         low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
         image = np.where(values <= low, 0, np.where(values > high, 255,
@@ -406,3 +406,264 @@ def test_model_inputs_are_the_standardised_pixels_with_a_channel_axis_and_steps_
     assert inputs.shape == (3, 5, 4, 1) and inputs.dtype == np.float32
     np.testing.assert_allclose(inputs[..., 0], (images.astype(np.float64) - 100) / 40, rtol=1e-6)
     assert [steps_per_epoch(sizes, 8) for sizes in ([53, 47], [8], [7, 100], [64, 64])] == [5, 1, 0, 8]
+
+
+def _rewritten_dicom(data: bytes, **changes) -> bytes:
+    """``data`` read with pydicom, attributes changed (None deletes one), written again."""
+    from pydicom import dcmread
+
+    ds = dcmread(io.BytesIO(data))
+    for keyword, value in changes.items():
+        if value is None:
+            if keyword in ds:
+                delattr(ds, keyword)
+        else:
+            setattr(ds, keyword, value)
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def test_dicom_headers_say_their_size_and_conversion_and_refuse_what_cannot_be_one_radiograph():
+    gray8 = dicom_bytes(np.zeros((6, 9), np.uint8))
+    header = image_header(gray8)
+    assert (header.format, header.width, header.height, header.conversion) == ("dicom", 9, 6, None)  # Columns, Rows
+    assert image_header(dicom_bytes(np.zeros((6, 9), np.uint16), BitsStored=12, HighBit=11)).conversion == "16bit"
+    assert image_header(_rewritten_dicom(gray8, PhotometricInterpretation="PALETTE COLOR")).conversion == "palette"
+    for photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
+        rewritten = _rewritten_dicom(gray8, PhotometricInterpretation=photometric, SamplesPerPixel=3,
+                                     PlanarConfiguration=0)
+        assert image_header(rewritten).conversion == "rgb", photometric
+    refusals = {"NumberOfFrames": (2, "DICOM with 2 frames"), "PhotometricInterpretation": ("CMYK", "'CMYK'")}
+    for keyword, (value, detail) in refusals.items():
+        with pytest.raises(ImageError) as error:
+            image_header(_rewritten_dicom(gray8, **{keyword: value}))
+        assert error.value.reason == "unsupported_format" and detail in error.value.detail, keyword
+    with pytest.raises(ImageError) as error:
+        image_header(_rewritten_dicom(gray8, PhotometricInterpretation=None))
+    assert error.value.reason == "unsupported_format" and "'missing'" in error.value.detail
+    with pytest.raises(ImageError) as error:
+        image_header(_rewritten_dicom(gray8, Rows=0))
+    assert error.value.reason == "corrupt_image" and "9x0" in error.value.detail
+
+
+def test_an_rgb_dicom_decodes_to_the_luma_numpy_computes_and_one_without_pixels_is_corrupt():
+    from pydicom import dcmread
+
+    rgb = np.random.default_rng(10).integers(0, 256, (5, 7, 3)).astype(np.uint8)
+    ds = dcmread(io.BytesIO(dicom_bytes(np.zeros((5, 7), np.uint8))))
+    ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.PlanarConfiguration = "RGB", 3, 0
+    ds.PixelData = rgb.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    luma = np.rint(rgb @ np.array([0.299, 0.587, 0.114]))  # ITU-R BT.601
+    assert np.abs(decode_grayscale(buffer.getvalue()).astype(int) - luma).max() <= 1
+    with pytest.raises(ImageError) as error:
+        decode_grayscale(_rewritten_dicom(dicom_bytes(np.zeros((5, 7), np.uint8)), PixelData=None))
+    assert (error.value.reason, error.value.detail) == ("corrupt_image", "DICOM has no pixel data")
+
+
+def _segment(marker: int, payload: bytes) -> bytes:
+    """One JPEG marker segment, as the standard lays it out: 0xFF, the marker, a 2-byte length, the payload."""
+    import struct
+
+    return bytes([0xFF, marker]) + struct.pack(">H", len(payload) + 2) + payload
+
+
+def _frame(marker: int, precision: int, height: int, width: int, components: int) -> bytes:
+    import struct
+
+    return _segment(marker, struct.pack(">BHHB", precision, height, width, components) + bytes(3 * components))
+
+
+def test_jpeg_headers_built_by_hand_are_read_as_the_standard_lays_them_out():
+    from cxr_spark.images import jpeg_header
+
+    soi, app0 = b"\xff\xd8", _segment(0xE0, b"JFIF\x00" + bytes(9))
+    sof = _frame(0xC2, 8, 200, 300, 1)  # progressive, 8-bit, 300 wide, 200 high, gray
+    assert jpeg_header(soi + app0 + sof) == (300, 200, 8, 1, 0xC2)
+    assert jpeg_header(soi + b"\xff\xff\xff" + app0 + b"\xff\x01" + b"\xff\xd0" + sof) == (300, 200, 8, 1, 0xC2)
+    header = image_header(soi + app0 + _frame(0xC0, 8, 20, 30, 3))
+    assert (header.format, header.width, header.height, header.conversion) == ("jpeg", 30, 20, "rgb")
+    for data, reason, detail in [
+        (soi + app0 + _frame(0xC3, 8, 20, 30, 1), "unsupported_format", "lossless 8-bit (SOF 0xC3)"),
+        (soi + _frame(0xC1, 12, 20, 30, 1), "unsupported_format", "12-bit (SOF 0xC1)"),
+        (soi + _frame(0xC0, 8, 20, 30, 4), "unsupported_format", "JPEG with 4 components"),
+        (soi + app0 + _segment(0xDA, bytes(8)) + sof, "corrupt_image", "no start-of-frame header"),
+        (soi + app0 + b"\xff\xd9", "corrupt_image", "no start-of-frame header"),
+        (soi + app0 + sof[:8], "corrupt_image", "no start-of-frame header"),  # cut inside the frame header
+        (soi + app0 + b"\x00\xc0" + sof, "corrupt_image", f"JPEG marker expected at byte {2 + len(app0)}"),
+    ]:
+        with pytest.raises(ImageError) as error:
+            image_header(data)
+        assert error.value.reason == reason and detail in error.value.detail, (detail, error.value.detail)
+
+
+def test_jpeg_headers_of_encoded_files_agree_with_pillow():
+    import cv2
+
+    from cxr_spark.images import jpeg_header
+
+    rng = np.random.default_rng(12)
+    for image in (rng.integers(0, 256, (37, 53), dtype=np.uint8), rng.integers(0, 256, (40, 25, 3), dtype=np.uint8)):
+        for flags in ([], [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]):
+            data = cv2.imencode(".jpg", image, flags)[1].tobytes()
+            width, height, precision, components, _ = jpeg_header(data)
+            reference = Image.open(io.BytesIO(data))
+            assert (width, height) == reference.size and precision == 8
+            assert components == len(reference.getbands())
+
+
+@pytest.mark.parametrize("attributes", [
+    {"RescaleSlope": 2, "RescaleIntercept": 10},  # 8-bit data with a modality LUT: stretched, not kept as is
+    {"RescaleSlope": 1, "RescaleIntercept": -5},
+    {"RescaleSlope": 3},
+    {"WindowCenter": 100},  # a centre without a width: no window
+    {"PhotometricInterpretation": "MONOCHROME1", "RescaleIntercept": 7},
+])
+def test_8_bit_dicom_with_a_rescale_or_half_a_window_decodes_as_numpy_computes_it(attributes):
+    stored = np.random.default_rng(13).integers(20, 200, (6, 7)).astype(np.uint8)
+    data = dicom_bytes(stored, **attributes)
+    expected = _expected_dicom(data)
+    if "WindowCenter" not in attributes:  # the stretch changes the pixels: the case can tell
+        assert not np.array_equal(expected, stored)
+    assert np.abs(decode_grayscale(data).astype(int) - expected).max() <= 1
+
+
+@pytest.mark.parametrize("changes, conversion", [
+    ({"BitsStored": None}, "16bit"),  # BitsAllocated (16) stands in for BitsStored
+    ({"BitsStored": None, "BitsAllocated": None}, None),  # neither: 8 bits
+    ({"BitsStored": 8}, None),
+    ({"NumberOfFrames": 1}, "16bit"),
+    ({"NumberOfFrames": None}, "16bit"),
+])
+def test_dicom_header_defaults(changes, conversion):
+    data = _rewritten_dicom(dicom_bytes(np.zeros((4, 5), np.uint16), BitsStored=12, HighBit=11), **changes)
+    header = image_header(data)
+    assert (header.width, header.height, header.conversion) == (5, 4, conversion)
+
+
+@pytest.mark.parametrize("changes, reason, detail", [
+    ({"Rows": None}, "corrupt_image", "dicom header says 5x0"),
+    ({"Columns": None}, "corrupt_image", "dicom header says 0x4"),
+])
+def test_dicom_headers_that_cannot_be_a_radiograph_are_refused_with_their_reason(changes, reason, detail):
+    data = _rewritten_dicom(dicom_bytes(np.zeros((4, 5), np.uint16), BitsStored=12, HighBit=11), **changes)
+    for check in (image_header, decode_grayscale):
+        with pytest.raises(ImageError) as error:
+            check(data)
+        assert (error.value.reason, error.value.detail) == (reason, detail)
+
+
+@pytest.mark.parametrize("keyword, itemsize", [("FloatPixelData", 4), ("DoubleFloatPixelData", 8)])
+def test_a_float_dicom_is_unsupported_not_corrupt(keyword, itemsize):
+    # it was quarantined as corrupt_image "no pixel data": the header is read without the pixel elements
+    data = _rewritten_dicom(dicom_bytes(np.zeros((4, 5), np.uint16), BitsStored=12, HighBit=11), PixelData=None,
+                            BitsAllocated=8 * itemsize, **{keyword: bytes(20 * itemsize)})
+    with pytest.raises(ImageError) as error:
+        decode_grayscale(data)
+    assert (error.value.reason, error.value.detail) == ("unsupported_format", "DICOM float pixel data")
+
+
+def test_a_16_bit_rgb_dicom_is_scaled_to_8_bits_then_to_luma():
+    from pydicom import dcmread
+
+    rgb = np.random.default_rng(14).integers(0, 4096, (5, 6, 3)).astype(np.uint16)
+    ds = dcmread(io.BytesIO(dicom_bytes(np.zeros((5, 6), np.uint16), BitsStored=16, HighBit=15)))
+    ds.PhotometricInterpretation, ds.SamplesPerPixel, ds.PlanarConfiguration = "RGB", 3, 0
+    ds.PixelData = rgb.tobytes()
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    shift = int(rgb.max()).bit_length() - 8  # the highest bit used becomes bit 7
+    luma = np.rint((rgb >> shift) @ np.array([0.299, 0.587, 0.114]))
+    assert np.abs(decode_grayscale(buffer.getvalue()).astype(int) - luma).max() <= 1
+
+
+def test_a_png_whose_pixels_do_not_decode_is_corrupt_with_its_size_and_rgba_drops_alpha():
+    import cv2
+
+    film = _film(15, 448)
+    data = encode_png(film)
+    broken = data[:60] + bytes(len(data) - 72) + data[-12:]  # header and IEND kept, the pixels zeroed
+    for decode in (decode_grayscale, lambda d: decode_resized(d, 224), lambda d: decode_resized(d, 100)):
+        with pytest.raises(ImageError) as error:
+            decode(broken)
+        assert (error.value.reason, error.value.detail) == ("corrupt_image", f"decoder could not read {len(data)} bytes")
+    rgba = np.dstack([film, film[::-1], film[:, ::-1], np.full_like(film, 7)])  # R, G, B, a faint alpha
+    png = cv2.imencode(".png", rgba[..., [2, 1, 0, 3]])[1].tobytes()  # OpenCV writes BGRA
+    luma = np.rint(rgba[..., :3] @ np.array([0.299, 0.587, 0.114]))
+    assert np.abs(decode_grayscale(png).astype(int) - luma).max() <= 1
+
+
+def test_the_default_png_writer_filters_every_row_with_up_as_documented():
+    import cv2
+    import struct
+    import zlib
+
+    film = _film(16, 64)
+    for data, expect_up in ((encode_png(film), True), (encode_png(film, compression=6), False)):
+        assert np.array_equal(cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED), film)
+        position, idat = 8, b""
+        while position < len(data):  # the chunks, as the PNG standard lays them out
+            (length,), kind = struct.unpack(">I", data[position:position + 4]), data[position + 4:position + 8]
+            idat += data[position + 8:position + 8 + length] if kind == b"IDAT" else b""
+            position += 12 + length
+        rows = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(64, 65)
+        assert (set(rows[:, 0]) == {2}) == expect_up  # OpenCV's writer picks filters per row
+
+
+def test_window_and_stretch_map_values_onto_0_255_exactly_as_the_dicom_standard_writes_it():
+    from cxr_spark.images import minmax_to_8bit, window_to_8bit
+
+    values = np.arange(-5, 16, dtype=np.float64)
+    center, width = 5.0, 11.0  # (x - 4.5) / 10 * 255 + 127.5: never half-way between two gray levels
+    low, high = center - 0.5 - (width - 1) / 2, center - 0.5 + (width - 1) / 2
+    expected = [0 if x <= low else 255 if x > high else round(((x - (center - 0.5)) / (width - 1) + 0.5) * 255)
+                for x in values]
+    windowed = window_to_8bit(values, center, width)
+    assert windowed.dtype == np.uint8 and windowed.tolist() == expected
+    assert window_to_8bit(np.array([4.0, 5.0]), 5.0, 1.0).tolist() == [0, 255]  # width 1: a threshold
+    stretched = minmax_to_8bit(np.arange(3, 21, dtype=np.float64))  # range 17: 255 / 17 = 15 exactly
+    assert stretched.dtype == np.uint8 and stretched.tolist() == [15 * i for i in range(18)]
+    flat = minmax_to_8bit(np.full((2, 3), 7.0))
+    assert flat.dtype == np.uint8 and flat.shape == (2, 3) and not flat.any()
+
+
+def test_the_box_factor_is_the_largest_shrink_that_divides_both_sides():
+    from cxr_spark.images import _box_factor
+
+    for height, width, size in [(1024, 1024, 224), (1000, 1000, 224), (1023, 1024, 224), (672, 672, 224),
+                                (1024, 768, 256), (900, 1200, 100), (224, 224, 224), (100, 100, 224), (30, 45, 5)]:
+        brute = max([k for k in range(2, min(height, width) // size + 1) if height % k == 0 and width % k == 0],
+                    default=1)
+        assert _box_factor(height, width, size) == brute, (height, width, size)
+
+
+def test_jpeg_header_edges_a_walker_must_get_right():
+    from cxr_spark.images import jpeg_header
+
+    soi, app0 = b"\xff\xd8", _segment(0xE0, b"JFIF\x00" + bytes(9))
+    wide = _frame(0xC0, 8, 30_000, 40_000, 1)  # sides over 32,767: unsigned
+    assert jpeg_header(soi + app0 + wide) == (40_000, 30_000, 8, 1, 0xC0)
+    assert jpeg_header(soi + b"\xff\xd7" + _frame(0xC0, 8, 2, 3, 1)) == (3, 2, 8, 1, 0xC0)  # RST7 has no length
+    assert jpeg_header(soi + app0 + _frame(0xC0, 8, 2, 3, 1)[:10]) == (3, 2, 8, 1, 0xC0)  # just the 10 bytes read
+    with pytest.raises(ImageError, match="no start-of-frame"):  # an end of image ends the search
+        jpeg_header(soi + b"\xff\xd9" + _frame(0xC0, 8, 2, 3, 1))
+    with pytest.raises(ImageError) as error:
+        jpeg_header(b"GIF89a\x01\x00\x01\x00")
+    assert (error.value.reason, error.value.detail) == ("not_an_image", "no JPEG signature; first bytes b'GIF89a\\x01\\x00'")
+
+
+def test_dicom_pixel_data_shorter_than_declared_is_corrupt_and_says_why():
+    short = _rewritten_dicom(dicom_bytes(np.zeros((4, 5), np.uint16), BitsStored=12, HighBit=11), PixelData=bytes(6))
+    with pytest.raises(ImageError) as error:
+        decode_grayscale(short)  # 6 bytes where 4 x 5 x 2 are declared
+    assert error.value.reason == "corrupt_image" and error.value.detail.startswith("DICOM pixel data: ")
+    assert error.value.detail.split(": ")[1] in ("ValueError", "OSError", "error"), error.value.detail
+
+
+@pytest.mark.parametrize("text, years", [("120", 120), ("121", None), ("120Y", 120), ("365D", 1), ("364D", 0),
+                                         ("730D", 2), ("030D", 0), ("011M", 0), ("012M", 1), ("999M", 83)])
+def test_ages_in_days_months_and_years_up_to_120(text, years):
+    age = parse_age(text)
+    assert age == years and (age is None or type(age) is int)

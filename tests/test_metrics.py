@@ -103,3 +103,16 @@ def test_age_bands_cover_every_age_once():
     assert [age_band(a) for a in (17, 18, 39, 40, 59, 60, 79, 80)] == ["0-17", "18-39", "18-39", "40-59", "40-59",
                                                                       "60-79", "60-79", "80+"]
     assert age_band(None) == age_band(-1) == "unknown"
+
+
+def test_the_tuned_threshold_over_many_small_tied_sets():
+    rng = np.random.default_rng(23)
+    for case in range(60):
+        n = int(rng.integers(3, 25))
+        labels = (rng.random(n) < rng.uniform(0.1, 0.9)).astype(int)
+        if labels.min() == labels.max():
+            labels[0] = 1 - labels[0]
+        scores = rng.integers(0, 6, n) / 5  # few distinct scores: many ties
+        candidates = np.unique(scores)
+        f1 = np.array([f1_score(labels, scores >= t) for t in candidates])
+        assert tune_threshold(labels, scores) == candidates[np.flatnonzero(np.isclose(f1, f1.max()))].max(), case

@@ -359,3 +359,19 @@ def test_preprocess_and_features_refuse_an_empty_input_and_leave_their_outputs(s
     with pytest.raises(UsageError, match="has no image"):
         features(spark, str(tmp_path / "empty_images"), str(tmp_path / "features"), config.features)
     assert not (tmp_path / "features").exists()
+
+
+def test_guard_details_urls_long_headers_and_long_first_lines(tmp_path):
+    from cxr_spark.guards import check_run, metadata_header_problem, read_first_line
+
+    assert canonical("hdfs://nn/dataX/") == "hdfs://nn/dataX"
+    with pytest.raises(UsageError, match="no such file"):  # a file: URL is a local path, checked here
+        check_metadata_file(f"file://{tmp_path}/none.csv")
+    long_header = "Image Index," + "x" * 200
+    assert metadata_header_problem(long_header.encode() + b"\n") == f"its header is {long_header[:117] + '...'!r}"
+    (tmp_path / "long.csv").write_text("y" * 5000 + "\n")
+    assert read_first_line(str(tmp_path / "long.csv")) == b"y" * 4096
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "raw" / "_manifest.json").write_text('{"stage": "ingest"}')
+    with pytest.raises(UsageError, match=f"^--out {tmp_path / 'raw'} is a raw dataset"):
+        check_run({}, {"--out": (str(tmp_path / "raw"), "preprocess")})

@@ -21,6 +21,7 @@ def _url(path) -> str:
     return f"file://{path}"
 
 
+@pytest.mark.in_process  # Spark only makes the dataset: the reader under test runs here
 @pytest.mark.parametrize("ranks,batch", [(2, 4), (3, 5)])
 def test_one_epoch_across_ranks_sees_each_training_image_at_most_once_and_all_but_the_remainder(
         tiny_images, ranks, batch):
@@ -50,6 +51,7 @@ def test_one_epoch_across_ranks_sees_each_training_image_at_most_once_and_all_bu
         assert len(set(train_ids) - set(seen)) == n_train - steps * batch * ranks  # the documented remainder
 
 
+@pytest.mark.in_process  # Spark only makes the dataset: the reader under test runs here
 def test_an_unsharded_epoch_without_steps_yields_every_row_once_with_its_own_labels(tiny_images):
     images, counts = tiny_images
     rows = {r.image_id: r for r in read_rows(images, ["image_id", "image", "labels"], filters=[("split", "=", "val")])}
@@ -64,6 +66,7 @@ def test_an_unsharded_epoch_without_steps_yields_every_row_once_with_its_own_lab
         assert np.allclose(x[..., 0], rows[image_id].image / 255.0)  # validation is never augmented
 
 
+@pytest.mark.in_process  # Spark only makes the dataset: the reader under test runs here
 def test_binary_task_takes_one_label_column(tiny_images):
     images, _ = tiny_images
     index = LABELS.index("Pneumonia")
@@ -166,3 +169,36 @@ def test_class_weights_at_the_edges(n_images, positives, expected):
     positive, negative = class_weights(n_images, np.array(positives))
     assert positive == pytest.approx(expected[0]) and negative == pytest.approx(expected[1])
     assert all(0 < weight <= 1 for weight in positive + negative)  # a zero weight would silence a label
+
+
+def test_normalization_specs_and_their_refusals_name_the_way_out():
+    assert normalization_spec("rescale", {}) == {"mode": "rescale", "mean": 0.0, "std": 255.0, "equalize": False}
+    assert normalization_spec("train_mean_std", {"mean": 101.5, "std": 60}) == {
+        "mode": "train_mean_std", "mean": 101.5, "std": 60.0, "equalize": False}
+    assert normalization_spec("imagenet", {}, equalize=1) == {"mode": "imagenet", "mean": IMAGENET_MEAN,
+                                                              "std": pytest.approx(0.226 * 255, rel=0.01),
+                                                              "equalize": True}
+    with pytest.raises(ValueError) as error:
+        normalization_spec("train_mean_std", {})
+    assert str(error.value) == ("normalisation 'train_mean_std' needs the train split's statistics, and the dataset "
+                                "has none (no train rows?); use --normalization rescale or imagenet")
+    with pytest.raises(ValueError) as error:
+        normalization_spec("zscore", {})
+    assert str(error.value) == "unknown normalisation 'zscore'; known: rescale, train_mean_std, imagenet"
+    with pytest.raises(ValueError) as error:
+        normalization_spec("train_mean_std", {"mean": 1.0, "std": 2.0}, equalize=True)
+    assert str(error.value) == ("histogram equalisation changes the pixel statistics the train mean/std describe; "
+                                "combine it with 'rescale' or 'imagenet'")
+
+
+def test_histogram_equalisation_is_opencvs_on_each_image_of_a_stack():
+    from cxr_spark.input_pipeline import equalize_histogram
+
+    rng = np.random.default_rng(17)
+    stack = (rng.random((3, 16, 12)) ** 3 * 200).astype(np.int64)  # ints, skewed dark: equalising changes them
+    equalised = equalize_histogram(stack)
+    assert equalised.dtype == np.uint8 and equalised.shape == (3, 16, 12)
+    for image, result in zip(stack, equalised):
+        np.testing.assert_array_equal(result, cv2.equalizeHist(image.astype(np.uint8)))
+    assert not np.array_equal(equalised, stack)
+    assert equalize_histogram(np.zeros((0, 4, 4), np.uint8)).shape == (0, 4, 4)
