@@ -10,7 +10,9 @@ No Spark here; the Spark stages map these over partitions.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -145,8 +147,9 @@ def jpeg_header(data: bytes) -> tuple[int, int, int, int, int]:
 def _jpeg_info(data: bytes) -> ImageHeader:
     width, height, precision, components, marker = jpeg_header(data)
     if marker in _JPEG_LOSSLESS or precision != 8:
-        raise ImageError("unsupported_format", f"JPEG {'lossless' if marker in _JPEG_LOSSLESS else ''} "
-                                               f"{precision}-bit (SOF 0x{marker:02X}); only 8-bit lossy JPEG decodes")
+        lossless = "lossless " if marker in _JPEG_LOSSLESS else ""
+        raise ImageError("unsupported_format", f"JPEG {lossless}{precision}-bit (SOF 0x{marker:02X}); "
+                                               f"only 8-bit lossy JPEG decodes")
     if components == 1:
         return ImageHeader("jpeg", width, height, None)
     if components == 3:
@@ -154,19 +157,55 @@ def _jpeg_info(data: bytes) -> ImageHeader:
     raise ImageError("unsupported_format", f"JPEG with {components} components (CMYK or unknown colour model)")
 
 
-def read_dicom(data: bytes, pixels: bool = False):
-    """Parse DICOM bytes with pydicom (header only unless ``pixels``); ImageError if unreadable."""
-    import pydicom  # imported here: only DICOM input pays for it
-    from pydicom.errors import InvalidDicomError
+_FIRST_QUOTE = re.compile(r"""b?['"]""")
 
+
+def error_detail(error: BaseException, limit: int = 200) -> str:
+    """``Type: message`` on one line, cut before the message's first quote (what follows a quote may be an
+    element's value, and a value may be a patient's name) and at ``limit`` characters.
+
+    >>> error_detail(ValueError("could not convert string to float: 'Doe^Jane'"))
+    'ValueError: could not convert string to float: …'
+    """
+    message = " ".join(str(error).split())
+    quote = _FIRST_QUOTE.search(message)
+    if quote:
+        message = message[:quote.start()].rstrip() + " …"
+    text = f"{type(error).__name__}: {message}" if message else type(error).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+@contextlib.contextmanager
+def _malformed_dicom(what: str):
+    """Any error but an ImageError while reading ``what`` becomes ``corrupt_image``: pydicom parses elements
+    lazily and raises errors of any type (TypeError, AttributeError, NotImplementedError, ...) on bad bytes."""
     try:
-        return pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels)
-    except (InvalidDicomError, EOFError, ValueError, KeyError, struct.error, OSError) as error:
-        raise ImageError("corrupt_image", f"DICOM unreadable: {type(error).__name__}: {error}") from error
+        yield
+    except ImageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - see above; the quarantine must get every malformed file
+        raise ImageError("corrupt_image", f"{what}: {error_detail(error)}") from error
+
+
+def read_dicom(data: bytes, pixels: bool = False):
+    """Parse DICOM bytes with pydicom (header only unless ``pixels``), every element decoded now, so a
+    malformed one is an ImageError ``corrupt_image`` here and not later."""
+    import pydicom  # imported here: only DICOM input pays for it
+
+    with _malformed_dicom("DICOM unreadable"):
+        dataset = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=not pixels)
+        for _ in dataset.iterall():  # pydicom decodes an element when it is first accessed
+            pass
+        return dataset
 
 
 def _dicom_info(data: bytes) -> ImageHeader:
     ds = read_dicom(data)
+    with _malformed_dicom("DICOM header"):
+        return _dicom_header(ds)
+
+
+def _dicom_header(ds) -> ImageHeader:
     rows, columns = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
@@ -246,8 +285,6 @@ def decode_dicom(data: bytes) -> np.ndarray:
     the image; MONOCHROME1 (white = low values) is inverted so bone is bright as in MONOCHROME2.
     Colour (RGB, YBR, PALETTE COLOR) is converted to luma.
     """
-    from pydicom.pixels import apply_color_lut, apply_modality_lut
-
     image_header(data)  # refuse what the header already rules out (size, pixel format), with its reason
     ds = read_dicom(data, pixels=True)
     if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:  # read with the pixels: the header stops before
@@ -258,9 +295,18 @@ def decode_dicom(data: bytes) -> np.ndarray:
         array = ds.pixel_array
     except (NotImplementedError, RuntimeError) as error:  # no handler for the transfer syntax
         raise ImageError("unsupported_format", f"DICOM pixel data not decodable "
-                                               f"({ds.file_meta.get('TransferSyntaxUID', '?')}): {error}") from error
-    except (ValueError, OSError, struct.error) as error:
-        raise ImageError("corrupt_image", f"DICOM pixel data: {type(error).__name__}: {error}") from error
+                                               f"({ds.file_meta.get('TransferSyntaxUID', '?')}): "
+                                               f"{error_detail(error)}") from error
+    except Exception as error:  # noqa: BLE001 - any other failure of the pixel handlers is malformed data
+        raise ImageError("corrupt_image", f"DICOM pixel data: {error_detail(error)}") from error
+    with _malformed_dicom("DICOM pixel data"):
+        return _dicom_pixels(ds, array)
+
+
+def _dicom_pixels(ds, array: np.ndarray) -> np.ndarray:
+    """The decoded ``array`` of ``ds`` as 2-D uint8 (see :func:`decode_dicom`)."""
+    from pydicom.pixels import apply_color_lut, apply_modality_lut
+
     photometric = str(ds.PhotometricInterpretation).upper()
     if photometric == "PALETTE COLOR":
         array = apply_color_lut(array, ds)

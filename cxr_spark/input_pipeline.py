@@ -116,6 +116,17 @@ def affine_matrix(size: int, rotation_deg: float, shift_x: float, shift_y: float
     return back @ mirror @ scale @ skew @ rotate @ to_centre @ shift
 
 
+def random_warp(rng: np.random.Generator, params: Augmentation) -> dict:
+    """One image's warp, the keyword arguments of :func:`affine_matrix`: each parameter uniform in
+    ``[-bound, bound]`` (zoom in ``[1 - zoom, 1 + zoom]``), a flip with probability 1/2 when allowed."""
+    return {"rotation_deg": rng.uniform(-params.rotation_deg, params.rotation_deg),
+            "shift_x": rng.uniform(-params.shift_x, params.shift_x),
+            "shift_y": rng.uniform(-params.shift_y, params.shift_y),
+            "shear_deg": rng.uniform(-params.shear_deg, params.shear_deg),
+            "zoom": rng.uniform(1 - params.zoom, 1 + params.zoom),
+            "flip": bool(params.horizontal_flip and rng.random() < 0.5)}
+
+
 # Keras' ImageDataGenerator (the seed papers) fills with "nearest" by default. Black ("constant") borders
 # shift the train images' pixel statistics away from the unaugmented validation films (measured on the
 # demo: 16% of pixels black, mean 103 -> 93), which batch normalisation then carries into evaluation.
@@ -135,11 +146,7 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, params: Augmenta
     size = images.shape[1]
     out = np.empty_like(images)
     for i, image in enumerate(images):
-        matrix = affine_matrix(
-            size, rng.uniform(-params.rotation_deg, params.rotation_deg),
-            rng.uniform(-params.shift_x, params.shift_x), rng.uniform(-params.shift_y, params.shift_y),
-            rng.uniform(-params.shear_deg, params.shear_deg), rng.uniform(1 - params.zoom, 1 + params.zoom),
-            bool(params.horizontal_flip and rng.random() < 0.5))
+        matrix = affine_matrix(size, **random_warp(rng, params))
         out[i] = cv2.warpAffine(image, matrix[:2], (size, size), flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
                                 borderMode=border, borderValue=0)
     return out

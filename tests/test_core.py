@@ -654,6 +654,23 @@ def test_jpeg_header_edges_a_walker_must_get_right():
     assert (error.value.reason, error.value.detail) == ("not_an_image", "no JPEG signature; first bytes b'GIF89a\\x01\\x00'")
 
 
+def test_jpeg_segments_a_walker_must_not_misread_and_the_details_of_what_does_not_decode():
+    from cxr_spark.images import jpeg_header
+
+    soi = b"\xff\xd8"
+    exif = _segment(0xE1, bytes(40_000))  # an EXIF or ICC segment over 32,767 bytes: lengths are unsigned
+    assert jpeg_header(soi + exif + _frame(0xC0, 8, 2, 3, 1)) == (3, 2, 8, 1, 0xC0)
+    after_end = soi + b"\xff\xd9" + b"\x00\x00" + _frame(0xC0, 8, 2, 3, 1)  # nothing after the end is read
+    with pytest.raises(ImageError) as error:
+        jpeg_header(after_end)
+    assert error.value.detail == f"JPEG has no start-of-frame header ({len(after_end)} bytes)"
+    for frame, detail in [(_frame(0xC3, 8, 2, 3, 1), "JPEG lossless 8-bit (SOF 0xC3); only 8-bit lossy JPEG decodes"),
+                          (_frame(0xC1, 12, 2, 3, 1), "JPEG 12-bit (SOF 0xC1); only 8-bit lossy JPEG decodes")]:
+        with pytest.raises(ImageError) as error:
+            image_header(soi + frame)
+        assert (error.value.reason, error.value.detail) == ("unsupported_format", detail)
+
+
 def test_dicom_pixel_data_shorter_than_declared_is_corrupt_and_says_why():
     short = _rewritten_dicom(dicom_bytes(np.zeros((4, 5), np.uint16), BitsStored=12, HighBit=11), PixelData=bytes(6))
     with pytest.raises(ImageError) as error:

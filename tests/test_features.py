@@ -11,6 +11,7 @@ from scipy import ndimage, stats
 from sklearn.metrics import roc_auc_score
 
 from cxr_spark import features as feat
+from cxr_spark import image_features as fx
 from cxr_spark.labels import LABELS
 from cxr_spark.metrics import tune_thresholds
 from cxr_spark.report import report
@@ -31,14 +32,14 @@ def stack() -> np.ndarray:
 
 
 def test_histogram_equals_numpy_histogram(stack):
-    got = feat.intensity_histogram(stack)
+    got = fx.intensity_histogram(stack)
     for image, row in zip(stack, got):
         counts, _ = np.histogram(image, bins=32, range=(0, 256))
         np.testing.assert_allclose(row, counts / image.size, rtol=0, atol=1e-15)
 
 
 def test_moments_equal_scipy(stack):
-    got = feat.intensity_moments(stack)
+    got = fx.intensity_moments(stack)
     for image, (mean, std, skewness, kurtosis, entropy) in zip(stack, got):
         x = image.ravel() / 255.0
         assert mean == pytest.approx(np.mean(x), abs=1e-12) and std == pytest.approx(np.std(x), abs=1e-12)
@@ -51,21 +52,21 @@ def test_moments_equal_scipy(stack):
 
 
 def test_percentiles_equal_scipy(stack):
-    got = feat.intensity_percentiles(stack)
+    got = fx.intensity_percentiles(stack)
     for image, row in zip(stack, got):
         expected = [stats.scoreatpercentile(image.ravel() / 255.0, q) for q in (5, 25, 50, 75, 95)]
         np.testing.assert_allclose(row, expected, atol=1e-12)
 
 
 def test_gradient_statistics_equal_scipy_sobel_on_the_interior(stack):
-    got = feat.gradient_statistics(stack)
+    got = fx.gradient_statistics(stack)
     for image, row in zip(stack, got):
         x = image / 255.0
         d_x = ndimage.sobel(x, axis=1)[1:-1, 1:-1]  # the border depends on a padding rule; the interior does not
         d_y = ndimage.sobel(x, axis=0)[1:-1, 1:-1]
         magnitude = np.sqrt(d_x ** 2 + d_y ** 2)
         expected = [magnitude.mean(), magnitude.std(), stats.scoreatpercentile(magnitude.ravel(), 90),
-                    np.count_nonzero(magnitude > feat.EDGE_THRESHOLD) / magnitude.size,
+                    np.count_nonzero(magnitude > fx.EDGE_THRESHOLD) / magnitude.size,
                     np.abs(d_x).mean(), np.abs(d_y).mean()]
         np.testing.assert_allclose(row, expected, atol=1e-12)
     assert got[5, 4] > 0 and got[5, 5] == 0  # a vertical edge: horizontal derivative only
@@ -86,10 +87,10 @@ def _naive_glcm(image: np.ndarray) -> np.ndarray:
 
 
 def test_glcm_statistics_equal_a_pixel_loop(stack):
-    got = feat.glcm_statistics(stack)
+    got = fx.glcm_statistics(stack)
     for image, (contrast, homogeneity, energy, correlation, entropy) in zip(stack, got):
         glcm = _naive_glcm(image)
-        np.testing.assert_allclose(feat.cooccurrence(image)[0], glcm, atol=1e-15)
+        np.testing.assert_allclose(fx.cooccurrence(image)[0], glcm, atol=1e-15)
         i, j = np.indices(glcm.shape)
         assert contrast == pytest.approx((glcm * (i - j) ** 2).sum(), abs=1e-12)
         assert homogeneity == pytest.approx((glcm / (1 + (i - j) ** 2)).sum(), abs=1e-12)
@@ -107,7 +108,7 @@ def test_glcm_statistics_equal_a_pixel_loop(stack):
 
 def test_lung_regions_tile_the_lung_box_as_documented():
     for size in (16, 32, 100, 224):
-        regions = feat.lung_regions(size)
+        regions = fx.lung_regions(size)
         covered = np.zeros((size, size), int)
         for r0, r1, c0, c1 in regions.values():
             assert r1 > r0 and c1 > c0
@@ -118,37 +119,45 @@ def test_lung_regions_tile_the_lung_box_as_documented():
         strip = regions["mediastinum"]
         assert (strip[2], strip[3]) == (round(0.43 * size), round(0.57 * size))
     with pytest.raises(ValueError, match="at least 16px"):
-        feat.lung_regions(8)
+        fx.lung_regions(8)
 
 
 def test_region_statistics_equal_numpy_slices_and_see_one_bright_region():
     rng = np.random.default_rng(2)
     image = rng.integers(0, 60, (64, 64)).astype(np.uint8)
-    regions = feat.lung_regions(64)
+    regions = fx.lung_regions(64)
     r0, r1, c0, c1 = regions["image_right_lower"]
     image[r0:r1, c0:c1] = 250
-    row = feat.region_statistics(image)[0]
-    values = dict(zip(feat.FAMILY_NAMES["regions"], row))
+    row = fx.region_statistics(image)[0]
+    values = dict(zip(fx.FAMILY_NAMES["regions"], row))
     for name, (a, b, c, d) in regions.items():
         patch = image[a:b, c:d] / 255.0
         assert values[f"{name}_mean"] == pytest.approx(patch.mean(), abs=1e-12)
         assert values[f"{name}_std"] == pytest.approx(patch.std(), abs=1e-12)
-    brightest = max(feat.REGION_NAMES, key=lambda name: values[f"{name}_mean"])
+    brightest = max(fx.REGION_NAMES, key=lambda name: values[f"{name}_mean"])
     assert brightest == "image_right_lower"
     assert values["asym_lower"] == pytest.approx(abs(values["image_left_lower_mean"] - values["image_right_lower_mean"]))
     assert values["asym_lower"] > 0.5 > max(values["asym_upper"], values["asym_middle"])
 
 
 def test_feature_vector_is_the_families_in_the_named_order(stack):
-    matrix = feat.image_features(stack)
-    assert matrix.shape == (len(stack), len(feat.FEATURE_NAMES)) and np.isfinite(matrix).all()
-    assert len(set(feat.FEATURE_NAMES)) == len(feat.FEATURE_NAMES)
-    np.testing.assert_array_equal(feat.image_features(stack[1]), matrix[1])  # a batch changes nothing
-    index = feat.FEATURE_NAMES.index
+    matrix = fx.image_features(stack)
+    assert matrix.shape == (len(stack), len(fx.FEATURE_NAMES)) and np.isfinite(matrix).all()
+    assert len(set(fx.FEATURE_NAMES)) == len(fx.FEATURE_NAMES)
+    np.testing.assert_array_equal(fx.image_features(stack[1]), matrix[1])  # a batch changes nothing
+    index = fx.FEATURE_NAMES.index
     image = stack[0] / 255.0
     assert matrix[0, index("mean")] == pytest.approx(image.mean())
     assert matrix[0, index("p50")] == pytest.approx(np.median(image))
     assert matrix[0, index("hist_31")] == pytest.approx(np.count_nonzero(stack[0] >= 248) / stack[0].size)
+
+
+def test_the_smallest_documented_size_has_features_and_one_pixel_less_is_refused():
+    rng = np.random.default_rng(16)
+    matrix = fx.image_features(rng.integers(0, 256, (2, 16, 16)).astype(np.uint8))  # "at least 16px"
+    assert matrix.shape == (2, len(fx.FEATURE_NAMES)) and np.isfinite(matrix).all()
+    with pytest.raises(ValueError, match="got 15px"):
+        fx.image_features(np.zeros((15, 15), np.uint8))
 
 
 @pytest.mark.parametrize("bad, message", [(np.zeros((8, 8), np.uint8), "at least 16px"),
@@ -156,7 +165,7 @@ def test_feature_vector_is_the_families_in_the_named_order(stack):
                                           (np.zeros((20, 20), np.float32), "uint8")])
 def test_bad_images_are_refused_with_the_reason(bad, message):
     with pytest.raises(ValueError, match=message):
-        feat.image_features(bad)
+        fx.image_features(bad)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,10 +197,10 @@ def test_one_feature_row_per_image_with_the_named_vector(spark, stage, image_row
         expected_splits[row.split] = expected_splits.get(row.split, 0) + 1
     assert counts["splits"] == expected_splits
     manifest = json.loads((features_dir / "_manifest.json").read_text())
-    assert manifest["feature_names"] == list(feat.FEATURE_NAMES)
-    assert manifest["counts"]["n_features"] == len(feat.FEATURE_NAMES)
+    assert manifest["feature_names"] == list(fx.FEATURE_NAMES)
+    assert manifest["counts"]["n_features"] == len(fx.FEATURE_NAMES)
     sizes = {row.features.size for row in written.select("features").collect()}
-    assert sizes == {len(feat.FEATURE_NAMES)}
+    assert sizes == {len(fx.FEATURE_NAMES)}
 
 
 def test_spark_features_equal_the_pure_function_on_images_read_independently(spark, stage, image_rows):
@@ -202,7 +211,7 @@ def test_spark_features_equal_the_pure_function_on_images_read_independently(spa
     assert len(written) == len(chosen)
     for row in written:
         source = image_rows[row.image_id]
-        np.testing.assert_allclose(row.features.toArray(), feat.image_features(source.image), rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(row.features.toArray(), fx.image_features(source.image), rtol=1e-12, atol=1e-15)
         assert list(row.labels) == list(source.labels) and row.split == source.split
 
 

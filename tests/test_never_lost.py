@@ -362,11 +362,23 @@ def test_preprocess_and_features_refuse_an_empty_input_and_leave_their_outputs(s
 
 
 def test_guard_details_urls_long_headers_and_long_first_lines(tmp_path):
-    from cxr_spark.guards import check_run, metadata_header_problem, read_first_line
+    from cxr_spark.guards import check_folder, check_run, metadata_header_problem, read_first_line
 
     assert canonical("hdfs://nn/dataX/") == "hdfs://nn/dataX"
+    # containment is by whole path components, whatever a folder's last letter, and a bare host is its root
+    (tmp_path / "scansX" / "d1").mkdir(parents=True)
+    with pytest.raises(UsageError, match="contains --images"):
+        check_paths({"--images": str(tmp_path / "scansX" / "d1")}, {"--out": str(tmp_path / "scansX")})
+    assert canonical("hdfs://nn:8020") == "hdfs://nn:8020"
+    with pytest.raises(UsageError, match="^--out hdfs://nn:8020 contains --images"):
+        check_paths({"--images": "hdfs://nn:8020/dumps"}, {"--out": "hdfs://nn:8020"})
+    # a local name with "#" or "?" is a path, not a URL with a fragment or a query
+    (tmp_path / "dump#1?x").mkdir()
+    check_folder("--images", str(tmp_path / "dump#1?x"))
     with pytest.raises(UsageError, match="no such file"):  # a file: URL is a local path, checked here
         check_metadata_file(f"file://{tmp_path}/none.csv")
+    header_of_120 = "Image Index," + "x" * 108  # shown whole up to 120 characters
+    assert metadata_header_problem(header_of_120.encode() + b"\n") == f"its header is {header_of_120!r}"
     long_header = "Image Index," + "x" * 200
     assert metadata_header_problem(long_header.encode() + b"\n") == f"its header is {long_header[:117] + '...'!r}"
     (tmp_path / "long.csv").write_text("y" * 5000 + "\n")

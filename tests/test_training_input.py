@@ -6,8 +6,9 @@ import cv2
 import numpy as np
 import pytest
 
-from cxr_spark.input_pipeline import (IMAGENET_MEAN, Augmentation, affine_matrix, augment_batch, iterate_epoch,
-                                      normalization_spec, normalize, shard_size, steps_per_epoch)
+from cxr_spark.input_pipeline import (IMAGENET_MEAN, Augmentation, affine_matrix, augment_batch, epoch_dataset,
+                                      iterate_epoch, normalization_spec, normalize, random_warp, shard_size,
+                                      steps_per_epoch)
 from cxr_spark.labels import LABELS
 from cxr_spark.train import class_weights, weighted_binary_crossentropy
 
@@ -111,6 +112,49 @@ def test_identity_and_flip_matrices():
     assert np.allclose(affine_matrix(9, 0, 0, 0, 0, 1.0, False), np.eye(3))
     flip = affine_matrix(9, 0, 0, 0, 0, 1.0, True)
     assert np.allclose(flip @ [0, 3, 1], [8, 3, 1])  # x mirrors about the centre column
+
+
+def test_a_quarter_turn_is_a_rotation_and_zoom_magnifies_both_axes_about_the_centre():
+    image = np.arange(81, dtype=np.uint8).reshape(9, 9)
+    turned = cv2.warpAffine(image, affine_matrix(9, 90, 0, 0, 0, 1.0, False)[:2], (9, 9),
+                            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP)
+    assert any(np.array_equal(turned, np.rot90(image, k)) for k in (1, 3))  # either way round, not a mirror
+    zoom_in = affine_matrix(9, 0, 0, 0, 0, 2.0, False)  # output (x, y) samples the input half as far from (4, 4)
+    assert np.allclose(zoom_in @ [4 + 4, 4 - 2, 1], [4 + 2, 4 - 1, 1])
+
+
+def test_random_warps_fill_each_range_both_ways_and_flip_half_the_time_only_when_allowed():
+    params = Augmentation(rotation_deg=10, shift_x=0.1, shift_y=0.3, shear_deg=4, zoom=0.2, horizontal_flip=True)
+    rng = np.random.default_rng(11)
+    draws = [random_warp(rng, params) for _ in range(2000)]
+    for name, low, high in [("rotation_deg", -10, 10), ("shift_x", -0.1, 0.1), ("shift_y", -0.3, 0.3),
+                            ("shear_deg", -4, 4), ("zoom", 0.8, 1.2)]:
+        values = np.array([draw[name] for draw in draws])
+        margin = 0.02 * (high - low)  # 2000 uniform draws come within 2% of each end (p of missing < 1e-17)
+        assert low <= values.min() < low + margin and high - margin < values.max() <= high, name
+    assert 0.45 < np.mean([draw["flip"] for draw in draws]) < 0.55
+    assert not any(random_warp(rng, Augmentation())["flip"] for _ in range(200))  # no flips by default
+    with pytest.raises(ValueError, match=r"^fill_mode 'mirror': expected one of \['constant', 'nearest'\]$"):
+        augment_batch(np.zeros((1, 16, 16), np.uint8), rng, Augmentation(fill_mode="mirror"))
+
+
+def test_epoch_dataset_starts_a_fresh_epoch_each_time_keras_iterates_it():
+    import tensorflow as tf
+
+    calls = []
+
+    def make_epoch(epoch):
+        calls.append(epoch)
+        for step in range(2):
+            yield np.full((3, 8, 8, 1), 10 * epoch + step, np.float32), np.full((3, 2), epoch, np.float32)
+
+    dataset = epoch_dataset(make_epoch, 8, 2)
+    assert dataset.element_spec == (tf.TensorSpec((None, 8, 8, 1), tf.float32), tf.TensorSpec((None, 2), tf.float32))
+    passes = [[(x.numpy(), y.numpy()) for x, y in dataset] for _ in range(2)]
+    assert calls == [0, 1]
+    for epoch, batches in enumerate(passes):
+        assert [float(x[0, 0, 0, 0]) for x, _ in batches] == [10 * epoch, 10 * epoch + 1]
+        assert all(x.shape == (3, 8, 8, 1) and y.shape == (3, 2) and (y == epoch).all() for x, y in batches)
 
 
 def test_augment_batch_changes_train_images_within_bounds_and_is_seeded():
