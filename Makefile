@@ -45,7 +45,7 @@ mutate: install  ## mutation score of the pure modules against the tests that ne
 
 package: $(ENV_ARCHIVE)  ## dist/: the project wheel and a relocatable environment archive for --archives
 
-$(ENV_ARCHIVE): $(STAMP) $(wildcard cxr_spark/*.py)
+$(ENV_ARCHIVE): $(STAMP) $(shell find cxr_spark -name "*.py")
 	rm -rf $(PACK_ENV) dist && mkdir -p dist
 	$(BIN)/python -m pip wheel -q --no-deps -w dist .
 	VENV=$(PACK_ENV) PYTHON=$(PYTHON) EDITABLE=0 bash scripts/install.sh

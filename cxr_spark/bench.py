@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from cxr_spark.images import decode_grayscale, decode_resized, encode_png, resize_square
+from cxr_spark.core.images import decode_grayscale, decode_resized, encode_png, resize_square
 
 log = logging.getLogger(__name__)
 NIH_IMAGES = 112_120
@@ -52,14 +52,15 @@ ONE_PASS_WORK = ("one pass's own work on each file (read into raw's Parquet writ
 
 def one_pass_work(size: int, folder: Path):
     """Pass 1's work on each file in this process, as one Spark task of ``ingest --images-out`` does it
-    (:func:`~cxr_spark.ingest.index_and_keep` of each file into one raw Parquet file in ``folder`` and one
+    (:func:`~cxr_spark.stages.ingest.index_and_keep` of each file into one raw Parquet file in ``folder`` and one
     images_<size> file in its ``split=train`` folder), without Spark: decoding plus everything the pipeline
     must do to each file besides. Returns a function of a list of paths."""
     from cxr_spark.config import load_config
-    from cxr_spark.ingest import images_part_schema, index_and_keep, raw_arrow_schema
-    from cxr_spark.labels import NUM_LABELS
-    from cxr_spark.schemas import RawSchema, encode_column
-    from cxr_spark.storage import ParquetPartWriter, PartitionedPartWriter
+    from cxr_spark.stages.ingest import images_part_schema, index_and_keep, raw_arrow_schema
+    from cxr_spark.core.labels import NUM_LABELS
+    from cxr_spark.datasets.raw import RawSchema
+    from cxr_spark.datasets.fields import encode_column
+    from cxr_spark.io.storage import ParquetPartWriter, PartitionedPartWriter
 
     config = load_config()
     labels = encode_column(RawSchema, "labels", [np.zeros(NUM_LABELS, np.uint8)])[0]
@@ -169,9 +170,9 @@ def spark_rates(dumps: dict[str, Path], work: Path, size: int, repeats: int) -> 
     import pandas as pd
 
     from cxr_spark.config import load_config, override
-    from cxr_spark.ingest import ingest
-    from cxr_spark.preprocess import preprocess
-    from cxr_spark.session import build_session
+    from cxr_spark.stages.ingest import ingest
+    from cxr_spark.stages.preprocess import preprocess
+    from cxr_spark.io.session import build_session
 
     config = load_config()
     resize = override(config.preprocess, size=size)
@@ -307,7 +308,7 @@ def ingest_figures(base: Path, n_images: int, size: int, repeats: int) -> dict:
 def model_dataset(spark, base: Path, n_images: int, size: int) -> str:
     """The training and scoring parts' ``images_<size>``: synthetic films ingested and preprocessed (untimed)."""
     from cxr_spark.config import load_config, override
-    from cxr_spark.ingest import ingest
+    from cxr_spark.stages.ingest import ingest
 
     dump, work = base / "model_dump", base / "model_work"
     images = work / f"images_{size}"
@@ -330,7 +331,7 @@ def model_figures(base: Path, parts: set[str], n_images: int, size: int, steps: 
     """The training and scoring parts, in one Spark session, on one dataset."""
     from cxr_spark.bench_score import run_scoring_bench
     from cxr_spark.bench_train import run_training_bench
-    from cxr_spark.session import build_session
+    from cxr_spark.io.session import build_session
 
     spark = build_session("cxr-spark bench (training, scoring)")
     try:

@@ -1,12 +1,12 @@
 """``make bench`` (scoring part): the Spark scoring job's rate against N x one process predicting in memory.
 
 Measured side by side in one run on the same ``images_<size>`` dataset with the same model file, saved
-as :mod:`cxr_spark.train` saves one (``model.keras`` + ``model.json``), freshly initialised (scoring
+as :mod:`cxr_spark.stages.train.job` saves one (``model.keras`` + ``model.json``), freshly initialised (scoring
 speed does not depend on the weights):
 
 1. the single-process limit: the images already decoded in memory as uint8, normalised with
-   :func:`cxr_spark.input_pipeline.model_inputs` and run through ``model.predict`` on one thread;
-2. :func:`cxr_spark.score.score` over every split, after a warm-up run (Python workers started,
+   :func:`cxr_spark.stages.train.input_pipeline.model_inputs` and run through ``model.predict`` on one thread;
+2. :func:`cxr_spark.stages.score.score` over every split, after a warm-up run (Python workers started,
    TensorFlow imported, the model loaded once per worker): images / wall time of the whole job;
 3. the marginal rate: the extra images of scoring every split instead of the test split over the extra
    time, which leaves out the job's fixed cost (planning, writing, the manifest) that dominates small runs;
@@ -30,12 +30,12 @@ log = logging.getLogger(__name__)
 def save_demo_model(spark, images_url: str, folder: Path) -> str:
     """A freshly initialised demo model for ``images_url``'s size in ``folder``, as train writes one."""
     from cxr_spark.config import load_config
-    from cxr_spark.input_pipeline import normalization_spec
-    from cxr_spark.labels import LABELS
-    from cxr_spark.models import build_model
-    from cxr_spark.preprocess import NORMALIZATION_FILE
-    from cxr_spark.storage import read_json, to_url, write_json
-    from cxr_spark.train import MODEL_CARD, MODEL_FILE
+    from cxr_spark.core.normalization import normalization_spec
+    from cxr_spark.core.labels import LABELS
+    from cxr_spark.stages.train.models import build_model
+    from cxr_spark.datasets.images import NORMALIZATION_FILE
+    from cxr_spark.io.storage import read_json, to_url, write_json
+    from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE
 
     config = load_config().train
     url = to_url(images_url)
@@ -62,7 +62,7 @@ def predict_seconds(model_path: str, images, normalization: dict, batch_size: in
     The first call in the process loads the model and warms it up.
     """
     from cxr_spark.bench_train import one_core_tensorflow
-    from cxr_spark.input_pipeline import model_inputs
+    from cxr_spark.core.normalization import model_inputs
 
     if model_path not in _MODELS:
         tf = one_core_tensorflow()
@@ -92,7 +92,8 @@ def _images_in_memory(spark, url: str, size: int):
     """Every image of the dataset decoded to one uint8 (N, size, size) array in the driver."""
     import numpy as np
 
-    from cxr_spark.schemas import decode_column, images_schema
+    from cxr_spark.datasets.fields import decode_column
+    from cxr_spark.datasets.images import images_schema
 
     column = spark.read.parquet(url).select("image").toPandas()["image"]
     return np.stack(decode_column(images_schema(size), "image", column))
@@ -101,9 +102,9 @@ def _images_in_memory(spark, url: str, size: int):
 def run_scoring_bench(spark, images_url: str, work: Path, repeats: int, batch_size: int) -> dict:
     """The single-process limit, the Spark job's rate and its marginal rate, and their ratios."""
     from cxr_spark.bench_train import fresh_process
-    from cxr_spark.score import score
-    from cxr_spark.storage import read_json, to_url
-    from cxr_spark.train import MODEL_CARD, MODEL_FILE
+    from cxr_spark.stages.score import score
+    from cxr_spark.io.storage import read_json, to_url
+    from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE
 
     url = to_url(images_url)
     model_dir = work / "bench_model"

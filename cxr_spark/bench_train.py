@@ -2,9 +2,9 @@
 processes scale over 1? Measured side by side in one run on the same ``images_<size>`` dataset; medians.
 
 1. the Petastorm reader + augmentation + normalisation rate of one process on one core (images/s),
-   exactly as a training epoch reads (:func:`cxr_spark.input_pipeline.iterate_epoch`);
+   exactly as a training epoch reads (:func:`cxr_spark.stages.train.input_pipeline.iterate_epoch`);
 2. the training step rate of the demo model in one process on one core (images/s), compiled as
-   :mod:`cxr_spark.train` compiles it (class-weighted loss, AUROC metric);
+   :mod:`cxr_spark.stages.train.job` compiles it (class-weighted loss, AUROC metric);
 3. their ratio (goal: the input pipeline delivers at least 2x what the model consumes);
 4. Horovod-on-Spark throughput with 2 processes over 2 x that of 1 process, each process on one
    intra-op thread and doing the same number of steps: the scaling efficiency; and each process's CPU
@@ -48,7 +48,7 @@ def fresh_process():
 
 def _in_memory_batches(url: str, batch: int, normalization: dict, seed: int) -> list[tuple]:
     """The train split as full, normalised batches in memory (no augmentation): the step measurement's input."""
-    from cxr_spark.input_pipeline import iterate_epoch
+    from cxr_spark.stages.train.input_pipeline import iterate_epoch
 
     return [(x, y) for x, y in iterate_epoch(url, "train", None, None, batch, None, seed, None, normalization)
             if len(x) == batch]
@@ -59,8 +59,8 @@ def _compiled_model(model_name: str, size: int, batches: list[tuple], optimizer)
     import numpy as np
     import tensorflow as tf
 
-    from cxr_spark.models import build_model
-    from cxr_spark.train import class_weights, weighted_binary_crossentropy
+    from cxr_spark.stages.train.models import build_model
+    from cxr_spark.stages.train.job import class_weights, weighted_binary_crossentropy
 
     labels = np.concatenate([y for _, y in batches])
     model = build_model(model_name, size, labels.shape[1], seed=1)
@@ -80,7 +80,7 @@ def _train_steps(model, batches: list[tuple], steps: int) -> tuple[float, float]
 
 def single_process_rates(url: str, settings: dict) -> dict:
     """In a fresh process: the input pipeline's and the model's images/s on one core (medians)."""
-    from cxr_spark.input_pipeline import Augmentation, iterate_epoch
+    from cxr_spark.stages.train.input_pipeline import Augmentation, iterate_epoch
 
     tf = one_core_tensorflow()
     batch, steps, repeats = settings["batch_size"], settings["steps"], settings["repeats"]
@@ -151,9 +151,9 @@ def horovod_rates(url: str, settings: dict, start_timeout: int) -> dict[int, tup
 def run_training_bench(spark, images_url: str, steps: int, repeats: int) -> dict:
     """All four figures for the ``images_<size>`` dataset at ``images_url``, with conf's [train] settings."""
     from cxr_spark.config import load_config
-    from cxr_spark.input_pipeline import normalization_spec
-    from cxr_spark.preprocess import NORMALIZATION_FILE
-    from cxr_spark.storage import read_json, to_url
+    from cxr_spark.core.normalization import normalization_spec
+    from cxr_spark.datasets.images import NORMALIZATION_FILE
+    from cxr_spark.io.storage import read_json, to_url
 
     config = load_config().train
     url = to_url(images_url)

@@ -2,7 +2,7 @@
 
 ``spark_jobs/<stage>.py`` call :func:`submit_main` with the same arguments under ``spark-submit``.
 
-Exit codes: 0 on success; 2 for a run refused before it could do harm (:class:`~cxr_spark.guards.UsageError`:
+Exit codes: 0 on success; 2 for a run refused before it could do harm (:class:`~cxr_spark.core.guards.UsageError`:
 an output over an input, an output that is not a dataset of its kind, a metadata file of another layout,
 a run with nothing to write), printed as one line. A stage module may define ``exit_code(counts) -> int``
 to report a distinct code for a finished run (``batch-score``: 3 when nothing was new), and an exception with an
@@ -17,10 +17,14 @@ import logging
 import sys
 from types import ModuleType
 
-from cxr_spark import __version__, batch_score, features, ingest, preprocess, report, score, train
+from cxr_spark import __version__
+from cxr_spark.stages import features, ingest, preprocess, score
+from cxr_spark.stages.batch_score import job as batch_score
+from cxr_spark.stages.report import job as report
+from cxr_spark.stages.train import job as train
 from cxr_spark.config import load_config
-from cxr_spark.guards import UsageError
-from cxr_spark.session import build_session
+from cxr_spark.core.guards import UsageError
+from cxr_spark.io.session import build_session
 
 log = logging.getLogger("cxr_spark")
 

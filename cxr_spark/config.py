@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cxr_spark.session import CONF_DIR
+from cxr_spark.io.session import CONF_DIR
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ def shared_data() -> Path:
 
 @pytest.fixture(scope="session")
 def spark(tmp_path_factory):
-    from cxr_spark.session import build_session, read_properties
+    from cxr_spark.io.session import build_session, read_properties
 
     properties = read_properties(ROOT / "conf" / "spark" / "local.conf")
     properties.update({"spark.ui.enabled": "false", "spark.ui.showConsoleProgress": "false", "spark.driver.memory": "2g",
@@ -56,7 +56,7 @@ def config():
 
 @pytest.fixture(scope="session")
 def tiny_raw(spark, tiny_dump, tmp_path_factory, config):
-    from cxr_spark.ingest import ingest
+    from cxr_spark.stages.ingest import ingest
 
     out = tmp_path_factory.mktemp("datasets") / "raw"
     counts = ingest(spark, str(tiny_dump), str(out), str(tiny_dump / "Data_Entry_2017.csv"), str(tiny_dump),
@@ -67,7 +67,7 @@ def tiny_raw(spark, tiny_dump, tmp_path_factory, config):
 @pytest.fixture(scope="session")
 def tiny_images(spark, tiny_raw, config):
     from cxr_spark.config import override
-    from cxr_spark.preprocess import preprocess
+    from cxr_spark.stages.preprocess import preprocess
 
     raw, _ = tiny_raw
     out = raw.parent / "images_32"
@@ -126,7 +126,7 @@ def sample_films(request, tmp_path_factory) -> Path:
     import cv2
     import numpy as np
 
-    from cxr_spark.images import encode_png
+    from cxr_spark.core.images import encode_png
 
     folder = tmp_path_factory.mktemp("films")
     rng = np.random.default_rng(21)

@@ -1,6 +1,6 @@
 """Fault injection for the tests: run a ``cxr-spark`` command in a process group of its own and SIGKILL it
 with every process below it (driver, Spark's JVM, its Python workers) when the run reaches a named commit step
-(:func:`cxr_spark.commit.step`, which waits there when ``CXR_SPARK_PAUSE_AT`` names it)."""
+(:func:`cxr_spark.io.commit.step`, which waits there when ``CXR_SPARK_PAUSE_AT`` names it)."""
 from __future__ import annotations
 
 import os

@@ -19,13 +19,13 @@ import cv2
 import numpy as np
 import pytest
 
-from cxr_spark.batch_score import EMPTY_SHA256, EXIT_NOTHING_NEW, LOCK_FILE, RUNS_DIR, batch_score, flag_findings
-from cxr_spark.commit import EXIT_LOCKED, OutputLockedError, RunLock
-from cxr_spark.identity import stored_identity
-from cxr_spark.images import ImageError, sniff_format
-from cxr_spark.schemas import QUARANTINE_DIR
-from cxr_spark.labels import LABELS
-from cxr_spark.train import MODEL_CARD, MODEL_FILE
+from cxr_spark.stages.batch_score.job import EMPTY_SHA256, EXIT_NOTHING_NEW, LOCK_FILE, RUNS_DIR, batch_score, flag_findings
+from cxr_spark.io.commit import EXIT_LOCKED, OutputLockedError, RunLock
+from cxr_spark.core.identity import stored_identity
+from cxr_spark.core.images import ImageError, sniff_format
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR
+from cxr_spark.core.labels import LABELS
+from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE
 
 from conftest import SHARED_DATA, dicom_bytes
 
@@ -89,7 +89,7 @@ def _snapshot(folder: Path) -> dict[str, str]:
 
 def _save_model(folder: Path, thresholds: dict[str, float], version: str | None = None) -> str:
     """A real model folder as train writes it (model.keras + model.json with the same keys)."""
-    from cxr_spark.models import build_model
+    from cxr_spark.stages.train.models import build_model
 
     folder.mkdir(parents=True)
     build_model("small_cnn", SIZE, len(LABELS), seed=3).save(folder / MODEL_FILE)
@@ -183,7 +183,7 @@ def _glob_matches(glob: str, name: str) -> bool:
 
 
 def test_the_image_glob_takes_every_image_extension_in_any_case_and_nothing_else():
-    from cxr_spark.identity import IMAGE_GLOB
+    from cxr_spark.core.identity import IMAGE_GLOB
 
     for name in ("a.png", "a.PNG", "a.Png", "b.jpg", "b.JPG", "c.jpeg", "c.JpEg", "d.dcm", "d.DCM", "e.dicom",
                  "e.DICOM", "x.y.png"):
@@ -210,7 +210,7 @@ def test_lock_held_by_a_live_process_refuses_and_stale_locks_are_broken(spark, t
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": int(dead.stdout), "host": socket.gethostname(),
                                                   "run_id": "crashed"}))
-    with caplog.at_level("WARNING", logger="cxr_spark.commit"):
+    with caplog.at_level("WARNING", logger="cxr_spark.io.commit"):
         RunLock(spark, lock_url, "run-c", stale_after_s=3600).acquire()
     assert "breaking stale lock" in caplog.text and "is gone" in caplog.text
     assert json.loads((tmp_path / LOCK_FILE).read_text())["run_id"] == "run-c"
@@ -318,8 +318,8 @@ def test_a_failed_run_leaves_the_store_byte_for_byte_as_it_was(spark, dump, mode
 
 
 def test_a_commit_that_fails_midway_undoes_its_renames(spark, tmp_path, caplog):
-    from cxr_spark.batch_score import _commit
-    from cxr_spark.storage import FileSystem
+    from cxr_spark.stages.batch_score.job import _commit
+    from cxr_spark.io.storage import FileSystem
 
     store = tmp_path / "store"
     (store / "scored_date=2026-01-01" / "run_id=old").mkdir(parents=True)
@@ -332,7 +332,7 @@ def test_a_commit_that_fails_midway_undoes_its_renames(spark, tmp_path, caplog):
     url = f"file://{store}"
     moves = [(f"{url}/_staging/r/predictions", f"{url}/scored_date=2026-02-02/run_id=r"),
              (f"{url}/_staging/r/quarantine", f"{url}/blocker/run_id=r")]
-    with caplog.at_level("ERROR", logger="cxr_spark.batch_score"), pytest.raises(Exception):
+    with caplog.at_level("ERROR", logger="cxr_spark.stages.batch_score.job"), pytest.raises(Exception):
         _commit(FileSystem(spark, url), url, moves)
     assert "undoing 1 renames" in caplog.text  # the first move was made, then taken back
     assert _snapshot(store) == before
@@ -469,8 +469,8 @@ def test_a_run_killed_during_its_commit_is_finished_or_undone_by_the_next(spark,
 
 
 def test_score_refuses_a_split_with_no_image_and_leaves_its_output(spark, model, tiny_images, tmp_path):
-    from cxr_spark.guards import UsageError
-    from cxr_spark.score import score
+    from cxr_spark.core.guards import UsageError
+    from cxr_spark.stages.score import score
 
     model_dir, _ = model
     images, counts = tiny_images
@@ -488,7 +488,7 @@ def test_score_gives_what_keras_predicts_on_the_cards_normalisation(spark, model
     stored pixels standardised here with the model card's mean and std (not the dataset's)."""
     import tensorflow as tf
 
-    from cxr_spark.score import score
+    from cxr_spark.stages.score import score
     from conftest import read_rows
 
     images, _ = tiny_images

@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_spark.images import (MAX_PIXELS, PNG_TAIL_BYTES, ImageError, check_png_end, decode_grayscale, decode_resized,
+from cxr_spark.core.images import (MAX_PIXELS, PNG_TAIL_BYTES, ImageError, check_png_end, decode_grayscale, decode_resized,
                               encode_png, image_header, png_header, resize_square)
-from cxr_spark.labels import LABELS, UnknownFindingError, format_finding_labels, parse_finding_labels
-from cxr_spark.metadata import COLUMN_NAMES, age_problem, parse_age
-from cxr_spark.metrics import macro_average, rates
+from cxr_spark.core.labels import LABELS, UnknownFindingError, format_finding_labels, parse_finding_labels
+from cxr_spark.core.metadata import COLUMN_NAMES, age_problem, parse_age
+from cxr_spark.core.metrics import macro_average, rates
 from cxr_spark.synth import read_data_entry_csv
 
 from conftest import dicom_bytes
 
 
 #: The published order (Wang et al. 2017, Table 1 order as CheXNet uses it), typed here independently of
-#: cxr_spark.labels: a model's outputs are read by position, so every position matters.
+#: cxr_spark.core.labels: a model's outputs are read by position, so every position matters.
 PUBLISHED_ORDER = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
                    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
 #: Images per finding in the real metadata file, as ../shared/data/README.md states them.
@@ -212,7 +212,7 @@ def test_encode_png_is_lossless_for_other_decoders_and_keeps_opencvs_writer_on_r
 
 
 def test_a_truncated_png_is_corrupt_from_its_end_and_a_whole_one_is_not():
-    from cxr_spark.ingest import inspect_file
+    from cxr_spark.stages.ingest import inspect_file
 
     data = encode_png(np.random.default_rng(5).integers(0, 256, (64, 48), dtype=np.uint8))
     whole = inspect_file(data)
@@ -237,7 +237,7 @@ def test_rates_and_undefined_values():
 
 
 def test_model_files_on_a_remote_filesystem_get_a_clear_error(tmp_path):
-    from cxr_spark.storage import read_bytes, write_bytes
+    from cxr_spark.io.storage import read_bytes, write_bytes
 
     write_bytes(f"file://{tmp_path}/model/model.keras", b"weights")
     assert read_bytes(str(tmp_path / "model" / "model.keras")) == b"weights"
@@ -389,7 +389,7 @@ def test_real_dicom_sample_decodes_like_pydicom(shared_data):
 def test_dicom_metadata_keeps_view_sex_and_age_text_only_and_blanks_are_none():
     from pydicom.dataset import Dataset
 
-    from cxr_spark.metadata import dicom_metadata
+    from cxr_spark.core.metadata import dicom_metadata
 
     ds = Dataset()
     ds.ViewPosition, ds.PatientSex, ds.PatientName, ds.PatientID = " PA ", "", "DOE^JOHN", "MRN1"
@@ -399,7 +399,8 @@ def test_dicom_metadata_keeps_view_sex_and_age_text_only_and_blanks_are_none():
 
 
 def test_model_inputs_are_the_standardised_pixels_with_a_channel_axis_and_steps_take_full_batches():
-    from cxr_spark.input_pipeline import model_inputs, steps_per_epoch
+    from cxr_spark.core.normalization import model_inputs
+    from cxr_spark.stages.train.input_pipeline import steps_per_epoch
 
     images = np.random.default_rng(3).integers(0, 256, (3, 5, 4)).astype(np.uint8)
     inputs = model_inputs(images, {"mean": 100.0, "std": 40.0})
@@ -477,7 +478,7 @@ def _frame(marker: int, precision: int, height: int, width: int, components: int
 
 
 def test_jpeg_headers_built_by_hand_are_read_as_the_standard_lays_them_out():
-    from cxr_spark.images import jpeg_header
+    from cxr_spark.core.images import jpeg_header
 
     soi, app0 = b"\xff\xd8", _segment(0xE0, b"JFIF\x00" + bytes(9))
     sof = _frame(0xC2, 8, 200, 300, 1)  # progressive, 8-bit, 300 wide, 200 high, gray
@@ -502,7 +503,7 @@ def test_jpeg_headers_built_by_hand_are_read_as_the_standard_lays_them_out():
 def test_jpeg_headers_of_encoded_files_agree_with_pillow():
     import cv2
 
-    from cxr_spark.images import jpeg_header
+    from cxr_spark.core.images import jpeg_header
 
     rng = np.random.default_rng(12)
     for image in (rng.integers(0, 256, (37, 53), dtype=np.uint8), rng.integers(0, 256, (40, 25, 3), dtype=np.uint8)):
@@ -613,7 +614,7 @@ def test_the_default_png_writer_filters_every_row_with_up_as_documented():
 
 
 def test_window_and_stretch_map_values_onto_0_255_exactly_as_the_dicom_standard_writes_it():
-    from cxr_spark.images import minmax_to_8bit, window_to_8bit
+    from cxr_spark.core.images import minmax_to_8bit, window_to_8bit
 
     values = np.arange(-5, 16, dtype=np.float64)
     center, width = 5.0, 11.0  # (x - 4.5) / 10 * 255 + 127.5: never half-way between two gray levels
@@ -630,7 +631,7 @@ def test_window_and_stretch_map_values_onto_0_255_exactly_as_the_dicom_standard_
 
 
 def test_the_box_factor_is_the_largest_shrink_that_divides_both_sides():
-    from cxr_spark.images import _box_factor
+    from cxr_spark.core.images import _box_factor
 
     for height, width, size in [(1024, 1024, 224), (1000, 1000, 224), (1023, 1024, 224), (672, 672, 224),
                                 (1024, 768, 256), (900, 1200, 100), (224, 224, 224), (100, 100, 224), (30, 45, 5)]:
@@ -640,7 +641,7 @@ def test_the_box_factor_is_the_largest_shrink_that_divides_both_sides():
 
 
 def test_jpeg_header_edges_a_walker_must_get_right():
-    from cxr_spark.images import jpeg_header
+    from cxr_spark.core.images import jpeg_header
 
     soi, app0 = b"\xff\xd8", _segment(0xE0, b"JFIF\x00" + bytes(9))
     wide = _frame(0xC0, 8, 30_000, 40_000, 1)  # sides over 32,767: unsigned
@@ -655,7 +656,7 @@ def test_jpeg_header_edges_a_walker_must_get_right():
 
 
 def test_jpeg_segments_a_walker_must_not_misread_and_the_details_of_what_does_not_decode():
-    from cxr_spark.images import jpeg_header
+    from cxr_spark.core.images import jpeg_header
 
     soi = b"\xff\xd8"
     exif = _segment(0xE1, bytes(40_000))  # an EXIF or ICC segment over 32,767 bytes: lengths are unsigned

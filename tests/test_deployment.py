@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxr_spark.session import read_properties
+from cxr_spark.io.session import read_properties
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -51,5 +51,5 @@ def test_spark_properties_files_parse_and_size_arrow_batches_for_images(name):
 
 
 def test_no_job_file_or_library_module_sets_a_master():
-    for path in [*ROOT.glob("spark_jobs/*.py"), *ROOT.glob("cxr_spark/*.py")]:
+    for path in [*ROOT.glob("spark_jobs/*.py"), *ROOT.glob("cxr_spark/**/*.py")]:
         assert not re.search(r"\.master\(|spark\.master", path.read_text()), f"{path} hard-codes a master"

@@ -10,12 +10,12 @@ import pytest
 from scipy import ndimage, stats
 from sklearn.metrics import roc_auc_score
 
-from cxr_spark import features as feat
-from cxr_spark import image_features as fx
-from cxr_spark.labels import LABELS
-from cxr_spark.metrics import tune_thresholds
-from cxr_spark.report import report
-from cxr_spark.schemas import images_schema
+from cxr_spark.stages import features as feat
+from cxr_spark.core import image_features as fx
+from cxr_spark.core.labels import LABELS
+from cxr_spark.core.metrics import tune_thresholds
+from cxr_spark.stages.report.job import report
+from cxr_spark.datasets.images import images_schema
 
 from conftest import read_rows
 

@@ -14,12 +14,12 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from cxr_spark.gradcam import (GradCam, GradcamRequest, bbox_table, boxed_scored, default_bbox, feature_layer,
+from cxr_spark.stages.report.gradcam import (GradCam, GradcamRequest, bbox_table, boxed_scored, default_bbox, feature_layer,
                                hit_fraction, in_boxes, overlay_path, peak_point)
-from cxr_spark.models import build_model
-from cxr_spark.report import report
-from cxr_spark.score import score
-from cxr_spark.train import MODEL_CARD, MODEL_FILE
+from cxr_spark.stages.train.models import build_model
+from cxr_spark.stages.report.job import report
+from cxr_spark.stages.score import score
+from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE
 
 from conftest import read_rows
 
@@ -261,7 +261,7 @@ def test_report_draws_the_top_images_and_counts_peaks_in_boxes(spark, scored, tm
 
 def test_without_images_or_model_the_report_says_why_there_is_no_gradcam(spark, scored, tmp_path, caplog):
     folder = scored[0]
-    with caplog.at_level("INFO", logger="cxr_spark.gradcam"):
+    with caplog.at_level("INFO", logger="cxr_spark.stages.report.gradcam"):
         metrics = report(spark, str(folder / "predictions"), str(tmp_path / "report"))
     assert metrics["gradcam"]["status"] == "skipped" and "--images" in caplog.text
     assert not (tmp_path / "report" / "gradcam").exists()

@@ -12,9 +12,10 @@ import cv2
 import numpy as np
 import pytest
 
-from cxr_spark.images import (PNG_SIGNATURE, ImageError, decode_grayscale, decode_resized, encode_png, error_detail,
+from cxr_spark.core.images import (PNG_SIGNATURE, ImageError, decode_grayscale, decode_resized, encode_png, error_detail,
                               image_header, png_header, read_dicom, resize_square, scale_to_8bit, sniff_format)
-from cxr_spark.ingest import REASONS, index_file
+from cxr_spark.datasets.quarantine import REASONS
+from cxr_spark.stages.ingest import index_file
 
 from conftest import dicom_bytes
 

@@ -10,9 +10,9 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from cxr_spark.ingest import QUARANTINE_DIR, QUARANTINE_SCHEMA, ingest
-from cxr_spark.labels import parse_finding_labels
-from cxr_spark.commit import atomic_output
+from cxr_spark.stages.ingest import QUARANTINE_DIR, QUARANTINE_SCHEMA, ingest
+from cxr_spark.core.labels import parse_finding_labels
+from cxr_spark.io.commit import atomic_output
 
 from conftest import read_rows
 
@@ -77,7 +77,7 @@ def test_undecodable_pngs_are_quarantined_by_ingest_or_preprocess_and_nothing_is
                                                                                        config):
     """Ingest checks a PNG's header and end; preprocess, which decodes it, quarantines what does not decode."""
     from cxr_spark.config import override
-    from cxr_spark.preprocess import preprocess
+    from cxr_spark.stages.preprocess import preprocess
 
     dump, good, truncated, damaged = _dump_with_undecodable_pngs(tiny_dump, tmp_path)
     raw, images = tmp_path / "raw", tmp_path / "images"
@@ -121,7 +121,7 @@ def test_one_pass_writes_what_preprocess_writes_and_quarantines_undecodable_pngs
                                                                                           tmp_path, config):
     """ingest --images-out: images_<size> from the same pass over the files, equal to preprocess of raw."""
     from cxr_spark.config import override
-    from cxr_spark.preprocess import preprocess
+    from cxr_spark.stages.preprocess import preprocess
 
     dump, good, truncated, damaged = _dump_with_undecodable_pngs(tiny_dump, tmp_path)
     raw, one_pass, two_stage = tmp_path / "raw", tmp_path / "images_one_pass", tmp_path / "images_two_stage"
@@ -236,10 +236,11 @@ def test_index_and_keep_keeps_a_files_own_bytes_only_when_the_plan_and_its_check
     import cv2
     import pyarrow.parquet as pq
 
-    from cxr_spark.images import decode_grayscale, resize_square
-    from cxr_spark.ingest import index_and_keep, raw_arrow_schema
-    from cxr_spark.schemas import RawSchema, encode_column
-    from cxr_spark.storage import ParquetPartWriter
+    from cxr_spark.core.images import decode_grayscale, resize_square
+    from cxr_spark.stages.ingest import index_and_keep, raw_arrow_schema
+    from cxr_spark.datasets.raw import RawSchema
+    from cxr_spark.datasets.fields import encode_column
+    from cxr_spark.io.storage import ParquetPartWriter
 
     first, second = sorted(sample_films.glob("*.png"))
     dicom = next(sample_films.glob("*.dcm"))
@@ -282,10 +283,11 @@ def test_pass_one_writes_the_images_row_of_a_file_it_keeps_beside_its_raw_row(sa
     import cv2
     import pyarrow.parquet as pq
 
-    from cxr_spark.images import decode_grayscale, resize_square
-    from cxr_spark.ingest import images_part_schema, index_and_keep, raw_arrow_schema
-    from cxr_spark.schemas import RawSchema, encode_column
-    from cxr_spark.storage import ParquetPartWriter, PartitionedPartWriter, parquet_parts
+    from cxr_spark.core.images import decode_grayscale, resize_square
+    from cxr_spark.stages.ingest import images_part_schema, index_and_keep, raw_arrow_schema
+    from cxr_spark.datasets.raw import RawSchema
+    from cxr_spark.datasets.fields import encode_column
+    from cxr_spark.io.storage import ParquetPartWriter, PartitionedPartWriter, parquet_parts
 
     first, second = sorted(sample_films.glob("*.png"))
     dicom = next(sample_films.glob("*.dcm"))
@@ -337,9 +339,9 @@ def test_pass_one_writes_the_images_row_of_a_file_it_keeps_beside_its_raw_row(sa
 def test_pass_one_decodes_a_dicom_once_and_stores_the_pixels_decode_resized_gives(sample_films, monkeypatch):
     import cv2
 
-    from cxr_spark import images as images_module
-    from cxr_spark import ingest as ingest_module
-    from cxr_spark.images import decode_dicom, decode_resized
+    from cxr_spark.core import images as images_module
+    from cxr_spark.stages import ingest as ingest_module
+    from cxr_spark.core.images import decode_dicom, decode_resized
 
     data = next(sample_films.glob("*.dcm")).read_bytes()
     expected = decode_resized(data, 224)

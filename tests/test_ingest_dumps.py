@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image
 
-from cxr_spark.images import decode_grayscale
-from cxr_spark.ingest import ingest
-from cxr_spark.labels import LABELS
+from cxr_spark.core.images import decode_grayscale
+from cxr_spark.stages.ingest import ingest
+from cxr_spark.core.labels import LABELS
 
 from conftest import ROOT, dicom_bytes, read_rows
 
@@ -80,7 +80,7 @@ def test_generic_dump_of_png_jpeg_and_dicom_keeps_no_identifying_dicom_data(spar
     assert others == {"a.png": (dump / "a.png").read_bytes(), "b.jpeg": (dump / "b.jpeg").read_bytes()}
 
     from cxr_spark.config import override
-    from cxr_spark.preprocess import preprocess
+    from cxr_spark.stages.preprocess import preprocess
 
     resize = override(config.preprocess, size=16, min_files_per_split=1)
     resized = preprocess(spark, str(raw), str(tmp_path / "images_16"), resize)  # rows without a patient id go on
@@ -238,7 +238,7 @@ def test_append_new_with_images_out_keeps_images_in_step_with_raw(spark, tmp_pat
     import pytest
 
     from cxr_spark.config import override
-    from cxr_spark.preprocess import preprocess
+    from cxr_spark.stages.preprocess import preprocess
 
     dump, raw, images = tmp_path / "dump", tmp_path / "raw", tmp_path / "images_8"
     resize = override(config.preprocess, size=8, min_files_per_split=1)

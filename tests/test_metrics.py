@@ -1,4 +1,4 @@
-"""Metrics arithmetic (cxr_spark.metrics) without Spark, each figure against scikit-learn or numpy on the
+"""Metrics arithmetic (cxr_spark.core.metrics) without Spark, each figure against scikit-learn or numpy on the
 same labels and scores: rates, averages, curves, tuned thresholds, age bands."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precision_recall_curve, precision_score,
                              recall_score, roc_curve)
 
-from cxr_spark.metrics import (AGE_BANDS, DEFAULT_THRESHOLD, RATE_NAMES, age_band, curve_rates, macro_average,
+from cxr_spark.core.metrics import (AGE_BANDS, DEFAULT_THRESHOLD, RATE_NAMES, age_band, curve_rates, macro_average,
                                micro_counts, rates, tune_threshold, tune_thresholds)
 
 

@@ -6,8 +6,8 @@ import pytest
 import tensorflow as tf
 from sklearn.metrics import f1_score
 
-from cxr_spark.metrics import DEFAULT_THRESHOLD, tune_threshold, tune_thresholds
-from cxr_spark.models import MODELS, build_model
+from cxr_spark.core.metrics import DEFAULT_THRESHOLD, tune_threshold, tune_thresholds
+from cxr_spark.stages.train.models import MODELS, build_model
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from cxr_spark.commit import OutputLockedError, settle
+from cxr_spark.io.commit import OutputLockedError, settle
 from cxr_spark.config import override
-from cxr_spark.guards import UsageError, canonical, check_metadata_file, check_paths, check_replaceable_local
-from cxr_spark.ingest import ingest
-from cxr_spark.metadata import HEADER
-from cxr_spark.schemas import QUARANTINE_DIR
+from cxr_spark.core.guards import UsageError, canonical, check_metadata_file, check_paths, check_replaceable_local
+from cxr_spark.stages.ingest import ingest
+from cxr_spark.core.metadata import HEADER
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR
 
 from faults import cli, kill_at_step, spark_conf
 
@@ -138,7 +138,7 @@ def test_only_a_dataset_of_the_same_kind_is_replaced(spark, config, dumps, previ
 
 
 def test_what_may_be_replaced_is_decided_from_the_folder_and_its_manifest(tmp_path):
-    from cxr_spark.guards import check_run, replace_problem
+    from cxr_spark.core.guards import check_run, replace_problem
 
     assert replace_problem("ingest", None, None) is None and replace_problem("ingest", [], None) is None  # nothing there
     assert replace_problem("ingest", ["part-0.parquet", "_manifest.json"], {"stage": "ingest"}) is None
@@ -343,8 +343,8 @@ def test_two_ingests_to_one_out_one_is_refused_with_exit_4(spark, config, dumps,
 
 
 def test_preprocess_and_features_refuse_an_empty_input_and_leave_their_outputs(spark, config, previous, tmp_path):
-    from cxr_spark.features import features
-    from cxr_spark.preprocess import preprocess
+    from cxr_spark.stages.features import features
+    from cxr_spark.stages.preprocess import preprocess
 
     runs = _copy(previous, tmp_path)
     empty_dump = tmp_path / "empty_dump"
@@ -362,7 +362,7 @@ def test_preprocess_and_features_refuse_an_empty_input_and_leave_their_outputs(s
 
 
 def test_guard_details_urls_long_headers_and_long_first_lines(tmp_path):
-    from cxr_spark.guards import check_folder, check_run, metadata_header_problem, read_first_line
+    from cxr_spark.core.guards import check_folder, check_run, metadata_header_problem, read_first_line
 
     assert canonical("hdfs://nn/dataX/") == "hdfs://nn/dataX"
     # containment is by whole path components, whatever a folder's last letter, and a bare host is its root

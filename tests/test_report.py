@@ -13,9 +13,9 @@ import pytest
 from sklearn.metrics import (accuracy_score, average_precision_score, confusion_matrix, f1_score,
                              precision_recall_curve, precision_score, recall_score, roc_auc_score, roc_curve)
 
-from cxr_spark.labels import LABELS
-from cxr_spark.metrics import age_band
-from cxr_spark.report import compute_metrics, evaluate, report
+from cxr_spark.core.labels import LABELS
+from cxr_spark.core.metrics import age_band
+from cxr_spark.stages.report.job import compute_metrics, evaluate, report
 
 N = 400
 VIEWS, SEXES = np.array(["PA", "AP"]), np.array(["M", "F"])
@@ -238,7 +238,7 @@ def test_missing_probabilities_are_a_clear_error(spark, tmp_path):
 
 def test_report_writes_metrics_json_markdown_and_html(spark, predictions, tmp_path, caplog):
     url, labels, probabilities, thresholds, _ = predictions
-    with caplog.at_level("WARNING", logger="cxr_spark.report"):
+    with caplog.at_level("WARNING", logger="cxr_spark.stages.report.job"):
         metrics = report(spark, str(url), str(tmp_path / "report"))
     assert "Hernia.auroc" in caplog.text and "Edema.specificity" in caplog.text  # undefined, said out loud
     written = json.loads((tmp_path / "report" / "metrics.json").read_text())

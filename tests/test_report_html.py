@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cxr_spark.report import report
+from cxr_spark.stages.report.job import report
 
 from test_report import write_predictions
 

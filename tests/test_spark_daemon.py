@@ -9,7 +9,7 @@ import pytest
 
 CHECK = """
 import importlib, sys, zipimport
-from cxr_spark.spark_daemon import skip_static_zip_rereads
+from cxr_spark.io.spark_daemon import skip_static_zip_rereads
 sys.path.insert(0, sys.argv[1])
 import static_module  # a zipimporter for the archive is now cached
 reads = []

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from cxr_spark.splits import hash_split, official_split
+from cxr_spark.core.splits import hash_split, official_split
 
 
 def _fraction(patient_id: int, seed: int) -> float:
@@ -26,7 +26,7 @@ def test_hash_split_follows_its_rule_and_is_the_same_in_another_process():
     assert [hash_split(p, seed=3, val_fraction=0.1, test_fraction=0.2) for p in range(5_000)] == expected
     shares = Counter(expected)
     assert abs(shares["test"] / 5_000 - 0.2) < 0.02 and abs(shares["val"] / 5_000 - 0.1) < 0.02
-    code = ("from cxr_spark.splits import hash_split; "
+    code = ("from cxr_spark.core.splits import hash_split; "
             "print(''.join(hash_split(p, 3, 0.1, 0.2)[0] for p in range(5000)))")
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={**os.environ, "PYTHONHASHSEED": "12345"})  # another salt for str hashes
@@ -43,7 +43,7 @@ def test_hash_split_follows_its_rule_and_is_the_same_in_another_process():
 
 
 def _splits_by_patient(spark, metadata: str, split_lists: str | None, config) -> dict:
-    from cxr_spark.ingest import read_metadata
+    from cxr_spark.stages.ingest import read_metadata
 
     rows = read_metadata(spark, metadata, split_lists, config.ingest).select("image_id", "patient_id", "split")
     return {row["patient_id"]: row["splits"] for row in
@@ -54,7 +54,7 @@ def _splits_by_patient(spark, metadata: str, split_lists: str | None, config) ->
 def _check_patient_wise(spark, csv_path: str, split_lists: str | None, config, test_images: set | None = None):
     """No patient in two splits, all three splits used, and (with ``test_images``) exactly those images in
     test; returns the patients per split."""
-    from cxr_spark.ingest import read_metadata
+    from cxr_spark.stages.ingest import read_metadata
 
     by_patient = _splits_by_patient(spark, csv_path, split_lists, config)
     mixed = {patient: splits for patient, splits in by_patient.items() if len(splits) != 1}

@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from cxr_spark.labels import LABELS, parse_finding_labels
-from cxr_spark.metadata import HEADER
+from cxr_spark.core.labels import LABELS, parse_finding_labels
+from cxr_spark.core.metadata import HEADER
 from cxr_spark.synth import (BOX_FINDINGS, SynthSpec, draw_radiograph, draw_radiograph_and_boxes, generate,
                              read_data_entry_csv)
 

@@ -6,11 +6,11 @@ import cv2
 import numpy as np
 import pytest
 
-from cxr_spark.input_pipeline import (IMAGENET_MEAN, Augmentation, affine_matrix, augment_batch, epoch_dataset,
-                                      iterate_epoch, normalization_spec, normalize, random_warp, shard_size,
-                                      steps_per_epoch)
-from cxr_spark.labels import LABELS
-from cxr_spark.train import class_weights, weighted_binary_crossentropy
+from cxr_spark.core.normalization import IMAGENET_MEAN, normalization_spec, normalize
+from cxr_spark.stages.train.input_pipeline import (Augmentation, affine_matrix, augment_batch, epoch_dataset,
+                                                   iterate_epoch, random_warp, shard_size, steps_per_epoch)
+from cxr_spark.core.labels import LABELS
+from cxr_spark.stages.train.job import class_weights, weighted_binary_crossentropy
 
 from conftest import read_rows
 
@@ -236,7 +236,7 @@ def test_normalization_specs_and_their_refusals_name_the_way_out():
 
 
 def test_histogram_equalisation_is_opencvs_on_each_image_of_a_stack():
-    from cxr_spark.input_pipeline import equalize_histogram
+    from cxr_spark.core.normalization import equalize_histogram
 
     rng = np.random.default_rng(17)
     stack = (rng.random((3, 16, 12)) ** 3 * 200).astype(np.int64)  # ints, skewed dark: equalising changes them

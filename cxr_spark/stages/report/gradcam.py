@@ -34,13 +34,13 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from cxr_spark.ingest import BBOX_DIR, read_bbox
-from cxr_spark.input_pipeline import model_inputs
-from cxr_spark.report import long_form
-from cxr_spark.schemas import decode_column, images_schema
-from cxr_spark.score import load_model_bytes
-from cxr_spark.storage import FileSystem, read_bytes, read_json, to_url
-from cxr_spark.train import MODEL_FILE, load_model_card
+from cxr_spark.datasets.bbox import BBOX_DIR, read_bbox
+from cxr_spark.core.normalization import model_inputs
+from cxr_spark.datasets.predictions import long_form
+from cxr_spark.datasets.fields import decode_column
+from cxr_spark.datasets.images import images_schema
+from cxr_spark.io.storage import FileSystem, read_bytes, read_json, to_url
+from cxr_spark.datasets.model_card import MODEL_FILE, load_model_bytes, load_model_card
 
 log = logging.getLogger(__name__)
 

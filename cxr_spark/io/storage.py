@@ -1,7 +1,7 @@
 """Paths on any filesystem Spark knows (local, ``file://``, ``hdfs://``, ``s3a://``) through Hadoop's
 FileSystem API, small files on them, and Parquet files written by the Python workers.
 
-How a whole output is replaced (atomically, under a lock) is :mod:`cxr_spark.commit`'s.
+How a whole output is replaced (atomically, under a lock) is :mod:`cxr_spark.io.commit`'s.
 """
 from __future__ import annotations
 

@@ -62,10 +62,6 @@ def age_problem(text: str | None) -> str | None:
     return f"Patient Age {text!r} is not an age in years, months or days (0-120 years)"
 
 
-#: ``BBox_List_2017.csv`` read positionally: its header ``Image Index,Finding Label,Bbox [x,y,w,h],,,``
-#: names six columns through commas inside a bracket (plus trailing empty ones, which are dropped).
-BBOX_DDL = "`image_id` string, `finding_text` string, `x` double, `y` double, `w` double, `h` double"
-
 #: The only DICOM attributes ingest keeps (everything else, names, ids, UIDs and dates included, is dropped).
 DICOM_KEPT = {"view": "ViewPosition", "sex": "PatientSex", "age_text": "PatientAge"}
 

@@ -10,8 +10,8 @@ import base64
 import html
 from dataclasses import dataclass, field
 
-from cxr_spark.metrics import COUNT_NAMES, THRESHOLD_RATE_NAMES
-from cxr_spark.report_references import (CHEXNET_AUROC, CHEXNET_CITATION, KAGGLE_CITATION, KAGGLE_PNEUMONIA,
+from cxr_spark.core.metrics import COUNT_NAMES, THRESHOLD_RATE_NAMES
+from cxr_spark.stages.report.references import (CHEXNET_AUROC, CHEXNET_CITATION, KAGGLE_CITATION, KAGGLE_PNEUMONIA,
                                          REFERENCE_MARK)
 
 NOT_AVAILABLE = "n/a"

@@ -13,7 +13,7 @@ matplotlib.use("Agg")  # files only, never a window
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from cxr_spark.metrics import curve_rates  # noqa: E402
+from cxr_spark.core.metrics import curve_rates  # noqa: E402
 
 
 def plot_training_curves(history: dict[str, list[float]], path: str | BinaryIO, title: str) -> None:
@@ -113,7 +113,7 @@ def plot_confusion_matrices(per_label: dict[str, dict], at_half: bool) -> bytes:
 
 def report_figures(metrics: dict, curves: dict[str, dict], baseline_curves: dict[str, dict] | None,
                    history: dict | None) -> dict[str, bytes]:
-    """Every figure of the HTML report as PNG bytes, keyed as :mod:`cxr_spark.report_render` expects."""
+    """Every figure of the HTML report as PNG bytes, keyed as :mod:`cxr_spark.stages.report.render` expects."""
     figures = {
         "roc": plot_curves(curves, "roc", baseline_curves),
         "pr": plot_curves(curves, "pr", baseline_curves),

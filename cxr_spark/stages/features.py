@@ -1,7 +1,7 @@
-"""Features stage: the ``features`` dataset (one :func:`~cxr_spark.image_features.image_features` vector
+"""Features stage: the ``features`` dataset (one :func:`~cxr_spark.core.image_features.image_features` vector
 per image of ``images_<size>``) and a Spark MLlib logistic-regression baseline on it.
 
-The arithmetic lives in :mod:`cxr_spark.image_features`; this module only runs it over Arrow batches,
+The arithmetic lives in :mod:`cxr_spark.core.image_features`; this module only runs it over Arrow batches,
 writes the dataset and fits the baseline.
 """
 from __future__ import annotations
@@ -20,17 +20,18 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cxr_spark.config import FeaturesConfig, PipelineConfig, override
-from cxr_spark.labels import LABELS
-from cxr_spark.manifest import code_version, finish_manifest, input_version
-from cxr_spark.metrics import DEFAULT_THRESHOLD, macro_average, tune_thresholds
-from cxr_spark.report import label_metrics
-from cxr_spark.schemas import decode_column, images_schema
-from cxr_spark.score import PREDICTIONS_DDL
-from cxr_spark.commit import atomic_output, settle
-from cxr_spark.guards import UsageError, check_run
-from cxr_spark.image_features import (FEATURE_NAMES, LUNG_COLUMNS, LUNG_ROWS, MEDIASTINUM_COLUMNS,
+from cxr_spark.core.labels import LABELS
+from cxr_spark.datasets.manifest import code_version, finish_manifest, input_version
+from cxr_spark.core.metrics import DEFAULT_THRESHOLD, macro_average, tune_thresholds
+from cxr_spark.datasets.predictions import label_metrics
+from cxr_spark.datasets.fields import decode_column
+from cxr_spark.datasets.images import images_schema
+from cxr_spark.datasets.predictions import PREDICTIONS_DDL
+from cxr_spark.io.commit import atomic_output, settle
+from cxr_spark.core.guards import UsageError, check_run
+from cxr_spark.core.image_features import (FEATURE_NAMES, LUNG_COLUMNS, LUNG_ROWS, MEDIASTINUM_COLUMNS,
                                      image_features, lung_regions)
-from cxr_spark.storage import read_json, to_url
+from cxr_spark.io.storage import read_json, to_url
 
 log = logging.getLogger(__name__)
 FEATURES_DDL = "image_id string, split string, labels array<smallint>, features array<double>"
@@ -54,7 +55,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """The run's paths, before Spark starts (:func:`cxr_spark.guards.check_run`)."""
+    """The run's paths, before Spark starts (:func:`cxr_spark.core.guards.check_run`)."""
     check_run({"--in": args.input}, {"--out": (args.out, "features"),
                                      "--baseline-out": (args.baseline_out, "features-baseline")}, folders=("--in",))
 

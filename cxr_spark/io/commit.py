@@ -28,8 +28,8 @@ from typing import Iterator
 
 from pyspark.sql import SparkSession
 
-from cxr_spark.guards import UsageError, replace_problem
-from cxr_spark.storage import FileSystem, local_path, read_json, to_url, write_text
+from cxr_spark.core.guards import UsageError, replace_problem
+from cxr_spark.io.storage import FileSystem, local_path, read_json, to_url, write_text
 
 log = logging.getLogger(__name__)
 

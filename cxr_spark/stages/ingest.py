@@ -18,7 +18,7 @@ writer. Counts are taken from what was written.
 Without ``--images-out`` ingest never decodes a PNG: it checks its header and its end (the IEND chunk a
 truncated file lacks), and preprocess, the stage that decodes it, quarantines one whose pixels do not
 decode. With ``--images-out`` pass 1 also decodes and resizes each file exactly as preprocess would
-(:func:`cxr_spark.preprocess.resize_encoded`), a file that does not decode is quarantined here, and
+(:func:`cxr_spark.stages.preprocess.resize_encoded`), a file that does not decode is quarantined here, and
 ``images_<size>`` is written from those rows once ``raw`` is in place: each file is read and decoded
 once instead of twice, the fastest way from a dump to training data (``make bench`` measures both).
 When pass 1 writes ``raw`` itself and ``--images-out`` is local too, each task also writes the
@@ -46,30 +46,28 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import to_arrow_type
 from pyspark.sql.types import BinaryType
 
-from cxr_spark.commit import OutputRun
+from cxr_spark.io.commit import OutputRun
 from cxr_spark.config import IngestConfig, PipelineConfig, PreprocessConfig, load_config, override
-from cxr_spark.guards import UsageError, check_metadata_file, check_paths, check_run, metadata_header_problem
-from cxr_spark.identity import DICOM_ID_HEX, DICOM_NAME, DICOM_SOURCE, IMAGE_GLOB
-from cxr_spark.images import (CONVERSIONS, PNG_SIGNATURE, PNG_TAIL_BYTES, ImageError, check_png_end,
+from cxr_spark.core.guards import UsageError, check_metadata_file, check_paths, check_run, metadata_header_problem
+from cxr_spark.core.identity import DICOM_ID_HEX, DICOM_NAME, DICOM_SOURCE, IMAGE_GLOB
+from cxr_spark.core.images import (CONVERSIONS, PNG_SIGNATURE, PNG_TAIL_BYTES, ImageError, check_png_end,
                               decode_dicom, encode_png, image_header, read_dicom, resize_square)
-from cxr_spark.labels import LABELS, NUM_LABELS, UnknownFindingError, canonical_name, parse_finding_labels
-from cxr_spark.manifest import finish_manifest, input_version
-from cxr_spark.metadata import BBOX_DDL, SPARK_DDL, age_problem, dicom_metadata, parse_age
-from cxr_spark.preprocess import PNG_BYTES_PER_PIXEL, encode_resized, resize_encoded, write_images
-from cxr_spark.schemas import (QUARANTINE_DIR, QUARANTINE_SCHEMA, RawSchema, encode_column, images_schema,
-                               metadata_columns)
-from cxr_spark.splits import hash_split, official_split
-from cxr_spark.storage import (FileSystem, ParquetPartWriter, PartitionedPartWriter, image_rows_writer,
+from cxr_spark.core.labels import LABELS, NUM_LABELS, UnknownFindingError, parse_finding_labels
+from cxr_spark.datasets.manifest import finish_manifest, input_version
+from cxr_spark.core.metadata import age_problem, dicom_metadata, parse_age, SPARK_DDL
+from cxr_spark.datasets.images import encode_resized, PNG_BYTES_PER_PIXEL, resize_encoded, write_images
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA
+from cxr_spark.datasets.raw import metadata_columns, RawSchema
+from cxr_spark.datasets.fields import encode_column
+from cxr_spark.datasets.images import images_schema
+from cxr_spark.core.splits import hash_split, official_split
+from cxr_spark.io.storage import (FileSystem, ParquetPartWriter, PartitionedPartWriter, image_rows_writer,
                                listed_files, local_file_path, local_path, move_parquet_parts, read_json,
                                read_local_file, sha256_hex, to_url, write_parquet_part)
+from cxr_spark.datasets.bbox import BBOX_DIR, read_bbox
 
 log = logging.getLogger(__name__)
 
-BBOX_DIR = "_bbox"
-#: The quarantine ``reason`` vocabulary (README documents each).
-REASONS = ("empty_file", "not_an_image", "corrupt_image", "unsupported_format", "image_too_large",
-           "no_metadata", "no_image", "duplicate_image_id", "unknown_finding", "missing_patient_id",
-           "unparseable_age", "invalid_bbox")
 MODES = ("overwrite", "append-new")
 LAYOUTS = ("auto", "nih", "kaggle")
 #: Kaggle "Chest X-Ray Images (Pneumonia)": <split>/<class>/<file>; the class sets one canonical label.
@@ -112,7 +110,7 @@ def _paths(images: str, metadata: str | None, split_lists: str | None, bbox: str
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """The run's paths and metadata file, before Spark starts (:mod:`cxr_spark.guards`)."""
+    """The run's paths and metadata file, before Spark starts (:mod:`cxr_spark.core.guards`)."""
     if args.size is not None and not args.images_out:
         raise UsageError("--size needs --images-out")
     inputs, outputs = _paths(args.images, args.metadata, args.split_lists, args.bbox, args.out, args.images_out)
@@ -377,24 +375,6 @@ METADATA_OUT = ("image_id string, patient_id int, follow_up int, age int, sex st
                 "finding_labels string, labels array<smallint>, split string, meta_reason string, meta_detail string")
 
 
-def _bbox_rows(batches):
-    """The mapInPandas function: canonical finding names and a reason for unusable box rows."""
-    for frame in batches:
-        findings, reasons, details = [], [], []
-        for row in frame.itertuples(index=False):
-            finding = reason = detail = None
-            try:
-                finding = canonical_name(row.finding_text or "")
-            except UnknownFindingError as error:
-                reason, detail = "unknown_finding", f"Finding Label {row.finding_text!r}: {error}"
-            if reason is None and any(pd.isna(v) or v < 0 for v in (row.x, row.y, row.w, row.h)):
-                reason, detail = "invalid_bbox", f"box x={row.x} y={row.y} w={row.w} h={row.h}: numbers >= 0 expected"
-            findings.append(finding)
-            reasons.append(reason)
-            details.append(detail)
-        yield frame[["image_id", "x", "y", "w", "h"]].assign(finding=findings, reason=reasons, detail=details)
-
-
 # ---------------------------------------------------------------------------------------------
 # the job
 
@@ -413,7 +393,7 @@ def detect_layout(spark: SparkSession, images: str) -> str:
 
 
 def _opaque_id(digest: Column) -> Column:
-    """A DICOM image's id, :func:`cxr_spark.identity.dicom_id` as a column: never a file name."""
+    """A DICOM image's id, :func:`cxr_spark.core.identity.dicom_id` as a column: never a file name."""
     return F.concat(F.substring(digest, 1, DICOM_ID_HEX), F.lit(".dcm"))
 
 
@@ -511,13 +491,6 @@ def read_metadata(spark: SparkSession, metadata: str, split_lists: str | None, s
     return table.mapInPandas(_metadata_rows(settings_plain, has_test_list), METADATA_OUT)
 
 
-def read_bbox(spark: SparkSession, bbox: str) -> DataFrame:
-    """Parse BBox_List_2017.csv positionally (its header ``Bbox [x,y,w,h],,,`` splits into six names)."""
-    table = spark.read.schema(BBOX_DDL).option("header", "true").option("mode", "PERMISSIVE").csv(to_url(bbox))
-    return table.mapInPandas(_bbox_rows, "image_id string, x double, y double, w double, h double, "
-                                         "finding string, reason string, detail string")
-
-
 def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = None,
            split_lists: str | None = None, settings: IngestConfig | None = None, *,
            bbox: str | None = None, mode: str = "overwrite", layout: str = "auto",
@@ -535,7 +508,7 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
     existing ``out``; its rows are kept.
 
     Nothing is lost: no output may overlap an input, only datasets of their kinds are replaced, ``out`` and
-    ``images_out`` are committed together (:class:`cxr_spark.commit.OutputRun`), and a run in which no
+    ``images_out`` are committed together (:class:`cxr_spark.io.commit.OutputRun`), and a run in which no
     image could be used, or no metadata row matched an image, fails unless ``allow_empty``.
     """
     if mode not in MODES or layout not in LAYOUTS:
@@ -566,7 +539,7 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
 
 def _check_metadata(spark: SparkSession, metadata: str | None) -> None:
     """Refuse a metadata file that is not a published NIH layout, on any filesystem
-    (:func:`cxr_spark.guards.check_metadata_file`; Spark reads the first line of a remote one)."""
+    (:func:`cxr_spark.core.guards.check_metadata_file`; Spark reads the first line of a remote one)."""
     if not metadata or local_path(to_url(metadata)) is not None:
         check_metadata_file(local_path(to_url(metadata)) if metadata else None)
         return

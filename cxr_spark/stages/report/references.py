@@ -3,7 +3,7 @@ references: they were measured by other people, on their splits, with their mode
 """
 from __future__ import annotations
 
-from cxr_spark.labels import LABELS
+from cxr_spark.core.labels import LABELS
 
 REFERENCE_MARK = "published reference, not our result"
 

@@ -12,7 +12,7 @@ import os
 import posixpath
 from urllib.parse import urlparse
 
-from cxr_spark.metadata import HEADER
+from cxr_spark.core.metadata import HEADER
 
 #: The exit code of a mistake on the command line (argparse's own).
 EXIT_USAGE = 2

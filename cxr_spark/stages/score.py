@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import os
-import tempfile
 import time
 
 import numpy as np
@@ -19,21 +17,19 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig, override
-from cxr_spark.manifest import finish_manifest, input_version
-from cxr_spark.schemas import decode_column, images_schema
-from cxr_spark.commit import atomic_output, settle
-from cxr_spark.guards import UsageError, check_run
-from cxr_spark.storage import read_bytes, read_json, to_url
-from cxr_spark.input_pipeline import model_inputs
-from cxr_spark.labels import LABELS
-from cxr_spark.train import MODEL_FILE, load_model_card
+from cxr_spark.datasets.manifest import finish_manifest, input_version
+from cxr_spark.datasets.fields import decode_column
+from cxr_spark.datasets.images import images_schema
+from cxr_spark.io.commit import atomic_output, settle
+from cxr_spark.core.guards import UsageError, check_run
+from cxr_spark.io.storage import read_bytes, read_json, to_url
+from cxr_spark.core.normalization import model_inputs
+from cxr_spark.core.labels import LABELS
+from cxr_spark.datasets.model_card import MODEL_FILE, load_model_card, loaded_model, predict_probabilities
+from cxr_spark.datasets.predictions import PREDICTIONS_DDL
 
 log = logging.getLogger(__name__)
-# view, sex and age ride along for the report's dataset summary (no names or other identifying fields).
-PREDICTIONS_DDL = ("image_id string, split string, labels array<smallint>, probabilities array<float>, "
-                   "view string, sex string, age int")
 TASKS_PER_SLOT = 4  # below this many scan partitions per task slot, rows are spread evenly (_spread_over_slots)
-_LOADED_MODELS: dict[str, object] = {}  # per Python worker: model_version -> Keras model
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +43,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """The run's paths, before Spark starts (:func:`cxr_spark.guards.check_run`)."""
+    """The run's paths, before Spark starts (:func:`cxr_spark.core.guards.check_run`)."""
     check_run({"--in": args.input, "--model": args.model}, {"--out": (args.out, "score")}, folders=("--in", "--model"))
 
 
@@ -55,39 +51,6 @@ def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) 
     settings = override(config.score, split=args.split)
     return score(spark, args.input, args.model, args.out, settings.split, settings.batch_size,
                  allow_empty=args.allow_empty)
-
-
-def load_model_bytes(model_bytes: bytes):
-    """A Keras model from the bytes of a ``model.keras`` file (not compiled: inference only)."""
-    import tensorflow as tf
-
-    with tempfile.TemporaryDirectory() as folder:
-        path = os.path.join(folder, MODEL_FILE)
-        with open(path, "wb") as handle:
-            handle.write(model_bytes)
-        return tf.keras.models.load_model(path, compile=False)
-
-
-def loaded_model(version: str, model_bytes: bytes):
-    """Deserialise a model at most once per Python worker process."""
-    if version not in _LOADED_MODELS:
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(1)  # one Spark task slot, one core
-        _LOADED_MODELS[version] = load_model_bytes(model_bytes)
-        log.info("worker %d loaded model %s", os.getpid(), version)
-    return _LOADED_MODELS[version]
-
-
-def predict_probabilities(model, inputs: np.ndarray, batch_size: int, n_outputs: int) -> np.ndarray:
-    """The model's float32 outputs for ``inputs``, ``batch_size`` images per call.
-
-    ``predict_on_batch`` runs Keras's compiled predict function: graph mode, where TensorFlow fuses each
-    convolution with its batch norm and ReLU. Calling the model eagerly runs every layer as separate ops
-    and cost about 1.8x the CPU time per image (the demo model at 128 px, one thread).
-    """
-    outputs = [model.predict_on_batch(inputs[i:i + batch_size]) for i in range(0, len(inputs), batch_size)]
-    return np.concatenate(outputs).astype(np.float32) if outputs else np.zeros((0, n_outputs), np.float32)
 
 
 def _score_partition(card: dict, model_broadcast, batch_size: int):
@@ -133,7 +96,7 @@ def _spread_over_slots(spark: SparkSession, images):
 def score(spark: SparkSession, input_url: str, model_dir: str, out: str, split: str = "test",
           batch_size: int = 64, *, allow_empty: bool = False) -> dict:
     """Write ``predictions`` for ``split`` of ``input_url`` (``all`` for every row); returns counts. A split
-    with no image fails (:class:`~cxr_spark.guards.UsageError`) unless ``allow_empty``."""
+    with no image fails (:class:`~cxr_spark.core.guards.UsageError`) unless ``allow_empty``."""
     started = time.time()
     url, model_url = to_url(input_url), to_url(model_dir)
     settle(spark, url)

@@ -12,7 +12,7 @@ from typing import Any
 from pyspark.sql import SparkSession
 
 import cxr_spark
-from cxr_spark.storage import read_json, to_url, write_json
+from cxr_spark.io.storage import read_json, to_url, write_json
 
 log = logging.getLogger(__name__)
 

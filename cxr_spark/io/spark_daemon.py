@@ -8,7 +8,7 @@ CPU per task in each worker, the cost of decoding ten radiographs. This daemon s
 the archives that were on the path when it started (Spark's own, which do not change while a worker
 lives); archives added later (``--py-files``, ``addPyFile``) are refreshed as before.
 
-Selected by ``spark.python.daemon.module cxr_spark.spark_daemon`` in ``conf/spark/*.conf``.
+Selected by ``spark.python.daemon.module cxr_spark.io.spark_daemon`` in ``conf/spark/*.conf``.
 """
 from __future__ import annotations
 

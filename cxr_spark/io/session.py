@@ -12,7 +12,7 @@ from pyspark.sql import SparkSession
 
 log = logging.getLogger(__name__)
 
-CONF_DIR = Path(os.environ.get("CXR_SPARK_CONF_DIR", Path(__file__).resolve().parent.parent / "conf"))
+CONF_DIR = Path(os.environ.get("CXR_SPARK_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
 
 
 def read_properties(path: str | Path) -> dict[str, str]:

@@ -3,7 +3,7 @@
 The driver turns every setting into plain values and ships a closure (:func:`make_worker_fn`) to
 ``horovod.spark.run``; no SparkSession or config object is pickled. Each rank reads only its own
 Petastorm shard of the train split, one pass per epoch (the contract is in
-:mod:`cxr_spark.input_pipeline`). Rank 0 alone writes checkpoints (``--resume`` continues from them)
+:mod:`cxr_spark.stages.train.input_pipeline`). Rank 0 alone writes checkpoints (``--resume`` continues from them)
 and returns the trained model, and the driver writes ``model/`` atomically.
 """
 from __future__ import annotations
@@ -21,17 +21,16 @@ import pandas as pd
 from pyspark.sql import SparkSession
 
 from cxr_spark.config import PipelineConfig, TrainConfig, override
-from cxr_spark.labels import LABELS
-from cxr_spark.manifest import finish_manifest, input_version
-from cxr_spark.plots import plot_training_curves
-from cxr_spark.preprocess import NORMALIZATION_FILE
-from cxr_spark.commit import atomic_output, settle
-from cxr_spark.guards import check_run
-from cxr_spark.storage import local_path, read_json, to_url, write_bytes, write_json
+from cxr_spark.core.labels import LABELS
+from cxr_spark.datasets.manifest import finish_manifest, input_version
+from cxr_spark.core.plots import plot_training_curves
+from cxr_spark.datasets.images import NORMALIZATION_FILE
+from cxr_spark.io.commit import atomic_output, settle
+from cxr_spark.core.guards import check_run
+from cxr_spark.io.storage import local_path, read_json, to_url, write_bytes, write_json
+from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE
 
 log = logging.getLogger(__name__)
-MODEL_FILE = "model.keras"
-MODEL_CARD = "model.json"
 CURVES_FILE = "training_curves.png"
 CHECKPOINT_STATE = "state.json"
 TASKS = ("multilabel", "binary")
@@ -64,7 +63,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """The run's paths, before Spark starts (:func:`cxr_spark.guards.check_run`)."""
+    """The run's paths, before Spark starts (:func:`cxr_spark.core.guards.check_run`)."""
     check_run({"--in": args.input, "--weights": args.weights},
               {"--out": (args.out, "train"), "--checkpoint-dir": (args.checkpoint_dir, None)}, folders=("--in",))
 
@@ -120,9 +119,9 @@ def make_worker_fn(plain: dict):
         import horovod.tensorflow.keras as hvd
         from horovod.tensorflow import allgather_object
 
-        from cxr_spark.input_pipeline import Augmentation, epoch_dataset, iterate_epoch, shard_size, steps_per_epoch
-        from cxr_spark.metrics import tune_thresholds
-        from cxr_spark.models import build_model
+        from cxr_spark.stages.train.input_pipeline import Augmentation, epoch_dataset, iterate_epoch, shard_size, steps_per_epoch
+        from cxr_spark.core.metrics import tune_thresholds
+        from cxr_spark.stages.train.models import build_model
 
         hvd.init()
         rank, size = hvd.rank(), hvd.size()
@@ -264,7 +263,7 @@ def _worker_errors(checkpoint_dir: str) -> str:
 
 def train_label_counts(spark: SparkSession, url: str, n_labels: int) -> np.ndarray:
     """Positive count per label over the train split, summed by Spark (one small row per partition)."""
-    from cxr_spark.schemas import METADATA_FIELDS
+    from cxr_spark.datasets.raw import METADATA_FIELDS
 
     field = next(f for f in METADATA_FIELDS if f.name == "labels")
 
@@ -285,7 +284,7 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
     """Train with ``settings.num_proc`` Horovod processes; write the model and ``model.json`` to ``out``."""
     import horovod.spark
 
-    from cxr_spark.input_pipeline import normalization_spec
+    from cxr_spark.core.normalization import normalization_spec
 
     started = time.time()
     url = to_url(input_url)
@@ -400,11 +399,8 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
 
 def _split_files(spark: SparkSession, dataset_url: str, split: str) -> int:
     """Parquet files (at least one row group each) holding ``split``: the unit Petastorm shards by."""
-    from cxr_spark.storage import FileSystem
+    from cxr_spark.io.storage import FileSystem
 
     return FileSystem(spark, dataset_url).count_files(f"{dataset_url}/split={split}", suffix=".parquet")
 
 
-def load_model_card(spark: SparkSession, model_dir: str) -> dict:
-    """Read ``model.json``: the labels, input size, normalisation and thresholds a model scores with."""
-    return read_json(spark, f"{to_url(model_dir)}/{MODEL_CARD}")

@@ -3,7 +3,7 @@
 Made to run from cron. Each run:
 
 1. takes the store's lock (``<store>/_lock``, created atomically; a stale one is broken with a log line);
-2. lists the dump and hashes every file (:func:`cxr_spark.storage.content_sha256`), then drops, with a Spark ``left_anti``
+2. lists the dump and hashes every file (:func:`cxr_spark.io.storage.content_sha256`), then drops, with a Spark ``left_anti``
    join, every content hash this model version already scored or quarantined; identical files within
    the dump are scored once;
 3. decodes, resizes and normalises the new files with the model's own ``model.json`` settings and
@@ -36,17 +36,16 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig
-from cxr_spark.commit import DEFAULT_LOCK_STALE_AFTER_S, EXIT_LOCKED, RunLock, step
-from cxr_spark.guards import UsageError, check_run
-from cxr_spark.identity import IMAGE_GLOB, stored_identity
-from cxr_spark.images import ImageError, decode_resized, sniff_format
-from cxr_spark.schemas import QUARANTINE_DIR
-from cxr_spark.manifest import finish_manifest, input_version
-from cxr_spark.input_pipeline import model_inputs
-from cxr_spark.score import loaded_model, predict_probabilities
-from cxr_spark.storage import (FileSystem, content_sha256, listed_files, local_path, read_bytes, read_json, to_url,
+from cxr_spark.io.commit import DEFAULT_LOCK_STALE_AFTER_S, EXIT_LOCKED, RunLock, step
+from cxr_spark.core.guards import UsageError, check_run
+from cxr_spark.core.identity import IMAGE_GLOB, stored_identity
+from cxr_spark.core.images import ImageError, decode_resized, sniff_format
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR
+from cxr_spark.datasets.manifest import finish_manifest, input_version
+from cxr_spark.core.normalization import model_inputs
+from cxr_spark.io.storage import (FileSystem, content_sha256, listed_files, local_path, read_bytes, read_json, to_url,
                                write_text)
-from cxr_spark.train import MODEL_FILE, load_model_card
+from cxr_spark.datasets.model_card import MODEL_FILE, load_model_card, loaded_model, predict_probabilities
 
 log = logging.getLogger(__name__)
 
@@ -199,7 +198,7 @@ def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, ba
                 lock_stale_after_s: float = DEFAULT_LOCK_STALE_AFTER_S, retry_quarantined: bool = False) -> dict:
     """Score the files of ``images`` that ``model_dir``'s version has not seen into ``store``; return the summary.
 
-    Raises :class:`~cxr_spark.commit.OutputLockedError` when another run holds the store; any other failure leaves the
+    Raises :class:`~cxr_spark.io.commit.OutputLockedError` when another run holds the store; any other failure leaves the
     store as it was.
     """
     started = time.time()

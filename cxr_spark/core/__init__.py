@@ -1,0 +1,1 @@
+"""Pure functions: no Spark, no Petastorm, no TensorFlow at import."""

@@ -1,0 +1,142 @@
+"""A predictions dataset (``score``'s, the features baseline's): its columns, and the per-label metrics of
+one, computed by Spark so that only small per-label rows reach the driver.
+
+- Confusion counts at the model's tuned thresholds and at 0.5 (positive when p >= t, compared at the
+  probabilities' own precision).
+- AUROC, ties included: scores are grouped into distinct values and, walking them from the highest
+  down with a window, each positive counts the negatives scored above it plus half of those tied with
+  it (the Mann-Whitney U statistic, divided by P·N).
+- Average precision as scikit-learn defines it: the sum over distinct scores of (R_n - R_{n-1})·P_n,
+  ties grouped, from the same running counts.
+- Micro averages pool all labels: the summed confusion matrices, and AUROC/AP over the pooled
+  (label, image) pairs.
+
+The ROC and precision-recall curves are the running counts at each distinct score; a label with more
+than ``max_curve_points`` distinct scores is drawn through an evenly spaced subset of its exact points.
+The metrics never use the subset.
+"""
+from __future__ import annotations
+
+import numpy as np
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+
+from cxr_spark.core.metrics import COUNT_NAMES, micro_counts, rates
+
+# view, sex and age ride along for the report's dataset summary (no names or other identifying fields).
+PREDICTIONS_DDL = ("image_id string, split string, labels array<smallint>, probabilities array<float>, "
+                   "view string, sex string, age int")
+
+HALF = 0.5  # the fixed threshold reported beside the tuned one
+MAX_CURVE_POINTS = 2000  # per label and curve, for the plots only
+MICRO = -1  # the key of the pooled (micro-average) row in the ranking aggregation
+
+
+def long_form(predictions: DataFrame, *keep: str) -> DataFrame:
+    """One row per (image, label): the ``keep`` columns, ``label`` (index), ``y`` (0/1), ``p`` (the
+    probability, its own type)."""
+    pairs = predictions.select(*keep, F.posexplode(F.arrays_zip("labels", "probabilities")).alias("label", "pair"))
+    return pairs.select(*keep, "label", F.col("pair.labels").cast("int").alias("y"),
+                        F.col("pair.probabilities").alias("p"))
+
+
+def _confusion(prefix: str, predicted: Column) -> list[Column]:
+    positive, negative = F.col("y") == 1, F.col("y") == 0
+    cells = {"tp": predicted & positive, "fp": predicted & negative, "tn": ~predicted & negative,
+             "fn": ~predicted & positive}
+    return [F.sum(cells[name].cast("long")).alias(prefix + name) for name in COUNT_NAMES]
+
+
+def confusion_counts(long: DataFrame, labels: list[str], thresholds: list[float], score_type: str) -> dict[int, dict]:
+    """Per label index: confusion counts at ``thresholds`` and at 0.5 (``half_`` prefix), one Spark job.
+
+    Raises ValueError naming the label when a probability is missing or NaN or a label is not 0/1.
+    """
+    # Thresholds are applied at the probabilities' own precision: 0.39f >= 0.39 must hold for float scores.
+    threshold = F.element_at(F.array(*[F.lit(float(t)).cast(score_type) for t in thresholds]), F.col("label") + 1)
+    invalid = F.col("p").isNull() | F.isnan("p") | F.col("y").isNull() | ~F.col("y").isin(0, 1)
+    rows = long.groupBy("label").agg(*_confusion("", F.col("p") >= threshold),
+                                     *_confusion("half_", F.col("p") >= F.lit(HALF).cast(score_type)),
+                                     F.sum(invalid.cast("long")).alias("invalid")).collect()
+    bad = {labels[row["label"]] if 0 <= row["label"] < len(labels) else f"#{row['label']}": row["invalid"]
+           for row in rows if row["invalid"] or not 0 <= row["label"] < len(labels)}
+    if bad:
+        raise ValueError(f"predictions hold missing/NaN probabilities, labels other than 0/1, or arrays whose length "
+                         f"is not {len(labels)} (the model's labels); rows per label: {bad}")
+    return {row["label"]: row.asDict() for row in rows}
+
+
+def ranking(long: DataFrame, max_curve_points: int) -> tuple[dict[int, dict], dict[int, list]]:
+    """Exact AUROC and average precision per label index and for the pooled pairs (:data:`MICRO`), plus
+    the curve points (score, running TP, running FP) in descending score order, at most about
+    ``max_curve_points`` per label."""
+    pooled = long.unionByName(long.withColumn("label", F.lit(MICRO)))
+    by_score = pooled.groupBy("label", "p").agg(F.sum("y").alias("pos"), F.sum(1 - F.col("y")).alias("neg"))
+    descending = Window.partitionBy("label").orderBy(F.col("p").desc())
+    running = descending.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    ranked = by_score.select(
+        "label", "p", "pos", "neg",
+        F.sum("pos").over(running).alias("tp"), F.sum("neg").over(running).alias("fp"),
+        F.row_number().over(descending).alias("rank"),
+        F.count("*").over(Window.partitionBy("label")).alias("n_scores")).persist()
+    try:
+        summary = ranked.groupBy("label").agg(
+            F.sum("pos").alias("n_pos"), F.sum("neg").alias("n_neg"), F.first("n_scores").alias("n_scores"),
+            # (positive, negative) pairs in the wrong order: negatives scored above a positive, ties count half
+            F.sum(F.col("pos") * (F.col("fp") - 0.5 * F.col("neg"))).alias("misordered"),
+            # (R_n - R_{n-1}) * P_n summed, times P: each group adds pos * precision at its threshold
+            F.sum(F.col("pos") * F.col("tp") / (F.col("tp") + F.col("fp"))).alias("ap_times_p")).collect()
+        # Plot points: every exact point up to max_curve_points, else an evenly spaced subset of them (and the last).
+        step_changes = (F.floor(F.col("rank") * max_curve_points / F.col("n_scores"))
+                        != F.floor((F.col("rank") - 1) * max_curve_points / F.col("n_scores")))
+        points = ranked.where(step_changes | (F.col("rank") == F.col("n_scores"))).select(
+            "label", "rank", F.col("p").cast("double").alias("p"), "tp", "fp").collect()
+    finally:
+        ranked.unpersist()
+    results = {}
+    for row in summary:
+        n_pos, n_neg = int(row["n_pos"]), int(row["n_neg"])
+        results[row["label"]] = {
+            "positives": n_pos, "negatives": n_neg, "n_distinct_scores": int(row["n_scores"]),
+            "auroc": 1.0 - row["misordered"] / (n_pos * n_neg) if n_pos and n_neg else None,
+            "average_precision": row["ap_times_p"] / n_pos if n_pos else None,
+        }
+    curves: dict[int, list] = {}
+    for row in sorted(points, key=lambda r: (r["label"], r["rank"])):
+        curves.setdefault(row["label"], []).append((row["p"], int(row["tp"]), int(row["fp"])))
+    return results, curves
+
+
+def _curve(points: list, ranked: dict, max_curve_points: int) -> dict:
+    scores, tp, fp = (np.array(column) for column in zip(*points)) if points else (np.zeros(0),) * 3
+    return {"scores": scores, "tp": tp, "fp": fp, "positives": ranked.get("positives", 0),
+            "negatives": ranked.get("negatives", 0), "n_distinct_scores": ranked.get("n_distinct_scores", 0),
+            "thinned": ranked.get("n_distinct_scores", 0) > max_curve_points}
+
+
+def label_metrics(predictions: DataFrame, labels: list[str], thresholds: list[float],
+                  max_curve_points: int = MAX_CURVE_POINTS) -> tuple[dict[str, dict], dict, dict[str, dict]]:
+    """Per-label metrics, the micro averages and the curve points of one predictions DataFrame, by Spark."""
+    score_type = predictions.schema["probabilities"].dataType.elementType.simpleString()
+    long = long_form(predictions)
+    counts = confusion_counts(long, labels, thresholds, score_type)
+    ranked, points = ranking(long, max_curve_points)
+    per_label, curves = {}, {}
+    for index, name in enumerate(labels):
+        row = counts.get(index, {})
+        tuned = {key: int(row.get(key) or 0) for key in COUNT_NAMES}
+        half = {key: int(row.get("half_" + key) or 0) for key in COUNT_NAMES}
+        rank = ranked.get(index, {})
+        per_label[name] = {
+            "threshold": float(thresholds[index]), **tuned, **rates(**tuned),
+            "auroc": rank.get("auroc"), "average_precision": rank.get("average_precision"),
+            "support": tuned["tp"] + tuned["fn"], "n_distinct_scores": rank.get("n_distinct_scores", 0),
+            "at_0_5": {"threshold": HALF, **half, **rates(**half)},
+        }
+        curves[name] = _curve(points.get(index, []), rank, max_curve_points)
+    pooled = ranked.get(MICRO, {})
+    micro = {**micro_counts(per_label.values()), "auroc": pooled.get("auroc"),
+             "average_precision": pooled.get("average_precision"),
+             "at_0_5": micro_counts(row["at_0_5"] for row in per_label.values())}
+    curves["micro"] = _curve(points.get(MICRO, []), pooled, max_curve_points)
+    return per_label, micro, curves

@@ -1,0 +1,1 @@
+"""Storage, commits and locks, the Spark session and its Python worker daemon."""

@@ -1,0 +1,1 @@
+"""batch-score: nightly scoring of new dumps into an append-only store."""

@@ -1,0 +1,1 @@
+"""report: metrics in Spark, Grad-CAM, the rendered report."""

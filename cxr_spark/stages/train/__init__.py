@@ -1,0 +1,1 @@
+"""train: Horovod-on-Spark training of the CNN and its input pipeline."""
