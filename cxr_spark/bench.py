@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from cxr_spark.core.images import decode_grayscale, decode_resized, encode_png, resize_square
+from cxr_spark.core.image_codec import decode_grayscale, decode_resized, encode_png, resize_square
 
 log = logging.getLogger(__name__)
 NIH_IMAGES = 112_120
@@ -56,11 +56,11 @@ def one_pass_work(size: int, folder: Path):
     images_<size> file in its ``split=train`` folder), without Spark: decoding plus everything the pipeline
     must do to each file besides. Returns a function of a list of paths."""
     from cxr_spark.config import load_config
-    from cxr_spark.stages.ingest import images_part_schema, index_and_keep, raw_arrow_schema
     from cxr_spark.core.labels import NUM_LABELS
-    from cxr_spark.datasets.raw import RawSchema
     from cxr_spark.datasets.fields import encode_column
-    from cxr_spark.io.storage import ParquetPartWriter, PartitionedPartWriter
+    from cxr_spark.datasets.raw import RawSchema
+    from cxr_spark.io.parquet_parts import ParquetPartWriter, PartitionedPartWriter
+    from cxr_spark.stages.ingest import images_part_schema, index_and_keep, raw_arrow_schema
 
     config = load_config()
     labels = encode_column(RawSchema, "labels", [np.zeros(NUM_LABELS, np.uint8)])[0]
@@ -170,9 +170,9 @@ def spark_rates(dumps: dict[str, Path], work: Path, size: int, repeats: int) -> 
     import pandas as pd
 
     from cxr_spark.config import load_config, override
+    from cxr_spark.io.session import build_session
     from cxr_spark.stages.ingest import ingest
     from cxr_spark.stages.preprocess import preprocess
-    from cxr_spark.io.session import build_session
 
     config = load_config()
     resize = override(config.preprocess, size=size)

@@ -30,12 +30,12 @@ log = logging.getLogger(__name__)
 def save_demo_model(spark, images_url: str, folder: Path) -> str:
     """A freshly initialised demo model for ``images_url``'s size in ``folder``, as train writes one."""
     from cxr_spark.config import load_config
-    from cxr_spark.core.normalization import normalization_spec
     from cxr_spark.core.labels import LABELS
-    from cxr_spark.stages.train.models import build_model
+    from cxr_spark.core.normalization import normalization_spec
     from cxr_spark.datasets.images import NORMALIZATION_FILE
-    from cxr_spark.io.storage import read_json, to_url, write_json
     from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE
+    from cxr_spark.io.storage import read_json, to_url, write_json
+    from cxr_spark.stages.train.models import build_model
 
     config = load_config().train
     url = to_url(images_url)
@@ -102,9 +102,9 @@ def _images_in_memory(spark, url: str, size: int):
 def run_scoring_bench(spark, images_url: str, work: Path, repeats: int, batch_size: int) -> dict:
     """The single-process limit, the Spark job's rate and its marginal rate, and their ratios."""
     from cxr_spark.bench_train import fresh_process
-    from cxr_spark.stages.score import score
-    from cxr_spark.io.storage import read_json, to_url
     from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE
+    from cxr_spark.io.storage import read_json, to_url
+    from cxr_spark.stages.score import score
 
     url = to_url(images_url)
     model_dir = work / "bench_model"

@@ -60,7 +60,7 @@ def _compiled_model(model_name: str, size: int, batches: list[tuple], optimizer)
     import tensorflow as tf
 
     from cxr_spark.stages.train.models import build_model
-    from cxr_spark.stages.train.job import class_weights, weighted_binary_crossentropy
+    from cxr_spark.stages.train.worker import class_weights, weighted_binary_crossentropy
 
     labels = np.concatenate([y for _, y in batches])
     model = build_model(model_name, size, labels.shape[1], seed=1)

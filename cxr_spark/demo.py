@@ -9,14 +9,14 @@ from functools import partial
 from pathlib import Path
 
 from cxr_spark.config import load_config, override
+from cxr_spark.io.session import build_session
 from cxr_spark.stages.features import features
-from cxr_spark.stages.report.gradcam import GradcamRequest
 from cxr_spark.stages.ingest import ingest
+from cxr_spark.stages.report.gradcam import GradcamRequest
 from cxr_spark.stages.report.job import report
 from cxr_spark.stages.score import score
-from cxr_spark.io.session import build_session
-from cxr_spark.synth import BBOX_FILE, SynthSpec, generate
 from cxr_spark.stages.train.job import train
+from cxr_spark.synth import BBOX_FILE, SynthSpec, generate
 
 log = logging.getLogger(__name__)
 SYNTH_SPEC_FILE = "_synth.json"

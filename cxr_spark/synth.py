@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from cxr_spark.core.images import encode_png
+from cxr_spark.core.image_codec import encode_png
 from cxr_spark.core.labels import LABELS, format_finding_labels, parse_finding_labels
 from cxr_spark.core.metadata import COLUMN_NAMES, HEADER
 from cxr_spark.core.splits import hash_split

@@ -126,7 +126,7 @@ def sample_films(request, tmp_path_factory) -> Path:
     import cv2
     import numpy as np
 
-    from cxr_spark.core.images import encode_png
+    from cxr_spark.core.image_codec import encode_png
 
     folder = tmp_path_factory.mktemp("films")
     rng = np.random.default_rng(21)

@@ -18,16 +18,16 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from conftest import SHARED_DATA, dicom_bytes
 
-from cxr_spark.stages.batch_score.job import EMPTY_SHA256, EXIT_NOTHING_NEW, LOCK_FILE, RUNS_DIR, batch_score, flag_findings
-from cxr_spark.io.commit import EXIT_LOCKED, OutputLockedError, RunLock
 from cxr_spark.core.identity import stored_identity
-from cxr_spark.core.images import ImageError, sniff_format
-from cxr_spark.datasets.quarantine import QUARANTINE_DIR
+from cxr_spark.core.image_formats import ImageError, sniff_format
 from cxr_spark.core.labels import LABELS
 from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE
-
-from conftest import SHARED_DATA, dicom_bytes
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR
+from cxr_spark.io.commit import EXIT_LOCKED, OutputLockedError, RunLock
+from cxr_spark.stages.batch_score.job import (EMPTY_SHA256, EXIT_NOTHING_NEW, LOCK_FILE, RUNS_DIR, batch_score,
+                                              flag_findings)
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32
@@ -318,8 +318,8 @@ def test_a_failed_run_leaves_the_store_byte_for_byte_as_it_was(spark, dump, mode
 
 
 def test_a_commit_that_fails_midway_undoes_its_renames(spark, tmp_path, caplog):
-    from cxr_spark.stages.batch_score.job import _commit
     from cxr_spark.io.storage import FileSystem
+    from cxr_spark.stages.batch_score.job import _commit
 
     store = tmp_path / "store"
     (store / "scored_date=2026-01-01" / "run_id=old").mkdir(parents=True)
@@ -487,9 +487,9 @@ def test_score_gives_what_keras_predicts_on_the_cards_normalisation(spark, model
     """The fast suite's check of score(): every test image's probabilities equal Keras' predict on the same
     stored pixels standardised here with the model card's mean and std (not the dataset's)."""
     import tensorflow as tf
+    from conftest import read_rows
 
     from cxr_spark.stages.score import score
-    from conftest import read_rows
 
     images, _ = tiny_images
     model_dir = Path(shutil.copytree(model[0], tmp_path / "model"))

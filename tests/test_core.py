@@ -2,23 +2,21 @@
 from __future__ import annotations
 
 import csv
-import io
 import gzip
+import io
 from collections import Counter
 
 import numpy as np
 import pytest
+from conftest import dicom_bytes
 from PIL import Image
 
-from cxr_spark.core.images import (MAX_PIXELS, PNG_TAIL_BYTES, ImageError, check_png_end, decode_grayscale, decode_resized,
-                              encode_png, image_header, png_header, resize_square)
+from cxr_spark.core.image_codec import decode_grayscale, decode_resized, encode_png, resize_square
+from cxr_spark.core.image_formats import MAX_PIXELS, PNG_TAIL_BYTES, ImageError, check_png_end, image_header, png_header
 from cxr_spark.core.labels import LABELS, UnknownFindingError, format_finding_labels, parse_finding_labels
 from cxr_spark.core.metadata import COLUMN_NAMES, age_problem, parse_age
 from cxr_spark.core.metrics import macro_average, rates
 from cxr_spark.synth import read_data_entry_csv
-
-from conftest import dicom_bytes
-
 
 #: The published order (Wang et al. 2017, Table 1 order as CheXNet uses it), typed here independently of
 #: cxr_spark.core.labels: a model's outputs are read by position, so every position matters.
@@ -478,7 +476,7 @@ def _frame(marker: int, precision: int, height: int, width: int, components: int
 
 
 def test_jpeg_headers_built_by_hand_are_read_as_the_standard_lays_them_out():
-    from cxr_spark.core.images import jpeg_header
+    from cxr_spark.core.image_formats import jpeg_header
 
     soi, app0 = b"\xff\xd8", _segment(0xE0, b"JFIF\x00" + bytes(9))
     sof = _frame(0xC2, 8, 200, 300, 1)  # progressive, 8-bit, 300 wide, 200 high, gray
@@ -503,7 +501,7 @@ def test_jpeg_headers_built_by_hand_are_read_as_the_standard_lays_them_out():
 def test_jpeg_headers_of_encoded_files_agree_with_pillow():
     import cv2
 
-    from cxr_spark.core.images import jpeg_header
+    from cxr_spark.core.image_formats import jpeg_header
 
     rng = np.random.default_rng(12)
     for image in (rng.integers(0, 256, (37, 53), dtype=np.uint8), rng.integers(0, 256, (40, 25, 3), dtype=np.uint8)):
@@ -597,9 +595,10 @@ def test_a_png_whose_pixels_do_not_decode_is_corrupt_with_its_size_and_rgba_drop
 
 
 def test_the_default_png_writer_filters_every_row_with_up_as_documented():
-    import cv2
     import struct
     import zlib
+
+    import cv2
 
     film = _film(16, 64)
     for data, expect_up in ((encode_png(film), True), (encode_png(film, compression=6), False)):
@@ -614,7 +613,7 @@ def test_the_default_png_writer_filters_every_row_with_up_as_documented():
 
 
 def test_window_and_stretch_map_values_onto_0_255_exactly_as_the_dicom_standard_writes_it():
-    from cxr_spark.core.images import minmax_to_8bit, window_to_8bit
+    from cxr_spark.core.image_codec import minmax_to_8bit, window_to_8bit
 
     values = np.arange(-5, 16, dtype=np.float64)
     center, width = 5.0, 11.0  # (x - 4.5) / 10 * 255 + 127.5: never half-way between two gray levels
@@ -631,7 +630,7 @@ def test_window_and_stretch_map_values_onto_0_255_exactly_as_the_dicom_standard_
 
 
 def test_the_box_factor_is_the_largest_shrink_that_divides_both_sides():
-    from cxr_spark.core.images import _box_factor
+    from cxr_spark.core.image_codec import _box_factor
 
     for height, width, size in [(1024, 1024, 224), (1000, 1000, 224), (1023, 1024, 224), (672, 672, 224),
                                 (1024, 768, 256), (900, 1200, 100), (224, 224, 224), (100, 100, 224), (30, 45, 5)]:
@@ -641,7 +640,7 @@ def test_the_box_factor_is_the_largest_shrink_that_divides_both_sides():
 
 
 def test_jpeg_header_edges_a_walker_must_get_right():
-    from cxr_spark.core.images import jpeg_header
+    from cxr_spark.core.image_formats import jpeg_header
 
     soi, app0 = b"\xff\xd8", _segment(0xE0, b"JFIF\x00" + bytes(9))
     wide = _frame(0xC0, 8, 30_000, 40_000, 1)  # sides over 32,767: unsigned
@@ -656,7 +655,7 @@ def test_jpeg_header_edges_a_walker_must_get_right():
 
 
 def test_jpeg_segments_a_walker_must_not_misread_and_the_details_of_what_does_not_decode():
-    from cxr_spark.core.images import jpeg_header
+    from cxr_spark.core.image_formats import jpeg_header
 
     soi = b"\xff\xd8"
     exif = _segment(0xE1, bytes(40_000))  # an EXIF or ICC segment over 32,767 bytes: lengths are unsigned

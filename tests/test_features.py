@@ -7,17 +7,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_rows
 from scipy import ndimage, stats
 from sklearn.metrics import roc_auc_score
 
-from cxr_spark.stages import features as feat
 from cxr_spark.core import image_features as fx
 from cxr_spark.core.labels import LABELS
 from cxr_spark.core.metrics import tune_thresholds
-from cxr_spark.stages.report.job import report
 from cxr_spark.datasets.images import images_schema
-
-from conftest import read_rows
+from cxr_spark.stages import features as feat
+from cxr_spark.stages.report.job import report
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,16 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from conftest import read_rows
 from PIL import Image
 
-from cxr_spark.stages.report.gradcam import (GradCam, GradcamRequest, bbox_table, boxed_scored, default_bbox, feature_layer,
-                               hit_fraction, in_boxes, overlay_path, peak_point)
-from cxr_spark.stages.train.models import build_model
-from cxr_spark.stages.report.job import report
-from cxr_spark.stages.score import score
 from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE
-
-from conftest import read_rows
+from cxr_spark.stages.report.gradcam import (GradCam, GradcamRequest, bbox_table, boxed_scored, default_bbox,
+                                             feature_layer)
+from cxr_spark.stages.report.job import report
+from cxr_spark.stages.report.overlays import hit_fraction, in_boxes, overlay_path, peak_point
+from cxr_spark.stages.score import score
+from cxr_spark.stages.train.models import build_model
 
 L = tf.keras.layers
 SIZE = 32

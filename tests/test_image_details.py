@@ -11,13 +11,13 @@ import zlib
 import cv2
 import numpy as np
 import pytest
+from conftest import dicom_bytes
 
-from cxr_spark.core.images import (PNG_SIGNATURE, ImageError, decode_grayscale, decode_resized, encode_png, error_detail,
-                              image_header, png_header, read_dicom, resize_square, scale_to_8bit, sniff_format)
+from cxr_spark.core.image_codec import decode_grayscale, decode_resized, encode_png, resize_square, scale_to_8bit
+from cxr_spark.core.image_formats import (PNG_SIGNATURE, ImageError, error_detail, image_header, png_header, read_dicom,
+                                          sniff_format)
 from cxr_spark.datasets.quarantine import REASONS
 from cxr_spark.stages.ingest import index_file
-
-from conftest import dicom_bytes
 
 
 def _refusal(call, *args, **kwargs) -> tuple[str, str]:

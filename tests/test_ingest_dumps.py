@@ -14,13 +14,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from conftest import ROOT, dicom_bytes, read_rows
 from PIL import Image
 
-from cxr_spark.core.images import decode_grayscale
-from cxr_spark.stages.ingest import ingest
+from cxr_spark.core.image_codec import decode_grayscale
 from cxr_spark.core.labels import LABELS
-
-from conftest import ROOT, dicom_bytes, read_rows
+from cxr_spark.stages.ingest import ingest
 
 IDENTIFYING = ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "PatientBirthDate",

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from cxr_spark.core.images import MAX_PIXELS
-from cxr_spark.stages.ingest import QUARANTINE_DIR, QUARANTINE_SCHEMA, ingest
-
 from conftest import read_rows
+from PIL import Image
 from test_core import big_png_header
+
+from cxr_spark.core.image_formats import MAX_PIXELS
+from cxr_spark.stages.ingest import QUARANTINE_DIR, QUARANTINE_SCHEMA, ingest
 
 # Pillow mode -> the conversion ingest must count (None: already 8-bit gray; "unsupported": refused)
 PILLOW_MODES = {"L": None, "RGB": "rgb", "RGBA": "rgba", "P": "palette", "I;16": "16bit", "I": "16bit",
@@ -74,7 +73,7 @@ def test_pixel_formats_are_converted_counted_or_quarantined(spark, tmp_path, con
     assert counts["quarantine_reasons"] == dict(reasons)
     assert counts["splits"] == {"unlabeled": n_files - sum(reasons.values())}
     assert counts["formats"]["jpeg"] == len([p for p in dump.glob("*.jpg") if Image.open(p).mode != "CMYK"])
-    from cxr_spark.core.images import decode_grayscale
+    from cxr_spark.core.image_codec import decode_grayscale
 
     rows = read_rows(tmp_path / "raw", ["image_id", "png", "width", "height"])
     for row in rows:  # original bytes kept; every accepted one decodes to the 8-bit gray Pillow computes

@@ -8,7 +8,7 @@ from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, precisi
                              recall_score, roc_curve)
 
 from cxr_spark.core.metrics import (AGE_BANDS, DEFAULT_THRESHOLD, RATE_NAMES, age_band, curve_rates, macro_average,
-                               micro_counts, rates, tune_threshold, tune_thresholds)
+                                    micro_counts, rates, tune_threshold, tune_thresholds)
 
 
 def _cases():

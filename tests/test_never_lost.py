@@ -14,15 +14,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from faults import cli, kill_at_step, spark_conf
 
-from cxr_spark.io.commit import OutputLockedError, settle
 from cxr_spark.config import override
 from cxr_spark.core.guards import UsageError, canonical, check_metadata_file, check_paths, check_replaceable_local
-from cxr_spark.stages.ingest import ingest
 from cxr_spark.core.metadata import HEADER
 from cxr_spark.datasets.quarantine import QUARANTINE_DIR
-
-from faults import cli, kill_at_step, spark_conf
+from cxr_spark.io.commit import OutputLockedError, settle
+from cxr_spark.stages.ingest import ingest
 
 N_IMAGES, REMOVED = 30, 6
 

@@ -12,19 +12,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import read_rows
+from faults import kill_tree
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
 from cxr_spark.config import override
 from cxr_spark.core.labels import LABELS
 from cxr_spark.core.metrics import tune_thresholds
+from cxr_spark.datasets.model_card import MODEL_FILE
 from cxr_spark.stages.report.job import report
 from cxr_spark.stages.score import score
-from cxr_spark.datasets.model_card import MODEL_FILE
 from cxr_spark.stages.train.job import train
-
-from conftest import read_rows
-from faults import kill_tree
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow

@@ -10,10 +10,9 @@ import subprocess
 import numpy as np
 import pytest
 from PIL import Image
+from test_report import write_predictions
 
 from cxr_spark.stages.report.job import report
-
-from test_report import write_predictions
 
 CHROMIUM = "/usr/bin/chromium"
 SECTIONS = ("dataset", "metrics", "curves", "confusion", "training", "baseline", "gradcam", "references")

@@ -5,14 +5,13 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from conftest import read_rows
 
+from cxr_spark.core.labels import LABELS
 from cxr_spark.core.normalization import IMAGENET_MEAN, normalization_spec, normalize
 from cxr_spark.stages.train.input_pipeline import (Augmentation, affine_matrix, augment_batch, epoch_dataset,
                                                    iterate_epoch, random_warp, shard_size, steps_per_epoch)
-from cxr_spark.core.labels import LABELS
-from cxr_spark.stages.train.job import class_weights, weighted_binary_crossentropy
-
-from conftest import read_rows
+from cxr_spark.stages.train.worker import class_weights, weighted_binary_crossentropy
 
 NO_AUGMENT = None
 RESCALE = {"mode": "rescale", "mean": 0.0, "std": 255.0, "equalize": False}

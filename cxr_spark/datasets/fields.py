@@ -7,6 +7,7 @@ import numpy as np
 from petastorm.codecs import ScalarCodec
 from petastorm.unischema import Unischema, UnischemaField
 
+
 def scalar_field(name, numpy_type, spark_type, nullable=False):
     return UnischemaField(name, numpy_type, (), ScalarCodec(spark_type), nullable)
 

@@ -21,13 +21,14 @@ from pyspark.sql import types as T
 
 from cxr_spark.config import PreprocessConfig
 from cxr_spark.core.guards import UsageError
-from cxr_spark.core.images import decode_resized, encode_png
+from cxr_spark.core.image_codec import decode_resized, encode_png
 from cxr_spark.datasets.fields import scalar_field
 from cxr_spark.datasets.manifest import finish_manifest
 from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA
 from cxr_spark.datasets.raw import METADATA_FIELDS
 from cxr_spark.io.commit import atomic_output
-from cxr_spark.io.storage import FileSystem, image_rows_writer, local_path, move_parquet_parts, parquet_parts, to_url, write_json
+from cxr_spark.io.parquet_parts import image_rows_writer, move_parquet_parts, parquet_parts
+from cxr_spark.io.storage import FileSystem, local_path, to_url, write_json
 
 log = logging.getLogger(__name__)
 

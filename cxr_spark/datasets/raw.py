@@ -13,7 +13,6 @@ from pyspark.sql import types as T
 from cxr_spark.core.labels import NUM_LABELS
 from cxr_spark.datasets.fields import scalar_field as _scalar
 
-
 METADATA_FIELDS = [
     _scalar("image_id", np.str_, T.StringType()),
     # null when the dump names no patient (generic and Kaggle dumps, DICOM): nothing is invented

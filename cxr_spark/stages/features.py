@@ -20,17 +20,16 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cxr_spark.config import FeaturesConfig, PipelineConfig, override
+from cxr_spark.core.guards import UsageError, check_run
+from cxr_spark.core.image_features import (FEATURE_NAMES, LUNG_COLUMNS, LUNG_ROWS, MEDIASTINUM_COLUMNS, image_features,
+                                           lung_regions)
 from cxr_spark.core.labels import LABELS
-from cxr_spark.datasets.manifest import code_version, finish_manifest, input_version
 from cxr_spark.core.metrics import DEFAULT_THRESHOLD, macro_average, tune_thresholds
-from cxr_spark.datasets.predictions import label_metrics
 from cxr_spark.datasets.fields import decode_column
 from cxr_spark.datasets.images import images_schema
-from cxr_spark.datasets.predictions import PREDICTIONS_DDL
+from cxr_spark.datasets.manifest import code_version, finish_manifest, input_version
+from cxr_spark.datasets.predictions import PREDICTIONS_DDL, label_metrics
 from cxr_spark.io.commit import atomic_output, settle
-from cxr_spark.core.guards import UsageError, check_run
-from cxr_spark.core.image_features import (FEATURE_NAMES, LUNG_COLUMNS, LUNG_ROWS, MEDIASTINUM_COLUMNS,
-                                     image_features, lung_regions)
 from cxr_spark.io.storage import read_json, to_url
 
 log = logging.getLogger(__name__)

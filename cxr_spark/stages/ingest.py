@@ -46,25 +46,26 @@ from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import to_arrow_type
 from pyspark.sql.types import BinaryType
 
-from cxr_spark.io.commit import OutputRun
 from cxr_spark.config import IngestConfig, PipelineConfig, PreprocessConfig, load_config, override
 from cxr_spark.core.guards import UsageError, check_metadata_file, check_paths, check_run, metadata_header_problem
 from cxr_spark.core.identity import DICOM_ID_HEX, DICOM_NAME, DICOM_SOURCE, IMAGE_GLOB
-from cxr_spark.core.images import (CONVERSIONS, PNG_SIGNATURE, PNG_TAIL_BYTES, ImageError, check_png_end,
-                              decode_dicom, encode_png, image_header, read_dicom, resize_square)
+from cxr_spark.core.image_codec import decode_dicom, encode_png, resize_square
+from cxr_spark.core.image_formats import (CONVERSIONS, PNG_SIGNATURE, PNG_TAIL_BYTES, ImageError, check_png_end,
+                                          image_header, read_dicom)
 from cxr_spark.core.labels import LABELS, NUM_LABELS, UnknownFindingError, parse_finding_labels
-from cxr_spark.datasets.manifest import finish_manifest, input_version
-from cxr_spark.core.metadata import age_problem, dicom_metadata, parse_age, SPARK_DDL
-from cxr_spark.datasets.images import encode_resized, PNG_BYTES_PER_PIXEL, resize_encoded, write_images
-from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA
-from cxr_spark.datasets.raw import metadata_columns, RawSchema
-from cxr_spark.datasets.fields import encode_column
-from cxr_spark.datasets.images import images_schema
+from cxr_spark.core.metadata import SPARK_DDL, age_problem, dicom_metadata, parse_age
 from cxr_spark.core.splits import hash_split, official_split
-from cxr_spark.io.storage import (FileSystem, ParquetPartWriter, PartitionedPartWriter, image_rows_writer,
-                               listed_files, local_file_path, local_path, move_parquet_parts, read_json,
-                               read_local_file, sha256_hex, to_url, write_parquet_part)
 from cxr_spark.datasets.bbox import BBOX_DIR, read_bbox
+from cxr_spark.datasets.fields import encode_column
+from cxr_spark.datasets.images import PNG_BYTES_PER_PIXEL, encode_resized, images_schema, resize_encoded, write_images
+from cxr_spark.datasets.manifest import finish_manifest, input_version
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA
+from cxr_spark.datasets.raw import RawSchema, metadata_columns
+from cxr_spark.io.commit import OutputRun
+from cxr_spark.io.parquet_parts import (ParquetPartWriter, PartitionedPartWriter, image_rows_writer, move_parquet_parts,
+                                        write_parquet_part)
+from cxr_spark.io.storage import (FileSystem, listed_files, local_file_path, local_path, read_json, read_local_file,
+                                  sha256_hex, to_url)
 
 log = logging.getLogger(__name__)
 

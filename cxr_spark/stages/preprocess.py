@@ -19,16 +19,16 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import SparkSession
 
-from cxr_spark.io.commit import settle
 from cxr_spark.config import PipelineConfig, PreprocessConfig, override
 from cxr_spark.core.guards import check_run
-from cxr_spark.core.images import ImageError, decode_grayscale
+from cxr_spark.core.image_codec import decode_grayscale
+from cxr_spark.core.image_formats import ImageError
+from cxr_spark.datasets.images import images_schema, resize_encoded, write_images
 from cxr_spark.datasets.manifest import input_version
 from cxr_spark.datasets.quarantine import QUARANTINE_SCHEMA
-from cxr_spark.datasets.images import images_schema
 from cxr_spark.datasets.raw import metadata_columns
+from cxr_spark.io.commit import settle
 from cxr_spark.io.storage import to_url
-from cxr_spark.datasets.images import resize_encoded, write_images
 
 log = logging.getLogger(__name__)
 

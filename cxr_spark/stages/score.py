@@ -17,16 +17,16 @@ from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig, override
-from cxr_spark.datasets.manifest import finish_manifest, input_version
+from cxr_spark.core.guards import UsageError, check_run
+from cxr_spark.core.labels import LABELS
+from cxr_spark.core.normalization import model_inputs
 from cxr_spark.datasets.fields import decode_column
 from cxr_spark.datasets.images import images_schema
-from cxr_spark.io.commit import atomic_output, settle
-from cxr_spark.core.guards import UsageError, check_run
-from cxr_spark.io.storage import read_bytes, read_json, to_url
-from cxr_spark.core.normalization import model_inputs
-from cxr_spark.core.labels import LABELS
+from cxr_spark.datasets.manifest import finish_manifest, input_version
 from cxr_spark.datasets.model_card import MODEL_FILE, load_model_card, loaded_model, predict_probabilities
 from cxr_spark.datasets.predictions import PREDICTIONS_DDL
+from cxr_spark.io.commit import atomic_output, settle
+from cxr_spark.io.storage import read_bytes, read_json, to_url
 
 log = logging.getLogger(__name__)
 TASKS_PER_SLOT = 4  # below this many scan partitions per task slot, rows are spread evenly (_spread_over_slots)

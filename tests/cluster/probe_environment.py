@@ -6,9 +6,10 @@ from pyspark.sql import SparkSession
 
 
 def describe(_):
-    import cxr_spark
     import horovod
     import tensorflow
+
+    import cxr_spark
 
     yield {"prefix": sys.prefix, "executable": sys.executable, "cxr_spark": cxr_spark.__version__,
            "horovod": horovod.__version__, "tensorflow": tensorflow.__version__}

@@ -36,16 +36,17 @@ from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig
-from cxr_spark.io.commit import DEFAULT_LOCK_STALE_AFTER_S, EXIT_LOCKED, RunLock, step
 from cxr_spark.core.guards import UsageError, check_run
 from cxr_spark.core.identity import IMAGE_GLOB, stored_identity
-from cxr_spark.core.images import ImageError, decode_resized, sniff_format
-from cxr_spark.datasets.quarantine import QUARANTINE_DIR
-from cxr_spark.datasets.manifest import finish_manifest, input_version
+from cxr_spark.core.image_codec import decode_resized
+from cxr_spark.core.image_formats import ImageError, sniff_format
 from cxr_spark.core.normalization import model_inputs
-from cxr_spark.io.storage import (FileSystem, content_sha256, listed_files, local_path, read_bytes, read_json, to_url,
-                               write_text)
+from cxr_spark.datasets.manifest import finish_manifest, input_version
 from cxr_spark.datasets.model_card import MODEL_FILE, load_model_card, loaded_model, predict_probabilities
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR
+from cxr_spark.io.commit import DEFAULT_LOCK_STALE_AFTER_S, EXIT_LOCKED, RunLock, step
+from cxr_spark.io.storage import (FileSystem, content_sha256, listed_files, local_path, read_bytes, read_json, to_url,
+                                  write_text)
 
 log = logging.getLogger(__name__)
 

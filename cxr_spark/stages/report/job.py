@@ -22,13 +22,13 @@ from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cxr_spark.config import PipelineConfig
-from cxr_spark.datasets.manifest import finish_manifest, input_version
-from cxr_spark.core.metrics import AGE_BANDS, RANKING_NAMES, THRESHOLD_RATE_NAMES, UNKNOWN, macro_average
-from cxr_spark.stages.report.render import render_html, render_markdown
-from cxr_spark.io.commit import atomic_output
 from cxr_spark.core.guards import check_run
-from cxr_spark.io.storage import read_json, to_url, write_bytes, write_json, write_text
+from cxr_spark.core.metrics import AGE_BANDS, RANKING_NAMES, THRESHOLD_RATE_NAMES, UNKNOWN, macro_average
+from cxr_spark.datasets.manifest import finish_manifest, input_version
 from cxr_spark.datasets.predictions import MAX_CURVE_POINTS, label_metrics
+from cxr_spark.io.commit import atomic_output
+from cxr_spark.io.storage import read_json, to_url, write_bytes, write_json, write_text
+from cxr_spark.stages.report.render import render_html, render_markdown
 
 log = logging.getLogger(__name__)
 
@@ -232,8 +232,8 @@ def report(spark: SparkSession, predictions_url: str, out: str, baseline_url: st
     """Write ``metrics.json``, ``report.md`` and ``report.html`` for a predictions dataset (and, with
     ``baseline_url``, a second one shown beside it; with ``gradcam``, a
     :class:`cxr_spark.stages.report.gradcam.GradcamRequest`, Grad-CAM overlays in ``gradcam/``); returns the metrics."""
-    from cxr_spark.stages.report import gradcam as gradcam_module  # imports this module: not at the top
     from cxr_spark.core.plots import report_figures  # matplotlib only when a report is drawn
+    from cxr_spark.stages.report import gradcam as gradcam_module  # imports this module: not at the top
 
     started = time.time()
     evaluation = evaluate(spark, predictions_url, max_curve_points)

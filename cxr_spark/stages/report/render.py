@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from cxr_spark.core.metrics import COUNT_NAMES, THRESHOLD_RATE_NAMES
 from cxr_spark.stages.report.references import (CHEXNET_AUROC, CHEXNET_CITATION, KAGGLE_CITATION, KAGGLE_PNEUMONIA,
-                                         REFERENCE_MARK)
+                                                REFERENCE_MARK)
 
 NOT_AVAILABLE = "n/a"
 UNDEFINED_NOTE = (f"{NOT_AVAILABLE}: undefined (a zero denominator, or no positives or no negatives for AUROC "

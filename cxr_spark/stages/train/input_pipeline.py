@@ -18,7 +18,6 @@ import numpy as np
 from cxr_spark.core.normalization import model_inputs
 
 
-
 @dataclass(frozen=True)
 class Augmentation:
     """Random affine augmentation for chest films, applied to the train split only.
