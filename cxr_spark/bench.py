@@ -52,7 +52,7 @@ ONE_PASS_WORK = ("one pass's own work on each file (read into raw's Parquet writ
 
 def one_pass_work(size: int, folder: Path):
     """Pass 1's work on each file in this process, as one Spark task of ``ingest --images-out`` does it
-    (:func:`~cxr_spark.stages.ingest.index_and_keep` of each file into one raw Parquet file in ``folder`` and one
+    (:func:`~cxr_spark.stages.ingest.pass1.index_and_keep` of each file into one raw Parquet file in ``folder`` and one
     images_<size> file in its ``split=train`` folder), without Spark: decoding plus everything the pipeline
     must do to each file besides. Returns a function of a list of paths."""
     from cxr_spark.config import load_config
@@ -60,7 +60,7 @@ def one_pass_work(size: int, folder: Path):
     from cxr_spark.datasets.fields import encode_column
     from cxr_spark.datasets.raw import RawSchema
     from cxr_spark.io.parquet_parts import ParquetPartWriter, PartitionedPartWriter
-    from cxr_spark.stages.ingest import images_part_schema, index_and_keep, raw_arrow_schema
+    from cxr_spark.stages.ingest.pass1 import images_part_schema, index_and_keep, raw_arrow_schema
 
     config = load_config()
     labels = encode_column(RawSchema, "labels", [np.zeros(NUM_LABELS, np.uint8)])[0]
@@ -171,7 +171,7 @@ def spark_rates(dumps: dict[str, Path], work: Path, size: int, repeats: int) -> 
 
     from cxr_spark.config import load_config, override
     from cxr_spark.io.session import build_session
-    from cxr_spark.stages.ingest import ingest
+    from cxr_spark.stages.ingest.job import ingest
     from cxr_spark.stages.preprocess import preprocess
 
     config = load_config()
@@ -308,7 +308,7 @@ def ingest_figures(base: Path, n_images: int, size: int, repeats: int) -> dict:
 def model_dataset(spark, base: Path, n_images: int, size: int) -> str:
     """The training and scoring parts' ``images_<size>``: synthetic films ingested and preprocessed (untimed)."""
     from cxr_spark.config import load_config, override
-    from cxr_spark.stages.ingest import ingest
+    from cxr_spark.stages.ingest.job import ingest
 
     dump, work = base / "model_dump", base / "model_work"
     images = work / f"images_{size}"

@@ -21,8 +21,9 @@ from cxr_spark import __version__
 from cxr_spark.config import load_config
 from cxr_spark.core.guards import UsageError
 from cxr_spark.io.session import build_session
-from cxr_spark.stages import features, ingest, preprocess, score
+from cxr_spark.stages import features, preprocess, score
 from cxr_spark.stages.batch_score import job as batch_score
+from cxr_spark.stages.ingest import job as ingest
 from cxr_spark.stages.report import job as report
 from cxr_spark.stages.train import job as train
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from cxr_spark.config import load_config, override
 from cxr_spark.io.session import build_session
 from cxr_spark.stages.features import features
-from cxr_spark.stages.ingest import ingest
+from cxr_spark.stages.ingest.job import ingest
 from cxr_spark.stages.report.gradcam import GradcamRequest
 from cxr_spark.stages.report.job import report
 from cxr_spark.stages.score import score

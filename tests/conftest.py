@@ -56,7 +56,7 @@ def config():
 
 @pytest.fixture(scope="session")
 def tiny_raw(spark, tiny_dump, tmp_path_factory, config):
-    from cxr_spark.stages.ingest import ingest
+    from cxr_spark.stages.ingest.job import ingest
 
     out = tmp_path_factory.mktemp("datasets") / "raw"
     counts = ingest(spark, str(tiny_dump), str(out), str(tiny_dump / "Data_Entry_2017.csv"), str(tiny_dump),

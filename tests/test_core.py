@@ -210,7 +210,7 @@ def test_encode_png_is_lossless_for_other_decoders_and_keeps_opencvs_writer_on_r
 
 
 def test_a_truncated_png_is_corrupt_from_its_end_and_a_whole_one_is_not():
-    from cxr_spark.stages.ingest import inspect_file
+    from cxr_spark.stages.ingest.files import inspect_file
 
     data = encode_png(np.random.default_rng(5).integers(0, 256, (64, 48), dtype=np.uint8))
     whole = inspect_file(data)

@@ -17,7 +17,7 @@ from cxr_spark.core.image_codec import decode_grayscale, decode_resized, encode_
 from cxr_spark.core.image_formats import (PNG_SIGNATURE, ImageError, error_detail, image_header, png_header, read_dicom,
                                           sniff_format)
 from cxr_spark.datasets.quarantine import REASONS
-from cxr_spark.stages.ingest import index_file
+from cxr_spark.stages.ingest.files import index_file
 
 
 def _refusal(call, *args, **kwargs) -> tuple[str, str]:

@@ -12,8 +12,9 @@ import pytest
 from conftest import read_rows
 
 from cxr_spark.core.labels import parse_finding_labels
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA
 from cxr_spark.io.commit import atomic_output
-from cxr_spark.stages.ingest import QUARANTINE_DIR, QUARANTINE_SCHEMA, ingest
+from cxr_spark.stages.ingest.job import ingest
 
 
 def _csv_rows(path):
@@ -239,7 +240,7 @@ def test_index_and_keep_keeps_a_files_own_bytes_only_when_the_plan_and_its_check
     from cxr_spark.datasets.fields import encode_column
     from cxr_spark.datasets.raw import RawSchema
     from cxr_spark.io.parquet_parts import ParquetPartWriter
-    from cxr_spark.stages.ingest import index_and_keep, raw_arrow_schema
+    from cxr_spark.stages.ingest.pass1 import index_and_keep, raw_arrow_schema
 
     first, second = sorted(sample_films.glob("*.png"))
     dicom = next(sample_films.glob("*.dcm"))
@@ -286,7 +287,7 @@ def test_pass_one_writes_the_images_row_of_a_file_it_keeps_beside_its_raw_row(sa
     from cxr_spark.datasets.fields import encode_column
     from cxr_spark.datasets.raw import RawSchema
     from cxr_spark.io.parquet_parts import ParquetPartWriter, PartitionedPartWriter, parquet_parts
-    from cxr_spark.stages.ingest import images_part_schema, index_and_keep, raw_arrow_schema
+    from cxr_spark.stages.ingest.pass1 import images_part_schema, index_and_keep, raw_arrow_schema
 
     first, second = sorted(sample_films.glob("*.png"))
     dicom = next(sample_films.glob("*.dcm"))
@@ -340,7 +341,7 @@ def test_pass_one_decodes_a_dicom_once_and_stores_the_pixels_decode_resized_give
 
     from cxr_spark.core import image_codec as images_module
     from cxr_spark.core.image_codec import decode_dicom, decode_resized
-    from cxr_spark.stages import ingest as ingest_module
+    from cxr_spark.stages.ingest import files as ingest_module
 
     data = next(sample_films.glob("*.dcm")).read_bytes()
     expected = decode_resized(data, 224)

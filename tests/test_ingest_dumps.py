@@ -19,7 +19,7 @@ from PIL import Image
 
 from cxr_spark.core.image_codec import decode_grayscale
 from cxr_spark.core.labels import LABELS
-from cxr_spark.stages.ingest import ingest
+from cxr_spark.stages.ingest.job import ingest
 
 IDENTIFYING = ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID",
                "StudyDate", "SeriesDate", "AcquisitionDate", "ContentDate", "PatientBirthDate",

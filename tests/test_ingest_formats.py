@@ -15,7 +15,8 @@ from PIL import Image
 from test_core import big_png_header
 
 from cxr_spark.core.image_formats import MAX_PIXELS
-from cxr_spark.stages.ingest import QUARANTINE_DIR, QUARANTINE_SCHEMA, ingest
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA
+from cxr_spark.stages.ingest.job import ingest
 
 # Pillow mode -> the conversion ingest must count (None: already 8-bit gray; "unsupported": refused)
 PILLOW_MODES = {"L": None, "RGB": "rgb", "RGBA": "rgba", "P": "palette", "I;16": "16bit", "I": "16bit",

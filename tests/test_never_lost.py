@@ -21,7 +21,7 @@ from cxr_spark.core.guards import UsageError, canonical, check_metadata_file, ch
 from cxr_spark.core.metadata import HEADER
 from cxr_spark.datasets.quarantine import QUARANTINE_DIR
 from cxr_spark.io.commit import OutputLockedError, settle
-from cxr_spark.stages.ingest import ingest
+from cxr_spark.stages.ingest.job import ingest
 
 N_IMAGES, REMOVED = 30, 6
 

@@ -43,7 +43,7 @@ def test_hash_split_follows_its_rule_and_is_the_same_in_another_process():
 
 
 def _splits_by_patient(spark, metadata: str, split_lists: str | None, config) -> dict:
-    from cxr_spark.stages.ingest import read_metadata
+    from cxr_spark.stages.ingest.nih_metadata import read_metadata
 
     rows = read_metadata(spark, metadata, split_lists, config.ingest).select("image_id", "patient_id", "split")
     return {row["patient_id"]: row["splits"] for row in
@@ -54,7 +54,7 @@ def _splits_by_patient(spark, metadata: str, split_lists: str | None, config) ->
 def _check_patient_wise(spark, csv_path: str, split_lists: str | None, config, test_images: set | None = None):
     """No patient in two splits, all three splits used, and (with ``test_images``) exactly those images in
     test; returns the patients per split."""
-    from cxr_spark.stages.ingest import read_metadata
+    from cxr_spark.stages.ingest.nih_metadata import read_metadata
 
     by_patient = _splits_by_patient(spark, csv_path, split_lists, config)
     mixed = {patient: splits for patient, splits in by_patient.items() if len(splits) != 1}

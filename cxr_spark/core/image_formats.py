@@ -66,6 +66,7 @@ def sniff_format(data: bytes) -> str:
 def png_header(data: bytes) -> tuple[int, int, int, int]:
     """Read ``(width, height, bit_depth, colour_type)`` from a PNG's IHDR chunk without decoding.
 
+    >>> import numpy as np; from cxr_spark.core.image_codec import encode_png
     >>> png_header(encode_png(np.zeros((3, 5), np.uint8)))[:2]
     (5, 3)
     """
@@ -82,6 +83,7 @@ def png_header(data: bytes) -> tuple[int, int, int, int]:
 def check_png_end(tail: bytes) -> None:
     """ImageError ``corrupt_image`` unless ``tail`` (a PNG's last bytes) holds the IEND chunk.
 
+    >>> import numpy as np; from cxr_spark.core.image_codec import encode_png
     >>> check_png_end(encode_png(np.zeros((3, 5), np.uint8))[-PNG_TAIL_BYTES:])
     """
     if _IEND_CHUNK not in bytes(tail):  # bytes: a memoryview has no substring search
@@ -220,6 +222,7 @@ def _dicom_header(ds) -> ImageHeader:
 def image_header(data: bytes, max_pixels: int = MAX_PIXELS) -> ImageHeader:
     """Container, size and needed conversion from the header alone; ImageError with a quarantine reason.
 
+    >>> import numpy as np; from cxr_spark.core.image_codec import encode_png
     >>> image_header(encode_png(np.zeros((3, 5), np.uint8)))
     ImageHeader(format='png', width=5, height=3, conversion=None)
     """

@@ -1,0 +1,117 @@
+"""Pass 2: the accepted files pass 1 could not write itself copied into ``raw`` (by Spark, or by the workers
+reading their own files), and ``images_<size>`` written beside it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import uuid
+
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from cxr_spark.config import PreprocessConfig
+from cxr_spark.datasets.images import PNG_BYTES_PER_PIXEL, images_schema, write_images
+from cxr_spark.datasets.manifest import input_version
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA
+from cxr_spark.datasets.raw import RawSchema, metadata_columns
+from cxr_spark.io.storage import FileSystem, local_path, read_json, to_url
+from cxr_spark.stages.ingest.files import dicom_as_png
+from cxr_spark.stages.ingest.pass1 import raw_arrow_schema, raw_part_writer
+
+
+def previous_images(spark: SparkSession, out: str, images_out: str) -> tuple[DataFrame, DataFrame] | None:
+    """append-new with images_out: the rows and quarantine of the images dataset made from the existing raw
+    dataset (None when there is none yet). An images dataset made from another raw is an error."""
+    images_url = to_url(images_out)
+    if not FileSystem(spark, images_url).exists(f"{images_url}/_manifest.json"):
+        if spark.read.parquet(to_url(out)).limit(1).count():
+            raise ValueError(f"append-new with --images-out: {images_url} does not exist yet but {to_url(out)} "
+                             f"has rows; run preprocess once to make it, then append")
+        return None
+    made_from = read_json(spark, f"{images_url}/_manifest.json").get("inputs", {}).get("raw", {})
+    current = input_version(spark, out)
+    if (made_from.get("url"), made_from.get("finished_at")) != (current["url"], current.get("finished_at")):
+        raise ValueError(f"append-new with --images-out: {images_url} was not made from the raw dataset now at "
+                         f"{current['url']} (it was made from {made_from}); run preprocess to remake it first")
+    return (spark.read.parquet(images_url),
+            spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{images_url}/{QUARANTINE_DIR}"))
+
+
+def write_images_beside(spark: SparkSession, out: str, raw_tmp: str, images_out: str, images_tmp: str, stage: str,
+                        resize: PreprocessConfig, previous: tuple[DataFrame, DataFrame] | None, started: float,
+                        allow_empty: bool) -> dict:
+    """``images_<size>`` (into ``images_tmp``, committed with raw) from pass 1's resized images: the rows its
+    tasks wrote themselves, and the others (DICOM) from its index rows joined to the metadata of the raw
+    rows just written to ``raw_tmp``, which becomes ``out``."""
+    raw = spark.read.parquet(raw_tmp)
+    columns = [field.name for field in images_schema(resize.size).fields.values()]
+    resized = (spark.read.parquet(f"{stage}/index").select("path", "image", "pixel_mean", "pixel_std")
+               .join(spark.read.parquet(f"{stage}/accepted"), "path").drop("path"))
+    rows = raw.select(*metadata_columns()).join(resized, "image_id").select(*columns)
+    if previous is not None:
+        rows = previous[0].select(*columns).unionByName(rows)
+
+    def quarantine(written, n_images):
+        return previous[1] if previous is not None else spark.createDataFrame([], QUARANTINE_SCHEMA)
+
+    made_from = {**input_version(spark, raw_tmp), "url": to_url(out)}  # the raw run committed with it
+    return write_images(spark, rows, images_out, resize, n_rows=raw.count(), quarantine=quarantine, started=started,
+                        inputs={"raw": made_from}, extra={"written_by": "ingest --images-out"},
+                        parts=local_path(f"{stage}/images"), into=images_tmp, allow_empty=allow_empty)
+
+
+def schema_columns(frame: DataFrame, names=tuple(RawSchema.fields), *others: str) -> DataFrame:
+    """The RawSchema columns ``names``, in order and with their Spark types, then the columns ``others``."""
+    return frame.select(*[F.col(name).cast(RawSchema.fields[name].codec.spark_dtype()).alias(name)
+                          for name in names], *others)
+
+
+def copy_in_spark(files: DataFrame, accepted: DataFrame) -> DataFrame:
+    """Pass 2 through the JVM (HDFS, S3, or ``worker_file_io = false``): the accepted files' bytes from
+    ``binaryFile`` joined to their metadata, DICOM re-encoded as PNG, as ``png``."""
+    # No shuffle of image bytes: binaryFile's input splits (spark.sql.files.maxPartitionBytes and
+    # openCostInBytes) already give output files of tens of MB, and the broadcast join keeps them.
+    raw = files.select("path", "content").join(F.broadcast(accepted), "path")
+    if accepted.where("format = 'dicom'").limit(1).count():
+        # Only DICOM bytes cross to Python (a Python UDF sees every row: the others pass as nulls).
+        to_png = F.pandas_udf(dicom_as_png, "binary")
+        return raw.withColumn("png", F.coalesce(to_png(F.when(F.col("format") == "dicom", F.col("content"))),
+                                                F.col("content")))
+    return raw.withColumn("png", F.col("content"))
+
+
+def image_tasks(spark: SparkSession, n_files: int, resize: PreprocessConfig) -> int:
+    """Pass 1's tasks when each writes the images_<size> rows of its files, one Parquet file per split: as
+    many as make about one row group of images each, so the images dataset gets files of row-group size
+    (Petastorm indexes a dataset's row groups with a Spark task per file, 45-50 ms of task time each
+    here), at least ``min_files_per_split`` (each split then gets that many files, for Horovod's shards)
+    and one per core."""
+    image_bytes = n_files * resize.size**2 * PNG_BYTES_PER_PIXEL
+    return max(resize.min_files_per_split, spark.sparkContext.defaultParallelism,
+               math.ceil(image_bytes / (resize.row_group_size_mb * 2**20)))
+
+
+def tasks_for(spark: SparkSession, total_bytes: int) -> int:
+    """Tasks of about ``spark.sql.files.maxPartitionBytes`` of files each, at least one per core."""
+    per_task = spark._jsparkSession.sessionState().conf().filesMaxPartitionBytes()
+    return max(spark.sparkContext.defaultParallelism, math.ceil(total_bytes / per_task))
+
+
+def copy_in_workers(spark: SparkSession, accepted: DataFrame, tmp: str, row_group_size_mb: int,
+                     total_bytes: int, n_rows: int) -> None:
+    """Pass 2 on local and mounted paths, for the accepted rows pass 1 did not write (``n_rows`` rows,
+    metadata only, ``total_bytes`` of files): each task's Python worker reads its files and writes one
+    raw Parquet file into ``tmp`` (:func:`raw_part_writer`): the image bytes never pass through the JVM,
+    where copying them cost 2.9-4.1 ms of CPU per 1024 px PNG (README, Ingest)."""
+    folder = local_path(tmp)
+    os.makedirs(folder, exist_ok=True)
+    if n_rows:
+        (schema_columns(accepted, [name for name in RawSchema.fields if name != "png"], "path", "format")
+         .repartition(tasks_for(spark, total_bytes), "image_id")
+         .mapInPandas(raw_part_writer(folder, uuid.uuid4().hex[:8], row_group_size_mb * 2**20), "rows long")
+         .agg(F.sum("rows")).first())
+    if not any(name.endswith(".parquet") and not name.startswith(".") for name in os.listdir(folder)):
+        # Nothing to write: one empty file still gives readers the schema (as Spark's writer does).
+        pq.write_table(raw_arrow_schema().empty_table(), os.path.join(folder, "part-00000-empty.parquet"))
