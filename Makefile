@@ -26,16 +26,16 @@ demo: install  ## synthetic NIH dump -> ingest -> preprocess -> Horovod training
 	$(BIN)/cxr-spark demo --run-dir $(RUN_DIR)
 
 test: install  ## the test suite, including a real 2-process Horovod run (not the cluster tests)
-	$(BIN)/python -m pytest -q -m "not cluster" tests
+	$(BIN)/python -m pytest -q -m "not cluster" --doctest-modules cxr_spark tests
 
 test-fast: install  ## the tests that need no Horovod run
-	$(BIN)/python -m pytest -q -m "not slow and not cluster" tests
+	$(BIN)/python -m pytest -q -m "not slow and not cluster" --doctest-modules cxr_spark tests
 
 cluster-test: install $(ENV_ARCHIVE)  ## a Spark standalone master + 2 workers on 127.0.0.1: the pipeline via spark-submit, a killed executor, the shipped environment
 	$(BIN)/python -m pytest -q -m cluster tests/cluster
 
 bench: install  ## ingest, training input vs model + Horovod scaling, and scoring throughput as ratios, measured side by side (no timed tests)
-	$(BIN)/python -m cxr_spark.bench $(BENCH_ARGS)
+	PYTHONPATH=$(CURDIR) $(BIN)/python -m benchmarks.bench $(BENCH_ARGS)  # PYTHONPATH: Spark's and Horovod's workers import it too
 
 mutate: install  ## mutation score of the pure modules against the tests that need no Spark (minutes; not in CI)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "mutmut==3.8.1"

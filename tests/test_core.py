@@ -684,3 +684,17 @@ def test_dicom_pixel_data_shorter_than_declared_is_corrupt_and_says_why():
 def test_ages_in_days_months_and_years_up_to_120(text, years):
     age = parse_age(text)
     assert age == years and (age is None or type(age) is int)
+
+
+def test_the_quarantine_vocabulary_is_the_one_the_readme_documents_and_nothing_else_is_written():
+    import re
+    from pathlib import Path
+
+    from cxr_spark.datasets.quarantine import REASONS, check_reasons
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme[readme.index("| reason | meaning |"):].split("\n\n")[0]
+    assert tuple(re.findall(r"^\| `(\w+)` \|", table, re.M)) == REASONS
+    check_reasons({"corrupt_image": 3, "no_metadata": 1}, "raw")
+    with pytest.raises(RuntimeError, match="raw quarantine has rows with reasons outside .*: None, bad_pixels"):
+        check_reasons({"bad_pixels": 1, None: 2, "empty_file": 1}, "raw")

@@ -4,7 +4,6 @@ end to end by Spark (synthetic dump -> ingest -> preprocess -> score with such a
 choices and figures checked against pandas, Petastorm and numpy."""
 from __future__ import annotations
 
-import csv
 import json
 import re
 

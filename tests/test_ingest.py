@@ -352,3 +352,33 @@ def test_pass_one_decodes_a_dicom_once_and_stores_the_pixels_decode_resized_give
     assert (row["reason"], row["format"], decodes) == (None, "dicom", [len(data)])
     np.testing.assert_array_equal(cv2.imdecode(np.frombuffer(row["image"], np.uint8), cv2.IMREAD_UNCHANGED), expected)
     assert (row["pixel_mean"], row["pixel_std"]) == pytest.approx((expected.mean(), expected.std()), rel=1e-5)
+
+
+def test_a_failed_petastorm_write_gives_the_session_back_its_hadoop_settings(spark, tmp_path):
+    from petastorm.etl.dataset_metadata import materialize_dataset
+
+    from cxr_spark.datasets.fields import PETASTORM_HADOOP_KEYS, petastorm_dataset
+    from cxr_spark.datasets.raw import RawSchema
+
+    conf = spark.sparkContext._jsc.hadoopConfiguration()
+    original = {key: conf.get(key) for key in PETASTORM_HADOOP_KEYS}
+
+    def restore(values):
+        for key, value in values.items():
+            conf.unset(key) if value is None else conf.set(key, value)
+
+    try:
+        conf.set("parquet.block.size", "12345")
+        before = {key: conf.get(key) for key in PETASTORM_HADOOP_KEYS}
+        with pytest.raises(RuntimeError, match="write failed"):
+            with materialize_dataset(spark, f"file://{tmp_path}/upstream", RawSchema, 3):
+                raise RuntimeError("write failed")
+        assert conf.get("parquet.block.size") == str(3 * 2**20)  # petastorm 0.13.1 leaves its row-group size set
+        restore(before)
+        with pytest.raises(RuntimeError, match="write failed"):
+            with petastorm_dataset(spark, f"file://{tmp_path}/ours", RawSchema, 3):
+                assert conf.get("parquet.block.size") == str(3 * 2**20)  # set while the dataset is written
+                raise RuntimeError("write failed")
+        assert {key: conf.get(key) for key in PETASTORM_HADOOP_KEYS} == before
+    finally:
+        restore(original)

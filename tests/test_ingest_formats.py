@@ -9,7 +9,6 @@ from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import pytest
 from conftest import read_rows
 from PIL import Image
 from test_core import big_png_header

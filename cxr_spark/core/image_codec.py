@@ -140,10 +140,8 @@ def decode_resized(data: bytes, size: int) -> np.ndarray:
 
     When the first step of the resize is a 2×2 average of an 8-bit grayscale PNG (a 1024 px radiograph
     to 224), OpenCV decodes straight to half size (``IMREAD_REDUCED_GRAYSCALE_2``, a 2×2 average with
-    the same rounding, bit for bit): the full-size image never becomes a NumPy array. Per 1024 px PNG
-    that saved 0.5 ms of Python CPU in ingest's pass 1 (10.66 -> 10.17 ms, 6,000 images each way),
-    1.2-1.3 ms in a bare Spark loop over the files and 1.5 ms in one process: the cost of the full-size
-    array swings with the heap's state (``make bench`` times both paths as candidates).
+    the same rounding, bit for bit): the full-size image never becomes a NumPy array, which saves
+    Python CPU per image (docs/benchmarks.md; ``make bench`` times both paths as candidates).
     """
     header = image_header(data)
     # an even box factor divides both sides, so both are even: the half-size decode loses no row or column
@@ -160,8 +158,8 @@ def resize_square(image: np.ndarray, size: int) -> np.ndarray:
     """Resize to ``size``×``size`` with area averaging (alias-free when shrinking X-rays).
 
     A shrink by an integer factor ``k`` >= 2 that divides both sides is first taken as box averages:
-    each factor 2 of ``k`` as one 2×2 average (OpenCV's vectorised path: 1024 -> 512 -> 256 took 0.22 ms,
-    one 4×4 average 0.54 ms), then any odd rest in one step. The rest is area-resized (256 -> 224). Each
+    each factor 2 of ``k`` as one 2×2 average (OpenCV's vectorised path, faster than one 4×4 average),
+    then any odd rest in one step. The rest is area-resized (256 -> 224). Each
     box step rounds, so a 2^n box stays within n/2 gray levels of the exact average; the whole resize
     is within half a gray level of one area resize from 1024 to 224 on average (``make bench``
     measures both).
@@ -189,8 +187,8 @@ def encode_png(image: np.ndarray, compression: int | None = None) -> bytes:
 
     By default (what the pipeline stores: ``images_<size>``, DICOM pixels in ``raw``) every row is
     written with PNG's "Up" filter and deflated with zlib's Huffman-only strategy. OpenCV's writer
-    tries every filter on every row: at 224 px it took 1.2 ms and 25.3 KB per radiograph, this 0.53 ms
-    and 25.3 KB. ``compression`` (zlib level 0-9) uses OpenCV's writer instead (the synthetic dumps,
+    tries every filter on every row, which takes over twice as long for files of the same size on
+    radiographs. ``compression`` (zlib level 0-9) uses OpenCV's writer instead (the synthetic dumps,
     written as a scanner's PNGs would be).
     """
     if compression is not None or image.ndim != 2 or image.dtype != np.uint8:

@@ -13,7 +13,6 @@ import cv2
 import numpy as np
 import pyarrow.parquet as pq
 from petastorm.codecs import CompressedImageCodec
-from petastorm.etl.dataset_metadata import materialize_dataset
 from petastorm.unischema import Unischema, UnischemaField
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -22,9 +21,9 @@ from pyspark.sql import types as T
 from cxr_spark.config import PreprocessConfig
 from cxr_spark.core.guards import UsageError
 from cxr_spark.core.image_codec import decode_resized, encode_png
-from cxr_spark.datasets.fields import scalar_field
+from cxr_spark.datasets.fields import petastorm_dataset, scalar_field
 from cxr_spark.datasets.manifest import finish_manifest
-from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA, check_reasons
 from cxr_spark.datasets.raw import METADATA_FIELDS
 from cxr_spark.io.commit import atomic_output
 from cxr_spark.io.parquet_parts import image_rows_writer, move_parquet_parts, parquet_parts
@@ -94,7 +93,7 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
     # Resize first, then shuffle: the shuffle moves small resized rows, not the original PNGs.
     images = images.repartition(files_per_split, "image_id")
     with nullcontext(into) if into else atomic_output(spark, out, "preprocess") as tmp:
-        with materialize_dataset(spark, tmp, images_schema(size), settings.row_group_size_mb):
+        with petastorm_dataset(spark, tmp, images_schema(size), settings.row_group_size_mb):
             if rest > 0 or not in_parts:
                 image_rows_writer(images.write, "image").partitionBy("split").parquet(tmp)
             if in_parts:
@@ -115,6 +114,7 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
         quarantine(written, sum(by_split.values())).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
         quarantined = spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{tmp}/{QUARANTINE_DIR}")
         reasons = {r["reason"]: r["count"] for r in quarantined.groupBy("reason").count().collect()}
+        check_reasons(reasons, "images")
         stats = per_split.get("train", {"n": 0})
         normalization = {"split": "train", "n_images": stats["n"], "scale": "uint8 0-255"}
         if stats["n"]:

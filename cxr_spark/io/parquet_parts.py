@@ -25,10 +25,9 @@ class ImageColumn:
     """The image bytes of one row group, read from files (or given) into one buffer that is reused for
     the next row group.
 
-    Memory the process has not touched before is slow here: copying into fresh memory ran at 0.77 GB/s
-    against 5.7-7.6 GB/s into reused memory (2 cores, 24 GiB VM). Reading 588 KB PNGs into a reused
-    buffer took 0.15 ms each, against 0.54 ms as new ``bytes`` objects, plus 1.2 ms more to copy those
-    into Arrow.
+    Memory the process has not touched before is slow to copy into, several times slower than reused
+    memory, so reading files into one reused buffer beats making a new ``bytes`` object per file and
+    copying it into Arrow.
     """
 
     def __init__(self):
@@ -186,8 +185,7 @@ class ParquetPartWriter(_Part):
         if self._writer is None:
             # write_batch_size: the writer closes a data page (about 1 MB) only between batches of values,
             # and by default a batch is 1,024 values: a whole row group of images became one page, built
-            # in fresh memory. 4 images per batch: 0.73-0.93 ms per 588 KB PNG read and written, against
-            # 1.4-1.9 ms (400 files in one process, two interleaved series).
+            # in fresh memory. 4 images per batch keeps pages small (docs/benchmarks.md).
             names = self._others.names
             self._writer = pq.ParquetWriter(self._partial, self._schema, use_dictionary=names,
                                             write_statistics=names, write_batch_size=4,

@@ -49,3 +49,17 @@ def build_session(app_name: str, properties_file: str | Path | None = None) -> S
     log.info("Spark %s, master %s, %d default task slots", spark.version, spark.sparkContext.master,
              spark.sparkContext.defaultParallelism)
     return spark
+
+
+# Two figures Spark knows and exposes only through its JVM objects; the rest of the package asks here.
+
+def max_partition_bytes(spark: SparkSession) -> int:
+    """``spark.sql.files.maxPartitionBytes`` in bytes, as Spark itself parses the setting."""
+    return int(spark._jsparkSession.sessionState().conf().filesMaxPartitionBytes())
+
+
+def planned_size_bytes(frame) -> int:
+    """The size in bytes Spark's optimiser estimates for ``frame`` (for a file listing: the files' total,
+    known from the file index without reading them)."""
+    return int(frame._jdf.queryExecution().optimizedPlan().stats().sizeInBytes())
+

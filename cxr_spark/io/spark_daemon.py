@@ -3,8 +3,8 @@
 PySpark's worker calls ``importlib.invalidate_caches()`` at the start of every task. On Python 3.10
 and 3.11 that makes each ``zipimporter`` on the path re-read its archive's whole directory at once
 (CPython issue 103200, made lazy in 3.12), and Spark puts ``pyspark.zip``, py4j's zip and the
-spark-core jar (a zip of thousands of classes) on every worker's path: measured here, about 0.17 s of
-CPU per task in each worker, the cost of decoding ten radiographs. This daemon skips that re-read for
+spark-core jar (a zip of thousands of classes) on every worker's path: about 0.17 s of CPU per task in
+each worker, the cost of decoding ten radiographs. This daemon skips that re-read for
 the archives that were on the path when it started (Spark's own, which do not change while a worker
 lives); archives added later (``--py-files``, ``addPyFile``) are refreshed as before.
 

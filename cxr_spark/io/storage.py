@@ -128,11 +128,11 @@ def _sha256_hex(content: pd.Series) -> pd.Series:
 
 
 def content_sha256(content: Column) -> Column:
-    """SHA-256 (hex) of a binary column, taken in the Python workers (OpenSSL, about 1.4 GB/s here).
+    """SHA-256 (hex) of a binary column, taken in the Python workers (OpenSSL).
 
     Spark's ``sha2`` runs Java's ``MessageDigest``, as fast only once the JVM's optimising compiler has
-    compiled it: with the quick compiler alone, which ``conf/spark/local.conf`` selects, it ran at
-    115 MB/s, 1.9 ms per 220 KB image.
+    compiled it: with the quick compiler alone, which ``conf/spark/local.conf`` selects, it is an order
+    of magnitude slower.
     """
     return F.pandas_udf(_sha256_hex, "string")(content)
 

@@ -173,8 +173,9 @@ def _score_files(plain: dict, model_broadcast, batch_size: int):
 def list_dump(spark: SparkSession, images: str) -> tuple[DataFrame, DataFrame]:
     """The dump's files as ``binaryFile`` rows, and an index of every listed file with its content hash.
 
-    The hash is computed in the JVM, so bytes of files already scored never reach Python. Spark makes
-    no row for a 0-byte file; its path still comes from the file index and gets the empty content's hash.
+    The hash is taken in the Python workers (:func:`cxr_spark.io.storage.content_sha256`); only the files
+    it shows to be new are decoded and scored. Spark makes no row for a 0-byte file; its path still comes
+    from the file index and gets the empty content's hash.
     """
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
              .option("pathGlobFilter", IMAGE_GLOB).load(to_url(images)))

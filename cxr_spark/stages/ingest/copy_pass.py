@@ -16,6 +16,7 @@ from cxr_spark.datasets.images import PNG_BYTES_PER_PIXEL, images_schema, write_
 from cxr_spark.datasets.manifest import input_version
 from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA
 from cxr_spark.datasets.raw import RawSchema, metadata_columns
+from cxr_spark.io.session import max_partition_bytes
 from cxr_spark.io.storage import FileSystem, local_path, read_json, to_url
 from cxr_spark.stages.ingest.files import dicom_as_png
 from cxr_spark.stages.ingest.pass1 import raw_arrow_schema, raw_part_writer
@@ -85,8 +86,7 @@ def copy_in_spark(files: DataFrame, accepted: DataFrame) -> DataFrame:
 def image_tasks(spark: SparkSession, n_files: int, resize: PreprocessConfig) -> int:
     """Pass 1's tasks when each writes the images_<size> rows of its files, one Parquet file per split: as
     many as make about one row group of images each, so the images dataset gets files of row-group size
-    (Petastorm indexes a dataset's row groups with a Spark task per file, 45-50 ms of task time each
-    here), at least ``min_files_per_split`` (each split then gets that many files, for Horovod's shards)
+    (Petastorm indexes a dataset's row groups with a Spark task per file), at least ``min_files_per_split`` (each split then gets that many files, for Horovod's shards)
     and one per core."""
     image_bytes = n_files * resize.size**2 * PNG_BYTES_PER_PIXEL
     return max(resize.min_files_per_split, spark.sparkContext.defaultParallelism,
@@ -95,7 +95,7 @@ def image_tasks(spark: SparkSession, n_files: int, resize: PreprocessConfig) -> 
 
 def tasks_for(spark: SparkSession, total_bytes: int) -> int:
     """Tasks of about ``spark.sql.files.maxPartitionBytes`` of files each, at least one per core."""
-    per_task = spark._jsparkSession.sessionState().conf().filesMaxPartitionBytes()
+    per_task = max_partition_bytes(spark)
     return max(spark.sparkContext.defaultParallelism, math.ceil(total_bytes / per_task))
 
 
@@ -104,7 +104,7 @@ def copy_in_workers(spark: SparkSession, accepted: DataFrame, tmp: str, row_grou
     """Pass 2 on local and mounted paths, for the accepted rows pass 1 did not write (``n_rows`` rows,
     metadata only, ``total_bytes`` of files): each task's Python worker reads its files and writes one
     raw Parquet file into ``tmp`` (:func:`raw_part_writer`): the image bytes never pass through the JVM,
-    where copying them cost 2.9-4.1 ms of CPU per 1024 px PNG (README, Ingest)."""
+    where copying them costs CPU (docs/ingest.md)."""
     folder = local_path(tmp)
     os.makedirs(folder, exist_ok=True)
     if n_rows:

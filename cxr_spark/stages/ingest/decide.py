@@ -12,6 +12,7 @@ from cxr_spark.config import PreprocessConfig
 from cxr_spark.core.identity import DICOM_NAME
 from cxr_spark.core.labels import LABELS, NUM_LABELS
 from cxr_spark.datasets.raw import RawSchema
+from cxr_spark.io.session import planned_size_bytes
 from cxr_spark.io.storage import FileSystem, listed_files, to_url
 from cxr_spark.stages.ingest.copy_pass import image_tasks, schema_columns, tasks_for
 from cxr_spark.stages.ingest.files import INSPECT_OUT
@@ -37,7 +38,7 @@ def plan_writes(spark: SparkSession, files: DataFrame, layout: str, meta: DataFr
     planned = decide_fates(identify(listed, layout), meta, layout, existing)
     writable = F.col("reason").isNull() & ~F.col("in_existing") & ~F.col("path").rlike(DICOM_NAME)
     columns = [name for name in RawSchema.fields if name not in FROM_FILE and name != "png"]
-    total_bytes = int(files._jdf.queryExecution().optimizedPlan().stats().sizeInBytes())
+    total_bytes = planned_size_bytes(files)
     return (schema_columns(planned.withColumn("labels", encode_labels("labels")), columns, "path",
                             writable.alias("writable"))
             .repartition(image_tasks(spark, len(files.inputFiles()), resize) if resize

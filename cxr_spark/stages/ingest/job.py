@@ -12,7 +12,6 @@ import argparse
 import logging
 import time
 
-from petastorm.etl.dataset_metadata import materialize_dataset
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
@@ -21,8 +20,9 @@ from cxr_spark.core.guards import UsageError, check_metadata_file, check_paths, 
 from cxr_spark.core.image_formats import CONVERSIONS
 from cxr_spark.core.labels import LABELS
 from cxr_spark.datasets.bbox import BBOX_DIR, read_bbox
+from cxr_spark.datasets.fields import petastorm_dataset
 from cxr_spark.datasets.manifest import finish_manifest
-from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA, check_reasons
 from cxr_spark.datasets.raw import RawSchema
 from cxr_spark.io.commit import OutputRun
 from cxr_spark.io.parquet_parts import image_rows_writer, move_parquet_parts
@@ -180,7 +180,7 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
          .select("path", "image_id").write.parquet(f"{stage}/accepted"))
     accepted = decided.where("reason IS NULL AND NOT skipped")
     accepted = accepted.withColumn("labels", encode_labels("labels"))
-    with materialize_dataset(spark, tmp, RawSchema, settings.row_group_size_mb):
+    with petastorm_dataset(spark, tmp, RawSchema, settings.row_group_size_mb):
         if in_workers:
             if existing is not None:
                 image_rows_writer(schema_columns(existing).write, "png").parquet(tmp)
@@ -279,6 +279,7 @@ def _count(spark: SparkSession, tmp: str, fates: list[dict], decided: DataFrame,
         problems.append("metadata_rows != metadata_matched + metadata_quarantined")
     if boxes is not None and counts["bbox_rows"] != counts["bbox_written"] + counts["bbox_quarantined"]:
         problems.append("bbox_rows != bbox_written + bbox_quarantined")
+    check_reasons(by_reason, "raw")
     if problems:
         raise RuntimeError(f"ingest counts do not reconcile ({'; '.join(problems)}): {counts}")
     return counts

@@ -101,7 +101,7 @@ def _reader(url: str, fields: list[str], split: str, rank: int | None, size: int
     from petastorm import make_reader
 
     # One pass, single-threaded pool: petastorm 0.13.1's thread pool can end a one-epoch read early
-    # (uber/petastorm#71; 1 read in 40 measured here). Decoding small stored PNGs is not the bottleneck.
+    # (uber/petastorm#71). Decoding small stored PNGs is not the bottleneck.
     return make_reader(url, schema_fields=fields, filters=[("split", "=", split)], cur_shard=rank,
                        shard_count=size, num_epochs=1, shuffle_row_groups=seed is not None, seed=seed,
                        reader_pool_type="dummy")

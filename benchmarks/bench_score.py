@@ -61,7 +61,7 @@ def predict_seconds(model_path: str, images, normalization: dict, batch_size: in
 
     The first call in the process loads the model and warms it up.
     """
-    from cxr_spark.bench_train import one_core_tensorflow
+    from benchmarks.bench_train import one_core_tensorflow
     from cxr_spark.core.normalization import model_inputs
 
     if model_path not in _MODELS:
@@ -101,7 +101,7 @@ def _images_in_memory(spark, url: str, size: int):
 
 def run_scoring_bench(spark, images_url: str, work: Path, repeats: int, batch_size: int) -> dict:
     """The single-process limit, the Spark job's rate and its marginal rate, and their ratios."""
-    from cxr_spark.bench_train import fresh_process
+    from benchmarks.bench_train import fresh_process
     from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE
     from cxr_spark.io.storage import read_json, to_url
     from cxr_spark.stages.score import score

@@ -1,6 +1,6 @@
 """``make bench``: ingest + preprocess throughput against the PNG-decoding limit, the training input
-pipeline against the model's step rate and Horovod's scaling (:mod:`cxr_spark.bench_train`), and the
-Spark scoring job against N x one process predicting in memory (:mod:`cxr_spark.bench_score`),
+pipeline against the model's step rate and Horovod's scaling (:mod:`benchmarks.bench_train`), and the
+Spark scoring job against N x one process predicting in memory (:mod:`benchmarks.bench_score`),
 measured side by side.
 
 Everything is measured in one run: the ingest part on synthetic 1024×1024 PNGs, the training and
@@ -329,8 +329,8 @@ def model_dataset(spark, base: Path, n_images: int, size: int) -> str:
 def model_figures(base: Path, parts: set[str], n_images: int, size: int, steps: int, repeats: int,
                   score_batch_size: int) -> dict:
     """The training and scoring parts, in one Spark session, on one dataset."""
-    from cxr_spark.bench_score import run_scoring_bench
-    from cxr_spark.bench_train import run_training_bench
+    from benchmarks.bench_score import run_scoring_bench
+    from benchmarks.bench_train import run_training_bench
     from cxr_spark.io.session import build_session
 
     spark = build_session("cxr-spark bench (training, scoring)")
@@ -371,8 +371,8 @@ def _load_line(load: list[float]) -> str:
 
 
 def format_report(result: dict) -> str:
-    from cxr_spark.bench_score import format_scoring_report
-    from cxr_spark.bench_train import format_training_report
+    from benchmarks.bench_score import format_scoring_report
+    from benchmarks.bench_train import format_training_report
 
     sections = []
     if "images" in result:
@@ -426,7 +426,7 @@ def format_report(result: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cxr_spark.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--n-images", type=int, default=800,
                         help="synthetic 1024x1024 PNGs (default 800); the marginal rate also times the first quarter")
     parser.add_argument("--size", type=int, default=224, help="resize target (default 224)")
