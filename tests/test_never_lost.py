@@ -369,6 +369,8 @@ def test_guard_details_urls_long_headers_and_long_first_lines(tmp_path):
     with pytest.raises(UsageError, match="contains --images"):
         check_paths({"--images": str(tmp_path / "scansX" / "d1")}, {"--out": str(tmp_path / "scansX")})
     assert canonical("hdfs://nn:8020") == "hdfs://nn:8020"
+    with pytest.raises(UsageError, match="^--out / contains --images"):  # the root holds every input
+        check_paths({"--images": str(tmp_path / "scansX")}, {"--out": "/"})
     with pytest.raises(UsageError, match="^--out hdfs://nn:8020 contains --images"):
         check_paths({"--images": "hdfs://nn:8020/dumps"}, {"--out": "hdfs://nn:8020"})
     # a local name with "#" or "?" is a path, not a URL with a fragment or a query
