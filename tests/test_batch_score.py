@@ -523,3 +523,28 @@ def test_a_second_model_version_scores_every_file_again_and_the_first_still_skip
                                                 card["model_version"] + "-v2": again["scored"]}
     third = batch_score(spark, str(dump), str(model_dir), str(store))  # the first version has seen them all
     assert (third["scored"], third["quarantined"], third["skipped_known"]) == (0, 0, len(listed))
+
+
+def test_ingest_and_batch_score_take_the_same_files_in_any_case_and_name_a_dicom_alike(spark, config, model,
+                                                                                      tmp_path):
+    from cxr_spark.stages.ingest.job import ingest
+
+    model_dir, _ = model
+    folder = tmp_path / "mixed"
+    _write_images(folder, ["x.Png", "z.JPG"], seed=3)
+    film = np.random.default_rng(4).integers(0, 256, (64, 64)).astype(np.uint8)
+    (folder / "MRN123").mkdir()
+    (folder / "MRN123" / "y.DICOM").write_bytes(dicom_bytes(film, PatientName="Doe^Jane"))
+    (folder / "notes.txt").write_text("not an image\n")
+    counts = ingest(spark, str(folder), str(tmp_path / "raw"), settings=config.ingest)
+    assert (counts["files_listed"], counts["ingested"], counts["formats"]) == (3, 3, {"png": 1, "jpeg": 1, "dicom": 1})
+    summary = batch_score(spark, str(folder), str(model_dir), str(tmp_path / "store"))
+    assert (summary["files_listed"], summary["scored"]) == (3, 3)
+    raw = {(row.image_id, row.source_path) for row in spark.read.parquet(str(tmp_path / "raw")).collect()}
+    store = {(row.image_id, row.source_path) for row in spark.read.parquet(str(tmp_path / "store")).collect()}
+    ids = {image_id for image_id, _ in raw}
+    assert ids == {image_id for image_id, _ in store}  # one image id per file in both datasets
+    (dicom_id,) = [image_id for image_id in ids if image_id.endswith(".dcm")]
+    assert "x.Png" in ids and "z.JPG" in ids and "MRN123" not in dicom_id and "y" not in dicom_id
+    assert ({path for image_id, path in raw if image_id == dicom_id} == {path for image_id, path in store
+                                                                        if image_id == dicom_id} == {f"dicom:{dicom_id}"})
