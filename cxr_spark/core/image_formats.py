@@ -1,4 +1,4 @@
-"""Pure image functions on bytes and arrays: header parsing, decoding, resizing, encoding.
+"""Image formats from their bytes: sniffing, headers, the size guard, DICOM reading, and error details.
 
 Three containers are recognised by their magic bytes, never by file name: PNG, JPEG (JFIF/EXIF or
 bare) and DICOM (``DICM`` after the 128-byte preamble). :func:`image_header` reads size and pixel
