@@ -71,12 +71,12 @@ def one_pass_work(size: int, folder: Path):
                                row_group_bytes=config.ingest.row_group_size_mb * 2**20) as writer, \
                 PartitionedPartWriter(str(folder), "part.parquet", images_part_schema(size), column="split",
                                       image_column="image",
-                                      row_group_bytes=config.preprocess.row_group_size_mb * 2**20) as resized:
+                                      row_group_bytes=config.preprocess.row_group_size_mb * 2**20) as image_writer:
             for path in some:  # the columns the plan gives a task (metadata, split, ...)
                 index_and_keep(writer, str(path), size, {
                     "image_id": path.name, "patient_id": 1, "follow_up": 0, "age": 50, "sex": "M", "view": "PA",
                     "finding_labels": "No Finding", "labels": labels, "split": "train", "source_path": str(path)},
-                    resized)
+                    image_writer)
 
     return work
 
@@ -175,20 +175,20 @@ def spark_rates(dumps: dict[str, Path], work: Path, size: int, repeats: int) -> 
     from cxr_spark.stages.preprocess import preprocess
 
     config = load_config()
-    resize = override(config.preprocess, size=size)
+    images_settings = override(config.preprocess, size=size)
     spark = build_session("cxr-spark bench")
     try:
         def one_pass(dump: Path) -> dict:
             started = time.perf_counter()
             ingest(spark, str(dump), str(work / "raw"), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest,
-                   images_out=str(work / "images"), resize=resize)
+                   images_out=str(work / "images"), images_settings=images_settings)
             return {"total": time.perf_counter() - started}
 
         def two_stages(dump: Path) -> dict:
             started = time.perf_counter()
             ingest(spark, str(dump), str(work / "raw"), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest)
             ingested = time.perf_counter()
-            preprocess(spark, str(work / "raw"), str(work / "images"), resize)
+            preprocess(spark, str(work / "raw"), str(work / "images"), images_settings)
             done = time.perf_counter()
             return {"ingest": ingested - started, "preprocess": done - ingested, "total": done - started}
 
@@ -322,7 +322,7 @@ def model_dataset(spark, base: Path, n_images: int, size: int) -> str:
     log.info("bench: ingesting and preprocessing %d synthetic films to %dpx for the training and scoring parts",
              n_images, size)
     ingest(spark, str(dump), str(work / "raw"), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest,
-           images_out=str(images), resize=override(config.preprocess, size=size))
+           images_out=str(images), images_settings=override(config.preprocess, size=size))
     return str(images)
 
 

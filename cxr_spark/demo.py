@@ -82,7 +82,7 @@ def run_demo(args: argparse.Namespace) -> dict:
         dump, raw, images = str(run / "dump"), str(run / "raw"), str(run / f"images_{args.size}")
         # ingest and preprocess in one pass over the files (cxr-spark ingest --images-out)
         timed("ingest+preprocess", partial(ingest, bbox=f"{dump}/{BBOX_FILE}", images_out=images,
-                                           resize=override(config.preprocess, size=args.size)),
+                                           images_settings=override(config.preprocess, size=args.size)),
               spark, dump, raw, f"{dump}/Data_Entry_2017.csv", dump, config.ingest)
         # the classical big-data baseline the report sets beside the CNN
         baseline = timed("features", features, spark, images, str(run / "features"), config.features,

@@ -127,9 +127,9 @@ def test_one_pass_writes_what_preprocess_writes_and_quarantines_undecodable_pngs
     raw, one_pass, two_stage = tmp_path / "raw", tmp_path / "images_one_pass", tmp_path / "images_two_stage"
     # min_files_per_split=3: pass 1 runs as 3 tasks (1 per core is 2 here), each writing one raw file and one
     # images file per split it has rows of
-    resize = override(config.preprocess, size=32, min_files_per_split=3)
+    images_settings = override(config.preprocess, size=32, min_files_per_split=3)
     counts = ingest(spark, str(dump), str(raw), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest,
-                    images_out=str(one_pass), resize=resize)
+                    images_out=str(one_pass), images_settings=images_settings)
     assert len(list(raw.glob("part-*.parquet"))) == 3
     on_disk = {folder.name.split("=")[1]: len(list(folder.glob("*.parquet"))) for folder in one_pass.glob("split=*")}
     assert counts["images"]["files_per_split"] == on_disk and max(on_disk.values()) == 3
@@ -145,7 +145,7 @@ def test_one_pass_writes_what_preprocess_writes_and_quarantines_undecodable_pngs
     assert stored == {path.name for path in good} - {truncated.name, damaged.name}
 
     # the independent expectation: preprocess of the raw dataset this ingest wrote
-    expected = preprocess(spark, str(raw), str(two_stage), resize)
+    expected = preprocess(spark, str(raw), str(two_stage), images_settings)
     assert expected["images"] == images["images"]
     # equal statistics, summed in another order (raw's rows are not in the order of the files)
     one_stats, two_stats = images["normalization"], expected["normalization"]
@@ -302,11 +302,11 @@ def test_pass_one_writes_the_images_row_of_a_file_it_keeps_beside_its_raw_row(sa
     with ParquetPartWriter(str(raw), "part.parquet", raw_arrow_schema(), image_column="png",
                            row_group_bytes=2**20) as writer, \
             PartitionedPartWriter(str(images), "part.parquet", images_part_schema(64), column="split",
-                                  image_column="image", row_group_bytes=2**20) as resized:
-        rows = {path.name: index_and_keep(writer, str(path), 64, plan(path, split), resized)[0]
+                                  image_column="image", row_group_bytes=2**20) as image_writer:
+        rows = {path.name: index_and_keep(writer, str(path), 64, plan(path, split), image_writer)[0]
                 for path, split in ((first, "train"), (dicom, "train"), (second, "test"))}
         with pytest.raises(ValueError, match="partition value"):
-            resized.add_image("../train", b"", {})
+            image_writer.add_image("../train", b"", {})
 
     assert [row["image_id"] for row in pq.read_table(raw / "part.parquet").to_pylist()] == [first.name, second.name]
     assert [bytes(row["png"]) for row in pq.read_table(raw / "part.parquet").to_pylist()] == [
@@ -329,8 +329,8 @@ def test_pass_one_writes_the_images_row_of_a_file_it_keeps_beside_its_raw_row(sa
     failed = tmp_path / "failed"
     with pytest.raises(RuntimeError):
         with PartitionedPartWriter(str(failed), "part.parquet", images_part_schema(64), column="split",
-                                   image_column="image", row_group_bytes=1) as resized:
-            resized.add_image("val", first.read_bytes(), {**plan(first, "val"), "pixel_mean": 1.0, "pixel_std": 1.0,
+                                   image_column="image", row_group_bytes=1) as image_writer:
+            image_writer.add_image("val", first.read_bytes(), {**plan(first, "val"), "pixel_mean": 1.0, "pixel_std": 1.0,
                                                           "height": 1, "width": 1, "content_sha256": "0"})
             raise RuntimeError("the task fails after its first row group was written")
     assert (failed / "split=val").is_dir() and parquet_parts(str(failed)) == []  # nothing a reader would see

@@ -81,9 +81,9 @@ def test_generic_dump_of_png_jpeg_and_dicom_keeps_no_identifying_dicom_data(spar
     from cxr_spark.config import override
     from cxr_spark.stages.preprocess import preprocess
 
-    resize = override(config.preprocess, size=16, min_files_per_split=1)
-    resized = preprocess(spark, str(raw), str(tmp_path / "images_16"), resize)  # rows without a patient id go on
-    assert resized["images"] == 4 and resized["splits"] == {"unlabeled": 4}
+    images_settings = override(config.preprocess, size=16, min_files_per_split=1)
+    counts = preprocess(spark, str(raw), str(tmp_path / "images_16"), images_settings)  # rows without a patient id go on
+    assert counts["images"] == 4 and counts["splits"] == {"unlabeled": 4}
 
     # One pass: its tasks write the PNG's and the JPEG's images rows themselves (files named by pass 1's
     # tasks); the DICOM rows, whose ids come from their content, are written by Spark. The same dataset.
@@ -91,7 +91,7 @@ def test_generic_dump_of_png_jpeg_and_dicom_keeps_no_identifying_dicom_data(spar
 
     one_pass = tmp_path / "images_16_one_pass"
     counts = ingest(spark, str(dump), str(tmp_path / "raw_one_pass"), None, None, config.ingest,
-                    images_out=str(one_pass), resize=resize)
+                    images_out=str(one_pass), images_settings=images_settings)
     one, two = spark.read.parquet(str(one_pass)), spark.read.parquet(str(tmp_path / "images_16"))
     assert counts["images"]["images"] == 4 and one.exceptAll(two).count() == 0 == two.exceptAll(one).count()
     files = {row.image_id: row.file.rsplit("/", 1)[1]
@@ -240,11 +240,11 @@ def test_append_new_with_images_out_keeps_images_in_step_with_raw(spark, tmp_pat
     from cxr_spark.stages.preprocess import preprocess
 
     dump, raw, images = tmp_path / "dump", tmp_path / "raw", tmp_path / "images_8"
-    resize = override(config.preprocess, size=8, min_files_per_split=1)
+    images_settings = override(config.preprocess, size=8, min_files_per_split=1)
 
     def append(out=raw):
         return ingest(spark, str(dump), str(out), None, None, config.ingest, mode="append-new",
-                      images_out=str(images), resize=resize)
+                      images_out=str(images), images_settings=images_settings)
 
     _write_pngs(dump, [f"img_{i:03d}.png" for i in range(6)], seed=1)
     first = append()  # no raw dataset yet: everything is new
@@ -253,7 +253,7 @@ def test_append_new_with_images_out_keeps_images_in_step_with_raw(spark, tmp_pat
     added = append()
     assert added["ingested"] == 3 and added["skipped_existing"] == 6 and added["rows"] == 9
     assert added["images"]["raw_rows"] == added["images"]["images"] == 9
-    expected = preprocess(spark, str(raw), str(tmp_path / "expected"), resize)
+    expected = preprocess(spark, str(raw), str(tmp_path / "expected"), images_settings)
     one, two = spark.read.parquet(str(images)), spark.read.parquet(str(tmp_path / "expected"))
     assert expected["images"] == 9 and one.exceptAll(two).count() == 0 and two.exceptAll(one).count() == 0
     again = append()

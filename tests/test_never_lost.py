@@ -51,9 +51,9 @@ def dumps(tmp_path_factory):
 
 
 def _ingest(spark, config, dump: Path, out: Path, images_out: Path | None = None, **kwargs) -> dict:
-    resize = override(config.preprocess, size=32, min_files_per_split=2) if images_out else None
+    images_settings = override(config.preprocess, size=32, min_files_per_split=2) if images_out else None
     return ingest(spark, str(dump), str(out), str(dump / "Data_Entry_2017.csv"), str(dump), config.ingest,
-                  images_out=str(images_out) if images_out else None, resize=resize, **kwargs)
+                  images_out=str(images_out) if images_out else None, images_settings=images_settings, **kwargs)
 
 
 @pytest.fixture(scope="module")
@@ -240,7 +240,7 @@ def test_a_broken_input_leaves_the_previous_dataset_byte_for_byte(spark, config,
     before = _snapshot(runs)
     with pytest.raises(UsageError, match=match):
         ingest(spark, str(dump), str(runs / "raw"), str(metadata), None, config.ingest,
-               images_out=str(runs / "images_32"), resize=override(config.preprocess, size=32))
+               images_out=str(runs / "images_32"), images_settings=override(config.preprocess, size=32))
     assert _snapshot(runs) == before and _hidden(runs) == []
 
 
@@ -349,12 +349,12 @@ def test_preprocess_and_features_refuse_an_empty_input_and_leave_their_outputs(s
     empty_dump = tmp_path / "empty_dump"
     empty_dump.mkdir()
     ingest(spark, str(empty_dump), str(tmp_path / "empty_raw"), None, None, config.ingest, allow_empty=True)
-    resize = override(config.preprocess, size=32, min_files_per_split=1)
+    images_settings = override(config.preprocess, size=32, min_files_per_split=1)
     before = _snapshot(runs)
     with pytest.raises(UsageError, match="no usable image among the 0 rows"):
-        preprocess(spark, str(tmp_path / "empty_raw"), str(runs / "images_32"), resize)
+        preprocess(spark, str(tmp_path / "empty_raw"), str(runs / "images_32"), images_settings)
     assert _snapshot(runs) == before and _hidden(runs) == []
-    preprocess(spark, str(tmp_path / "empty_raw"), str(tmp_path / "empty_images"), resize, allow_empty=True)
+    preprocess(spark, str(tmp_path / "empty_raw"), str(tmp_path / "empty_images"), images_settings, allow_empty=True)
     with pytest.raises(UsageError, match="has no image"):
         features(spark, str(tmp_path / "empty_images"), str(tmp_path / "features"), config.features)
     assert not (tmp_path / "features").exists()

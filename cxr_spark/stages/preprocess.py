@@ -55,11 +55,11 @@ def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) 
 def _resize_partition(size: int):
     """The mapInPandas function: PNG bytes in, resized and re-encoded image plus its statistics out.
 
-    A row that cannot be decoded is left out (and logged); :func:`_quarantine_rows` finds it afterwards.
+    A row that cannot be decoded is left out (and logged); :func:`_undecodable_rows` finds it afterwards.
     """
     keep = metadata_columns()
 
-    def resize(batches):
+    def resize_batches(batches):
         for frame in batches:
             rows, images, means, stds = [], [], [], []
             for row, (image_id, png) in enumerate(zip(frame["image_id"], frame["png"])):
@@ -78,7 +78,7 @@ def _resize_partition(size: int):
             out["pixel_std"] = np.asarray(stds, np.float32)
             yield out
 
-    return resize
+    return resize_batches
 
 
 def _decode_failures(batches):
@@ -97,7 +97,7 @@ def _decode_failures(batches):
                             "reason": reasons, "detail": details, "kind": "file"})
 
 
-def _quarantine_rows(spark: SparkSession, raw, written, n_rows: int, n_images: int):
+def _undecodable_rows(spark: SparkSession, raw, written, n_rows: int, n_images: int):
     """Raw rows missing from the written images, each with the reason it could not be decoded."""
     if n_images == n_rows:
         return spark.createDataFrame([], QUARANTINE_SCHEMA)
@@ -114,7 +114,7 @@ def preprocess(spark: SparkSession, input_url: str, out: str, settings: Preproce
     n_rows = raw.count()
     images = raw.mapInPandas(_resize_partition(settings.size), images_schema(settings.size).as_spark_schema())
     return write_images(spark, images, out, settings, n_rows=n_rows, started=started,
-                        quarantine=lambda written, n_images: _quarantine_rows(spark, raw, written, n_rows, n_images),
+                        quarantine=lambda written, n_images: _undecodable_rows(spark, raw, written, n_rows, n_images),
                         inputs={"raw": input_version(spark, input_url)}, allow_empty=allow_empty)
 
 

@@ -41,16 +41,16 @@ def previous_images(spark: SparkSession, out: str, images_out: str) -> tuple[Dat
 
 
 def write_images_beside(spark: SparkSession, out: str, raw_tmp: str, images_out: str, images_tmp: str, stage: str,
-                        resize: PreprocessConfig, previous: tuple[DataFrame, DataFrame] | None, started: float,
-                        allow_empty: bool) -> dict:
-    """``images_<size>`` (into ``images_tmp``, committed with raw) from pass 1's resized images: the rows its
+                        images_settings: PreprocessConfig, previous: tuple[DataFrame, DataFrame] | None,
+                        started: float, allow_empty: bool) -> dict:
+    """``images_<size>`` (into ``images_tmp``, committed with raw) from the images pass 1 resized: the rows its
     tasks wrote themselves, and the others (DICOM) from its index rows joined to the metadata of the raw
     rows just written to ``raw_tmp``, which becomes ``out``."""
     raw = spark.read.parquet(raw_tmp)
-    columns = [field.name for field in images_schema(resize.size).fields.values()]
-    resized = (spark.read.parquet(f"{stage}/index").select("path", "image", "pixel_mean", "pixel_std")
+    columns = [field.name for field in images_schema(images_settings.size).fields.values()]
+    pass1_images = (spark.read.parquet(f"{stage}/index").select("path", "image", "pixel_mean", "pixel_std")
                .join(spark.read.parquet(f"{stage}/accepted"), "path").drop("path"))
-    rows = raw.select(*metadata_columns()).join(resized, "image_id").select(*columns)
+    rows = raw.select(*metadata_columns()).join(pass1_images, "image_id").select(*columns)
     if previous is not None:
         rows = previous[0].select(*columns).unionByName(rows)
 
@@ -58,8 +58,8 @@ def write_images_beside(spark: SparkSession, out: str, raw_tmp: str, images_out:
         return previous[1] if previous is not None else spark.createDataFrame([], QUARANTINE_SCHEMA)
 
     made_from = {**input_version(spark, raw_tmp), "url": to_url(out)}  # the raw run committed with it
-    return write_images(spark, rows, images_out, resize, n_rows=raw.count(), quarantine=quarantine, started=started,
-                        inputs={"raw": made_from}, extra={"written_by": "ingest --images-out"},
+    return write_images(spark, rows, images_out, images_settings, n_rows=raw.count(), quarantine=quarantine,
+                        started=started, inputs={"raw": made_from}, extra={"written_by": "ingest --images-out"},
                         parts=local_path(f"{stage}/images"), into=images_tmp, allow_empty=allow_empty)
 
 
@@ -83,14 +83,14 @@ def copy_in_spark(files: DataFrame, accepted: DataFrame) -> DataFrame:
     return raw.withColumn("png", F.col("content"))
 
 
-def image_tasks(spark: SparkSession, n_files: int, resize: PreprocessConfig) -> int:
+def image_tasks(spark: SparkSession, n_files: int, settings: PreprocessConfig) -> int:
     """Pass 1's tasks when each writes the images_<size> rows of its files, one Parquet file per split: as
     many as make about one row group of images each, so the images dataset gets files of row-group size
-    (Petastorm indexes a dataset's row groups with a Spark task per file), at least ``min_files_per_split`` (each split then gets that many files, for Horovod's shards)
-    and one per core."""
-    image_bytes = n_files * resize.size**2 * PNG_BYTES_PER_PIXEL
-    return max(resize.min_files_per_split, spark.sparkContext.defaultParallelism,
-               math.ceil(image_bytes / (resize.row_group_size_mb * 2**20)))
+    (Petastorm indexes a dataset's row groups with a Spark task per file), at least ``min_files_per_split``
+    (each split then gets that many files, for Horovod's shards) and one per core."""
+    image_bytes = n_files * settings.size**2 * PNG_BYTES_PER_PIXEL
+    return max(settings.min_files_per_split, spark.sparkContext.defaultParallelism,
+               math.ceil(image_bytes / (settings.row_group_size_mb * 2**20)))
 
 
 def tasks_for(spark: SparkSession, total_bytes: int) -> int:

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 
 def plan_writes(spark: SparkSession, files: DataFrame, layout: str, meta: DataFrame | None,
-          existing: DataFrame | None, resize: PreprocessConfig | None = None) -> DataFrame:
+          existing: DataFrame | None, images_settings: PreprocessConfig | None = None) -> DataFrame:
     """Pass 1's input when it writes ``raw`` itself: every listed file (0-byte ones included) with the raw
     columns that do not depend on its content, and ``writable``: what :func:`decide_fates` will say from the
     path, the metadata and the existing ids alone lets the file into ``raw`` if its own checks pass.
@@ -41,7 +41,7 @@ def plan_writes(spark: SparkSession, files: DataFrame, layout: str, meta: DataFr
     total_bytes = planned_size_bytes(files)
     return (schema_columns(planned.withColumn("labels", encode_labels("labels")), columns, "path",
                             writable.alias("writable"))
-            .repartition(image_tasks(spark, len(files.inputFiles()), resize) if resize
+            .repartition(image_tasks(spark, len(files.inputFiles()), images_settings) if images_settings
                          else tasks_for(spark, total_bytes), "path"))
 
 
@@ -124,7 +124,7 @@ def decide_fates(index: DataFrame, meta: DataFrame | None, layout: str, existing
             .drop("meta_reason", "meta_detail", "_has_meta", "_existing_sha"))
 
 
-def quarantine_rows(decided: DataFrame, meta: DataFrame | None, boxes: DataFrame | None) -> DataFrame:
+def ingest_quarantine(decided: DataFrame, meta: DataFrame | None, boxes: DataFrame | None) -> DataFrame:
     """Rejected files, plus metadata rows that name no listed file (or that could not be parsed), plus
     unusable bounding-box rows."""
     rows = decided.where("reason IS NOT NULL").select("source_path", "image_id", "reason", "detail", "kind")

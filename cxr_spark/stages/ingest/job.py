@@ -29,7 +29,7 @@ from cxr_spark.io.parquet_parts import image_rows_writer, move_parquet_parts
 from cxr_spark.io.storage import local_path, to_url
 from cxr_spark.stages.ingest.copy_pass import (copy_in_spark, copy_in_workers, previous_images, schema_columns,
                                                write_images_beside)
-from cxr_spark.stages.ingest.decide import decide_fates, existing_dataset, list_fates, plan_writes, quarantine_rows
+from cxr_spark.stages.ingest.decide import decide_fates, existing_dataset, ingest_quarantine, list_fates, plan_writes
 from cxr_spark.stages.ingest.nih_metadata import check_metadata, read_metadata
 from cxr_spark.stages.ingest.pass1 import KAGGLE_CLASSES, detect_layout, encode_labels, index_files, list_files
 
@@ -84,10 +84,10 @@ def check_args(args: argparse.Namespace) -> None:
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
     settings = override(config.ingest, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
                         split_seed=args.split_seed)
-    resize = override(config.preprocess, size=args.size) if args.images_out else None
+    images_settings = override(config.preprocess, size=args.size) if args.images_out else None
     return ingest(spark, args.images, args.out, args.metadata, args.split_lists, settings,
-                  bbox=args.bbox, mode=args.mode, layout=args.layout, images_out=args.images_out, resize=resize,
-                  allow_empty=args.allow_empty)
+                  bbox=args.bbox, mode=args.mode, layout=args.layout, images_out=args.images_out,
+                  images_settings=images_settings, allow_empty=args.allow_empty)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -101,15 +101,16 @@ def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) 
 def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = None,
            split_lists: str | None = None, settings: IngestConfig | None = None, *,
            bbox: str | None = None, mode: str = "overwrite", layout: str = "auto",
-           images_out: str | None = None, resize: PreprocessConfig | None = None, allow_empty: bool = False) -> dict:
+           images_out: str | None = None, images_settings: PreprocessConfig | None = None,
+           allow_empty: bool = False) -> dict:
     """Ingest ``images`` (+ ``metadata``) into the raw dataset at ``out``; returns the run's counts.
 
     ``mode="append-new"`` keeps every row of the existing ``out`` and adds only files whose image id
     is not in it (a file whose id is there with the same SHA-256 is ``skipped_existing``; with other
     content it is quarantined as ``duplicate_image_id``).
 
-    With ``images_out`` (and ``resize``, the preprocess settings) pass 1 also decodes and resizes every
-    file, and ``images_<size>`` is written at ``images_out`` from those rows once ``raw`` is in place: the
+    With ``images_out`` (and ``images_settings``, the preprocess settings) pass 1 also decodes and resizes
+    every file, and ``images_<size>`` is written at ``images_out`` from those rows once ``raw`` is in place: the
     dataset preprocess would write from ``out``, without reading the images a second time. Its counts
     are under ``"images"``. In append-new mode the existing ``images_out`` must be the one made from the
     existing ``out``; its rows are kept.
@@ -129,24 +130,25 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
         layout = detect_layout(spark, images)
     if layout == "kaggle" and metadata:
         raise ValueError("the Kaggle layout takes its labels from the folders; do not pass --metadata")
-    if images_out and resize is None:
-        raise ValueError("images_out needs resize (the preprocess settings: size, row groups, files per split)")
+    if images_out and images_settings is None:
+        raise ValueError("images_out needs images_settings (the preprocess settings: size, row groups, files per "
+                         "split)")
     with OutputRun(spark, {"raw": (out, "ingest"), "images": (images_out, "preprocess")}) as run:
         existing = existing_dataset(spark, out) if mode == "append-new" else None
         kept_images = previous_images(spark, out, images_out) if images_out and existing is not None else None
         stage = run.scratch("raw")
         counts = _ingest(spark, images, out, metadata, split_lists, settings, bbox, mode, layout, existing, stage,
-                         images_out, resize, started, run.tmp("raw"), allow_empty)
+                         images_out, images_settings, started, run.tmp("raw"), allow_empty)
         if images_out:
             counts["images"] = write_images_beside(spark, out, run.tmp("raw"), images_out, run.tmp("images"), stage,
-                                                   resize, kept_images, started, allow_empty)
+                                                   images_settings, kept_images, started, allow_empty)
         run.commit()
     return counts
 
 
 def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, split_lists: str | None,
             settings: IngestConfig, bbox: str | None, mode: str, layout: str, existing: DataFrame | None,
-            stage: str, images_out: str | None, resize: PreprocessConfig | None, started: float, tmp: str,
+            stage: str, images_out: str | None, images_settings: PreprocessConfig | None, started: float, tmp: str,
             allow_empty: bool) -> dict:
     files = list_files(spark, images)  # listed once: pass 1 (index) and pass 2 (copy) share the file index
     if not allow_empty and not files.inputFiles():
@@ -164,19 +166,20 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
     # Python workers that read the files write raw's rows from the bytes in hand (no second read), when
     # raw is local too; the decisions after pass 1 check their choice and pass 2 copies the rest.
     in_workers = settings.worker_file_io and read_files and local_path(to_url(out)) is not None
-    size = resize.size if images_out else None
+    size = images_settings.size if images_out else None
     # With images_out local too, they write the images_<size> rows of the files they keep in raw as well
     # (each task one file per split).
-    resized = ((local_path(f"{stage}/images"), resize.row_group_size_mb * 2**20)
-               if in_workers and size and local_path(to_url(images_out)) is not None else None)
-    plan = plan_writes(spark, files, layout, first_meta, existing, resize if resized else None) if in_workers else None
+    image_parts = ((local_path(f"{stage}/images"), images_settings.row_group_size_mb * 2**20)
+                   if in_workers and size and local_path(to_url(images_out)) is not None else None)
+    plan = (plan_writes(spark, files, layout, first_meta, existing, images_settings if image_parts else None)
+            if in_workers else None)
     index = index_files(spark, files, layout, f"{stage}/index", size, read_files, plan, f"{stage}/raw",
-                         settings.row_group_size_mb * 2**20, resized).cache()  # no image bytes
+                         settings.row_group_size_mb * 2**20, image_parts).cache()  # no image bytes
     decided = decide_fates(index, first_meta, layout, existing).cache()
     fates = list_fates(decided)
 
     if size:  # which pass-1 index rows become images_<size> rows, for write_images_beside
-        (decided.where("reason IS NULL AND NOT skipped" + (" AND NOT raw_written" if resized else ""))
+        (decided.where("reason IS NULL AND NOT skipped" + (" AND NOT raw_written" if image_parts else ""))
          .select("path", "image_id").write.parquet(f"{stage}/accepted"))
     accepted = decided.where("reason IS NULL AND NOT skipped")
     accepted = accepted.withColumn("labels", encode_labels("labels"))
@@ -193,7 +196,7 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
             if existing is not None:
                 raw = schema_columns(existing).unionByName(raw)
             image_rows_writer(raw.write, "png").parquet(tmp)
-    quarantine_rows(decided, meta, boxes).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
+    ingest_quarantine(decided, meta, boxes).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
     if boxes is not None:
         (boxes.where("reason IS NULL").select("image_id", "finding", "x", "y", "w", "h")
          .coalesce(1).write.parquet(f"{tmp}/{BBOX_DIR}"))

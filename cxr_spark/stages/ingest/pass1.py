@@ -65,11 +65,11 @@ def images_part_schema(size: int) -> pa.Schema:
 
 
 def index_and_keep(writer: ParquetPartWriter, path: str, size: int | None, columns: dict | None,
-                   resized: PartitionedPartWriter | None = None) -> tuple[dict, int, bool]:
+                   image_writer: PartitionedPartWriter | None = None) -> tuple[dict, int, bool]:
     """Pass 1's work on one local file when it writes ``raw`` too: the file read straight into ``writer``'s
     buffer, :func:`index_file` of those bytes, and the bytes kept as a raw row (``columns``, the plan's, and
     the columns learnt from the file) when ``columns`` is given and the file's own checks pass; otherwise
-    dropped. With ``resized`` (and ``size``) a kept file's resized image goes there as its
+    dropped. With ``image_writer`` (and ``size``) a kept file's resized image goes there as its
     ``images_<size>`` row, in its split's partition, instead of in the index row (whose ``image`` is then
     null). Returns the index row, the file's length, and whether it was kept."""
     data = writer.read_image(path)
@@ -80,8 +80,8 @@ def index_and_keep(writer: ParquetPartWriter, path: str, size: int | None, colum
     if keep:
         kept = {**columns, **{name: row[name] for name in FROM_FILE}}
         writer.keep_image(kept)
-        if resized is not None:
-            resized.add_image(kept["split"], row["image"],
+        if image_writer is not None:
+            image_writer.add_image(kept["split"], row["image"],
                               {**{name: kept[name] for name in _IMAGE_ROW}, "pixel_mean": row["pixel_mean"],
                                "pixel_std": row["pixel_std"]})
             row["image"] = None
@@ -91,22 +91,22 @@ def index_and_keep(writer: ParquetPartWriter, path: str, size: int | None, colum
 
 
 def _index_and_write_partition(size: int | None, folder: str, run: str, row_group_bytes: int,
-                               images: tuple[str, int] | None = None):
+                               image_parts: tuple[str, int] | None = None):
     """The mapInPandas function of pass 1 when the Python workers do the file I/O and ``raw`` is local:
     :func:`index_and_keep` of every planned file, keeping those the plan lets through (``writable``) whose
     own checks pass, as one Parquet file per task (:class:`ParquetPartWriter`). ``raw_written`` tells which.
     The decisions made after pass 1 then only check this choice (and copy what pass 1 could not write:
     DICOM, whose id is its content hash).
 
-    With ``images`` (a local folder, and row-group bytes) the task also writes the images_<size> rows of the
-    files it keeps, as one Parquet file per split under ``<folder>/split=<split>/``
+    With ``image_parts`` (a local folder, and row-group bytes) the task also writes the images_<size> rows of
+    the files it keeps, as one Parquet file per split under ``<folder>/split=<split>/``
     (:class:`PartitionedPartWriter`): those images never cross to the JVM, nor are they shuffled to be
     written.
     """
     columns = ["content_sha256"] + INSPECT_COLUMNS + (["image", "pixel_mean", "pixel_std"] if size else [])
     schema = raw_arrow_schema()
     from_plan = [name for name in schema.names[:-1] if name not in FROM_FILE]  # the last is png
-    resized_schema = images_part_schema(size) if images else None
+    image_schema = images_part_schema(size) if image_parts else None
 
     def index(batches):
         context = TaskContext.get()
@@ -114,15 +114,15 @@ def _index_and_write_partition(size: int | None, folder: str, run: str, row_grou
         os.makedirs(folder, exist_ok=True)
         with ParquetPartWriter(folder, part, schema, image_column="png", row_group_bytes=row_group_bytes,
                                attempt=attempt) as writer, \
-                (PartitionedPartWriter(images[0], part, resized_schema, column="split", image_column="image",
-                                       row_group_bytes=images[1], attempt=attempt)
-                 if images else nullcontext()) as resized:
+                (PartitionedPartWriter(image_parts[0], part, image_schema, column="split", image_column="image",
+                                       row_group_bytes=image_parts[1], attempt=attempt)
+                 if image_parts else nullcontext()) as image_writer:
             for frame in batches:
                 rows, lengths, written = [], [], []
                 for plan in frame.itertuples(index=False):
                     row, length, keep = index_and_keep(
                         writer, local_file_path(plan.path), size,
-                        {name: getattr(plan, name) for name in from_plan} if plan.writable else None, resized)
+                        {name: getattr(plan, name) for name in from_plan} if plan.writable else None, image_writer)
                     rows.append(row)
                     lengths.append(length)
                     written.append(keep)
@@ -189,21 +189,22 @@ def _opaque_id(digest: Column) -> Column:
 
 def index_files(spark: SparkSession, files: DataFrame, layout: str, stage: str, size: int | None,
                  read_files: bool, plan: DataFrame | None = None, raw_parts: str | None = None,
-                 row_group_bytes: int = 0, images: tuple[str, int] | None = None) -> DataFrame:
+                 row_group_bytes: int = 0, image_parts: tuple[str, int] | None = None) -> DataFrame:
     """One row per listed file: path, id, size, SHA-256, header facts and check (a quarantine reason or null).
 
     Pass 1 writes its rows to ``stage`` (Parquet; with ``size`` they carry the resized image too) and the
     decisions read back only the small columns. With a ``plan`` (:func:`plan_writes`) pass 1 runs over it and
-    writes the raw rows it can into ``raw_parts`` (``raw_written``), and with ``images`` their images_<size>
-    rows too (:func:`_index_and_write_partition`). Without one, it runs over the
+    writes the raw rows it can into ``raw_parts`` (``raw_written``), and with ``image_parts`` their
+    images_<size> rows too (:func:`_index_and_write_partition`). Without one, it runs over the
     ``binaryFile`` rows, and as Spark's file sources make no split for a 0-byte file, such files yield no
     row there; the listing itself (the driver's file index) still names them, and they are added back
     as ``empty_file``.
     """
     out = "path string, length long, content_sha256 string, " + INSPECT_OUT + (", " + IMAGE_OUT if size else "")
     if plan is not None:
-        index = plan.mapInPandas(_index_and_write_partition(size, local_path(raw_parts), uuid.uuid4().hex[:8],
-                                                            row_group_bytes, images), out + ", raw_written boolean")
+        partition = _index_and_write_partition(size, local_path(raw_parts), uuid.uuid4().hex[:8], row_group_bytes,
+                                               image_parts)
+        index = plan.mapInPandas(partition, out + ", raw_written boolean")
     else:
         source = files.select("path", "length") if read_files else files.select("path", "length", "content")
         index = source.mapInPandas(_index_partition(size, read_files), out)
