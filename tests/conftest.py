@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from films import dicom_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 # Beside the project in the team's workspace; CXR_SHARED_DATA points elsewhere (e.g. from a git worktree).
@@ -85,35 +86,6 @@ def read_rows(url, fields, **kwargs) -> list:
     with make_reader(f"file://{url}", schema_fields=fields, num_epochs=1, reader_pool_type="dummy",
                      **kwargs) as reader:
         return list(reader)
-
-
-def dicom_bytes(pixels, **attributes) -> bytes:
-    """An uncompressed single-frame DICOM file built with pydicom (explicit VR little endian)."""
-    import io
-
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated = pixels.dtype.itemsize * 8
-    ds.BitsStored = ds.BitsAllocated
-    ds.HighBit = ds.BitsStored - 1
-    ds.PixelRepresentation = 0
-    for key, value in attributes.items():
-        setattr(ds, key, value)
-    ds.PixelData = pixels.tobytes()
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
 
 
 @pytest.fixture(scope="session", params=["made here", "real"])

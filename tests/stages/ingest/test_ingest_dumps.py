@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-from conftest import ROOT, dicom_bytes, read_rows
+from conftest import ROOT, read_rows
+from films import dicom_bytes
 from PIL import Image
 
 from cxr_spark.core.image_codec import decode_grayscale

@@ -116,3 +116,13 @@ def test_the_tuned_threshold_over_many_small_tied_sets():
         candidates = np.unique(scores)
         f1 = np.array([f1_score(labels, scores >= t) for t in candidates])
         assert tune_threshold(labels, scores) == candidates[np.flatnonzero(np.isclose(f1, f1.max()))].max(), case
+
+
+def test_rates_and_undefined_values():
+    r = rates(tp=8, fp=2, tn=85, fn=5)
+    assert r["precision"] == 0.8 and r["recall"] == 8 / 13 and r["specificity"] == 85 / 87
+    assert r["f1"] == pytest.approx(2 * 0.8 * (8 / 13) / (0.8 + 8 / 13)) and r["accuracy"] == 0.93
+    empty = rates(tp=0, fp=0, tn=10, fn=0)
+    assert empty["precision"] is None and empty["recall"] is None and empty["f1"] is None
+    macro = macro_average([{**r, "auroc": 0.9}, {**empty, "auroc": None}])
+    assert macro["precision"] == 0.8 and macro["auroc"] == 0.9 and macro["labels_with_auroc"] == 1

@@ -18,7 +18,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, dicom_bytes
+from conftest import ROOT, SHARED_DATA
+from films import dicom_bytes
 
 from cxr_spark.core.identity import stored_identity
 from cxr_spark.core.image_formats import ImageError, sniff_format
@@ -29,7 +30,6 @@ from cxr_spark.io.commit import EXIT_LOCKED, OutputLockedError, RunLock
 from cxr_spark.stages.batch_score.job import (EMPTY_SHA256, EXIT_NOTHING_NEW, LOCK_FILE, RUNS_DIR, batch_score,
                                               flag_findings)
 
-ROOT = Path(__file__).resolve().parent.parent
 SIZE = 32
 MEAN, STD = 110.0, 55.0
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".dcm"}

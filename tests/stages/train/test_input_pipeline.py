@@ -14,6 +14,8 @@ from cxr_spark.stages.train.input_pipeline import (Augmentation, affine_matrix, 
 from cxr_spark.stages.train.worker import class_weights, weighted_binary_crossentropy
 
 NO_AUGMENT = None
+
+
 RESCALE = {"mode": "rescale", "mean": 0.0, "std": 255.0, "equalize": False}
 
 
@@ -245,3 +247,14 @@ def test_histogram_equalisation_is_opencvs_on_each_image_of_a_stack():
         np.testing.assert_array_equal(result, cv2.equalizeHist(image.astype(np.uint8)))
     assert not np.array_equal(equalised, stack)
     assert equalize_histogram(np.zeros((0, 4, 4), np.uint8)).shape == (0, 4, 4)
+
+
+def test_model_inputs_are_the_standardised_pixels_with_a_channel_axis_and_steps_take_full_batches():
+    from cxr_spark.core.normalization import model_inputs
+    from cxr_spark.stages.train.input_pipeline import steps_per_epoch
+
+    images = np.random.default_rng(3).integers(0, 256, (3, 5, 4)).astype(np.uint8)
+    inputs = model_inputs(images, {"mean": 100.0, "std": 40.0})
+    assert inputs.shape == (3, 5, 4, 1) and inputs.dtype == np.float32
+    np.testing.assert_allclose(inputs[..., 0], (images.astype(np.float64) - 100) / 40, rtol=1e-6)
+    assert [steps_per_epoch(sizes, 8) for sizes in ([53, 47], [8], [7, 100], [64, 64])] == [5, 1, 0, 8]
