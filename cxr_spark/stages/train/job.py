@@ -92,6 +92,28 @@ def train_label_counts(spark: SparkSession, url: str, n_labels: int) -> np.ndarr
     return np.sum([row["positives"] for row in rows], axis=0) if rows else np.zeros(n_labels, np.int64)
 
 
+def _check_gloo(attempts: int = 3) -> None:
+    """Horovod's "built with Gloo?" check, which ``horovod.spark.run`` makes first, made here with retries.
+
+    The check forks a child that loads Horovod's extension and answers through a queue. A child forked from
+    a driver whose TensorFlow or JVM threads hold a lock can die before it answers, and the check then
+    raises ``queue.Empty`` (cf. horovod/horovod#2161). Horovod caches the first answer per arguments, so
+    once an attempt here answers, ``run`` uses it instead of forking again.
+    """
+    import queue
+
+    from horovod.common.util import gloo_built
+
+    for attempt in range(1, attempts + 1):
+        try:
+            gloo_built(verbose=False)  # the arguments horovod.spark.run(verbose=1) passes
+            return
+        except queue.Empty:
+            log.warning("Horovod's Gloo check: its child process exited without answering (attempt %d of %d)",
+                        attempt, attempts)
+    raise RuntimeError(f"Horovod's Gloo check failed {attempts} times: its child process exited without answering")
+
+
 def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
           checkpoint_dir: str | None = None, resume: bool = False) -> dict:
     """Train with ``settings.num_proc`` Horovod processes; write the model and ``model.json`` to ``out``."""
@@ -162,6 +184,7 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
     log.info("training %s (%s) on %d train / %d val images at %dpx with %d Horovod processes%s",
              settings.model, settings.task, n_train, n_val, size, settings.num_proc,
              f", resuming from {checkpoint_path}" if resume else "")
+    _check_gloo()
     try:
         results = horovod.spark.run(make_worker_fn(plain), num_proc=settings.num_proc, use_gloo=True,
                                     use_mpi=False, verbose=1, start_timeout=settings.start_timeout_s,
