@@ -120,8 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "synth":
         from cxr_spark.synth import SynthSpec, generate
 
-        counts = generate(SynthSpec(out=args.out, n_images=args.n_images, size=args.size, seed=args.seed,
-                                    metadata=args.metadata))
+        try:
+            counts = generate(SynthSpec(out=args.out, n_images=args.n_images, size=args.size, seed=args.seed,
+                                        metadata=args.metadata))
+        except UsageError as error:
+            print(f"cxr-spark synth: error: {error}", file=sys.stderr)
+            return error.exit_code
     elif args.command == "demo":
         from cxr_spark.demo import run_demo
 

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from cxr_spark.core.guards import UsageError
 from cxr_spark.core.image_codec import encode_png
 from cxr_spark.core.labels import LABELS, format_finding_labels, parse_finding_labels
 from cxr_spark.core.metadata import COLUMN_NAMES, HEADER
@@ -98,18 +99,28 @@ def sample_metadata(n_images: int, seed: int, metadata_csv: str | None = None) -
 
 
 def _sample_real_patients(n_images: int, rng: np.random.Generator, path: str) -> pd.DataFrame:
+    """Every row of the file when ``n_images`` is its row count; otherwise whole patients, in a seeded
+    random order, while they fit into ``n_images`` (one more patient's first follow-ups fill what no whole
+    patient fits). The rows keep the file's order, so the dump's folders follow it as NIH's do."""
     table = read_data_entry_csv(path)
-    patients = table["patient_id"].unique()
-    rng.shuffle(patients)
-    by_patient = table.groupby("patient_id", sort=False)
-    chosen, total = [], 0
-    for patient in patients:
-        group = by_patient.get_group(patient)
-        chosen.append(group.head(n_images - total))
-        total += len(chosen[-1])
-        if total >= n_images:
-            break
-    return pd.concat(chosen, ignore_index=True)
+    if n_images > len(table):
+        raise UsageError(f"--n-images {n_images}: --metadata {path} has only {len(table)} rows")
+    if n_images == len(table):
+        return table
+    patients, first_row, sizes = np.unique(table["patient_id"].to_numpy(), return_index=True, return_counts=True)
+    taken = np.zeros(len(patients), bool)
+    total = 0
+    for k in rng.permutation(len(patients)):
+        if total + sizes[k] <= n_images:
+            taken[k], total = True, total + sizes[k]
+            if total == n_images:
+                break
+    keep = table["patient_id"].isin(patients[taken]).to_numpy()
+    if total < n_images:
+        extra = patients[~taken][np.argmin(first_row[~taken])]  # the untaken patient first in the file
+        follow_ups = table.groupby("patient_id").cumcount()
+        keep |= ((table["patient_id"] == extra) & (follow_ups < n_images - total)).to_numpy()
+    return table[keep].reset_index(drop=True)
 
 
 def read_data_entry_csv(path: str) -> pd.DataFrame:

@@ -2,16 +2,19 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import hashlib
 
 import cv2
 import numpy as np
+import pytest
 from PIL import Image
 
+from cxr_spark.core.guards import UsageError
 from cxr_spark.core.labels import LABELS, parse_finding_labels
 from cxr_spark.core.metadata import HEADER
 from cxr_spark.synth import (BOX_FINDINGS, SynthSpec, draw_radiograph, draw_radiograph_and_boxes, generate,
-                             read_data_entry_csv)
+                             image_relpath, read_data_entry_csv, sample_metadata, write_metadata)
 
 
 def test_layout_header_and_patient_wise_lists(tiny_dump):
@@ -57,6 +60,56 @@ def test_sampling_from_real_metadata_keeps_real_rows(shared_data, tmp_path):
     merged = written.merge(source, on="image_id", suffixes=("", "_real"))
     assert len(merged) == 12 and (merged["finding_labels"] == merged["finding_labels_real"]).all()
     assert (merged["patient_id"] == merged["patient_id_real"]).all()
+
+
+def _csv_rows(path) -> list[tuple[str, ...]]:
+    """Image Index, Finding Labels, Follow-up #, Patient ID, Patient Age, Patient Gender, View Position of
+    each data row, read with the csv module."""
+    with (gzip.open(path, "rt", newline="") if str(path).endswith(".gz") else open(path, newline="")) as handle:
+        return [tuple(row[:7]) for row in list(csv.reader(handle))[1:]]
+
+
+def test_every_row_of_real_metadata_when_n_is_its_row_count(shared_data, tmp_path):
+    source_path = shared_data / "nih" / "Data_Entry_2017_v2020.csv.gz"
+    source = _csv_rows(source_path)
+    frame = sample_metadata(len(source), seed=3, metadata_csv=str(source_path))
+    write_metadata(frame, tmp_path, seed=3)
+    assert _csv_rows(tmp_path / "Data_Entry_2017.csv") == source  # every row, in the file's order
+    assert {image_id for image_id, *_ in source} == set((tmp_path / "test_list.txt").read_text().split()) | set(
+        (tmp_path / "train_val_list.txt").read_text().split())
+    folders = {image_relpath(i, image_id).split("/")[0] for i, image_id in enumerate(frame["image_id"])}
+    assert folders == {f"images_{k:03d}" for k in range(1, 13)}  # NIH's twelve folders
+
+
+def test_fewer_images_than_real_rows_are_whole_real_patients(shared_data):
+    source_path = shared_data / "nih" / "Data_Entry_2017_v2020.csv.gz"
+    source = _csv_rows(source_path)
+    picked = {}
+    for seed in (1, 1, 2):
+        frame = sample_metadata(1000, seed=seed, metadata_csv=str(source_path))
+        rows = [tuple(str(v) for v in row) for row in
+                frame[["image_id", "finding_labels", "follow_up", "patient_id", "age_text", "sex", "view"]].itertuples(
+                    index=False)]
+        chosen = {row[3] for row in rows}
+        assert len(rows) == 1000 and rows == [row for row in source if row[3] in chosen]  # whole patients, file order
+        picked.setdefault(seed, []).append(rows)
+    assert picked[1][0] == picked[1][1] != picked[2][0]
+
+
+def test_a_patient_is_cut_only_when_no_whole_one_fits_and_too_many_images_are_refused(shared_data, tmp_path):
+    with gzip.open(shared_data / "nih" / "Data_Entry_2017_v2020.csv.gz", "rt") as handle:
+        lines = [next(handle) for _ in range(12)]
+    small = tmp_path / "Data_Entry_small.csv"
+    small.write_text("".join(lines[:4] + lines[5:10]))  # the header, patient 1's 3 rows and 5 of patient 3's
+    rows = _csv_rows(small)
+    assert [row[3] for row in rows] == ["1"] * 3 + ["3"] * 5
+    for seed in (0, 1, 2, 3):
+        assert list(sample_metadata(3, seed, str(small))["image_id"]) == [row[0] for row in rows[:3]]
+        # 4: patient 1 whole, then the first follow-up of patient 3 (no whole patient fits the last one)
+        assert list(sample_metadata(4, seed, str(small))["image_id"]) == [row[0] for row in rows[:4]]
+    assert list(sample_metadata(8, 0, str(small))["image_id"]) == [row[0] for row in rows]
+    with pytest.raises(UsageError, match=r"--n-images 9: .* has only 8 rows"):
+        sample_metadata(9, 0, str(small))
 
 
 def _seen_box(name: str, index: int, size: int = 256) -> tuple[tuple, tuple]:
