@@ -50,7 +50,8 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_synth(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", required=True, help="folder for the synthetic dump (NIH layout)")
+    parser.add_argument("--out", required=True, help="folder for the synthetic dump (NIH layout); a complete dump "
+                                                      "of the same spec already there is reused")
     parser.add_argument("--n-images", type=int, default=1000, help="number of images (default 1000)")
     parser.add_argument("--size", type=int, default=1024, help="image side in pixels (default 1024, as NIH)")
     parser.add_argument("--metadata", help="real Data_Entry CSV to sample patients and labels from "
@@ -118,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     args = args_parser().parse_args(argv)
     _setup_logging(args.verbose)
     if args.command == "synth":
-        from cxr_spark.synth import SynthSpec, generate
+        from cxr_spark.synth import SynthSpec, generate_or_reuse
 
         try:
-            counts = generate(SynthSpec(out=args.out, n_images=args.n_images, size=args.size, seed=args.seed,
-                                        metadata=args.metadata))
+            counts = generate_or_reuse(SynthSpec(out=args.out, n_images=args.n_images, size=args.size,
+                                                 seed=args.seed, metadata=args.metadata))
         except UsageError as error:
             print(f"cxr-spark synth: error: {error}", file=sys.stderr)
             return error.exit_code

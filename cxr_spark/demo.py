@@ -16,24 +16,9 @@ from cxr_spark.stages.report.gradcam import GradcamRequest
 from cxr_spark.stages.report.job import report
 from cxr_spark.stages.score import score
 from cxr_spark.stages.train.job import train
-from cxr_spark.synth import BBOX_FILE, SynthSpec, generate
+from cxr_spark.synth import BBOX_FILE, SynthSpec, generate_or_reuse
 
 log = logging.getLogger(__name__)
-SYNTH_SPEC_FILE = "_synth.json"
-
-
-def _synthesize(spec: SynthSpec) -> dict:
-    """Generate the dump unless the same spec was already generated there (a re-run reuses it)."""
-    marker = Path(spec.out) / SYNTH_SPEC_FILE
-    # files: dumps written before synth wrote BBox_List_2017.csv are generated again
-    wanted = {"n_images": spec.n_images, "size": spec.size, "seed": spec.seed, "metadata": spec.metadata,
-              "files": [BBOX_FILE]}
-    if marker.exists() and json.loads(marker.read_text()).get("spec") == wanted:
-        log.info("demo: reusing the synthetic dump in %s", spec.out)
-        return json.loads(marker.read_text())["counts"]
-    counts = generate(spec)
-    marker.write_text(json.dumps({"spec": wanted, "counts": counts}, indent=2))
-    return counts
 
 
 def format_auroc_table(metrics: dict) -> str:
@@ -75,8 +60,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         log.info("demo: %s done in %.0f s: %s", stage, timings[stage], json.dumps(shown, default=str))
         return result
 
-    timed("synth", _synthesize, SynthSpec(out=str(run / "dump"), n_images=args.n_images, size=args.image_size,
-                                          seed=args.seed))
+    timed("synth", generate_or_reuse, SynthSpec(out=str(run / "dump"), n_images=args.n_images,
+                                                size=args.image_size, seed=args.seed))
     spark = build_session("cxr-spark demo", args.spark_conf)
     try:
         dump, raw, images = str(run / "dump"), str(run / "raw"), str(run / f"images_{args.size}")

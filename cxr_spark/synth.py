@@ -14,6 +14,7 @@ left out: its several nodules scatter over both lungs and have no one box.
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import os
@@ -51,6 +52,7 @@ BOX_FINDINGS = {"Atelectasis": "Atelectasis", "Cardiomegaly": "Cardiomegaly", "E
                 "Pneumothorax": "Pneumothorax"}
 BBOX_FILE = "BBox_List_2017.csv"
 BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # NIH's header, trailing commas included
+SPEC_FILE = "_synth.json"  # the spec and counts of the dump in its folder, written once it is complete
 
 
 @dataclass(frozen=True)
@@ -394,3 +396,19 @@ def generate(spec: SynthSpec) -> dict:
         "bytes": total_bytes,
         "duration_s": round(time.monotonic() - started, 1),
     }
+
+
+def generate_or_reuse(spec: SynthSpec) -> dict:
+    """:func:`generate` unless a dump of the same spec is already complete in ``spec.out`` (its
+    :data:`SPEC_FILE`); the counts have ``reused`` true when it was."""
+    marker = Path(spec.out) / SPEC_FILE
+    # files: dumps written before synth wrote BBox_List_2017.csv are generated again
+    wanted = {"n_images": spec.n_images, "size": spec.size, "seed": spec.seed,
+              "metadata": spec.metadata and os.path.abspath(spec.metadata), "files": [BBOX_FILE]}
+    if marker.exists() and json.loads(marker.read_text()).get("spec") == wanted:
+        log.info("synth: reusing the synthetic dump in %s", spec.out)
+        return {**json.loads(marker.read_text())["counts"], "reused": True}
+    marker.unlink(missing_ok=True)  # a dump half overwritten by a killed run is not the one it described
+    counts = generate(spec)
+    marker.write_text(json.dumps({"spec": wanted, "counts": counts}, indent=2))
+    return {**counts, "reused": False}

@@ -14,7 +14,7 @@ from cxr_spark.core.guards import UsageError
 from cxr_spark.core.labels import LABELS, parse_finding_labels
 from cxr_spark.core.metadata import HEADER
 from cxr_spark.synth import (BOX_FINDINGS, SynthSpec, draw_radiograph, draw_radiograph_and_boxes, generate,
-                             image_relpath, read_data_entry_csv, sample_metadata, write_metadata)
+                             generate_or_reuse, image_relpath, read_data_entry_csv, sample_metadata, write_metadata)
 
 
 def test_layout_header_and_patient_wise_lists(tiny_dump):
@@ -60,6 +60,20 @@ def test_sampling_from_real_metadata_keeps_real_rows(shared_data, tmp_path):
     merged = written.merge(source, on="image_id", suffixes=("", "_real"))
     assert len(merged) == 12 and (merged["finding_labels"] == merged["finding_labels_real"]).all()
     assert (merged["patient_id"] == merged["patient_id_real"]).all()
+
+
+def test_a_complete_dump_of_the_same_spec_is_reused_and_any_other_generated_again(tmp_path):
+    spec = SynthSpec(out=str(tmp_path), n_images=4, size=32, seed=2, processes=1)
+    first = generate_or_reuse(spec)
+    written = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*.png")}
+    assert not first["reused"] and len(written) == 4
+    assert generate_or_reuse(spec) == {**first, "reused": True}
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in tmp_path.rglob("*.png")} == written  # untouched
+    other = generate_or_reuse(SynthSpec(out=str(tmp_path), n_images=4, size=32, seed=3, processes=1))
+    assert not other["reused"]
+    assert {p.read_bytes() for p in tmp_path.rglob("*.png")}.isdisjoint(data for _, data in written.values())
+    (tmp_path / "_synth.json").unlink()  # as a run killed while generating leaves it
+    assert not generate_or_reuse(SynthSpec(out=str(tmp_path), n_images=4, size=32, seed=3, processes=1))["reused"]
 
 
 def _csv_rows(path) -> list[tuple[str, ...]]:
