@@ -7,11 +7,16 @@ STAMP := $(VENV)/.cxr-spark-installed
 RUN_DIR ?= runs/demo
 # Defined before any rule: make expands prerequisites as it reads each rule.
 BENCH_ARGS ?=
+# make scale: images in the synthetic dump (every row of NIH's metadata at 112120), their side, where it all goes
+SCALE_N ?= 112120
+SCALE_SIZE ?= 512
+SCALE_DIR ?= runs/scale
+SCALE_ARGS ?=
 PACK_ENV := build/pack-env
 ENV_ARCHIVE := dist/cxr-spark-env.tar.gz
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test test-fast cluster-test package bench mutate clean help
+.PHONY: install demo test test-fast cluster-test package bench scale mutate clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -36,6 +41,9 @@ cluster-test: install $(ENV_ARCHIVE)  ## a Spark standalone master + 2 workers o
 
 bench: install  ## ingest, training input vs model + Horovod scaling, and scoring throughput as ratios, measured side by side (no timed tests)
 	PYTHONPATH=$(CURDIR) $(BIN)/python -m benchmarks.bench $(BENCH_ARGS)  # PYTHONPATH: Spark's and Horovod's workers import it too
+
+scale: install  ## every stage as its own cxr-spark command on SCALE_N synthetic images with NIH's real metadata, 2 GB driver: time, CPU, memory, sizes per stage, one JSON line (hours at 112120; not in CI)
+	PYTHONPATH=$(CURDIR) $(BIN)/python -m benchmarks.scale --n-images $(SCALE_N) --size $(SCALE_SIZE) --dir $(SCALE_DIR) $(SCALE_ARGS)
 
 mutate: install  ## mutation score of the pure modules against the tests that need no Spark (minutes; not in CI)
 	$(BIN)/python -m pip install -q --disable-pip-version-check "mutmut==3.8.1"
