@@ -13,8 +13,9 @@ from PIL import Image
 from cxr_spark.core.guards import UsageError
 from cxr_spark.core.labels import LABELS, parse_finding_labels
 from cxr_spark.core.metadata import HEADER
-from cxr_spark.synth import (BOX_FINDINGS, SynthSpec, draw_radiograph, draw_radiograph_and_boxes, generate,
-                             generate_or_reuse, image_relpath, read_data_entry_csv, sample_metadata, write_metadata)
+from cxr_spark.synth import (SynthSpec, generate, generate_or_reuse, image_relpath, read_data_entry_csv,
+                             sample_metadata, write_metadata)
+from cxr_spark.synth_drawing import BOX_FINDINGS, draw_radiograph, draw_radiograph_and_boxes
 
 
 def test_layout_header_and_patient_wise_lists(tiny_dump):
