@@ -9,32 +9,25 @@ How each figure is measured: docs/scale.md.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import gzip
 import json
 import os
 import re
-import resource
 import shutil
-import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
 import pyarrow.parquet as pq
 
+from benchmarks.process_tree import TreeSampler, become_subreaper, children_cpu, reap_descendants
 from cxr_spark.io.session import CONF_DIR, read_properties
 
 ROOT = Path(__file__).resolve().parents[1]
 NIH_IMAGES = 112_120
 REAL_METADATA = ROOT.parent / "shared" / "data" / "nih" / "Data_Entry_2017_v2020.csv.gz"
-PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
-MB = 2**20
-LAUNCHER = "org.apache.spark.launcher.Main"  # spark-submit's short-lived JVM that builds the driver's command
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,8 +45,10 @@ def args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--metadata", default=str(REAL_METADATA),
                         help="real Data_Entry CSV the dump takes its rows from")
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic dump")
-    parser.add_argument("--train-size", type=int, default=224,
-                        help="ingest --images-out --size: the images train, score, report and batch-score use")
+    parser.add_argument("--ingest-size", type=int, default=224, help="ingest --images-out --size")
+    parser.add_argument("--train-size", type=int, default=128,
+                        help="preprocess --size: the images features, train, score and report use (no preprocess "
+                             "stage when it equals --ingest-size)")
     parser.add_argument("--epochs", type=int, default=1, help="training epochs (small_cnn)")
     parser.add_argument("--num-proc", type=int, default=2, help="Horovod processes")
     parser.add_argument("--batch-files", type=int, default=1000,
@@ -62,13 +57,16 @@ def args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--spark-conf", default=str(CONF_DIR / "spark" / "local.conf"),
                         help="Spark properties every other setting is copied from")
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples of the process tree")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the figures of stages a killed run of the same commands already finished "
+                             "(logs/<stage>.json) and run only the others")
     return parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = args_parser()
     args = parser.parse_args(argv)
-    for flag in ("n_images", "size", "train_size", "epochs", "num_proc", "batch_files"):
+    for flag in ("n_images", "size", "ingest_size", "train_size", "epochs", "num_proc", "batch_files"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
     if args.interval <= 0:
@@ -86,113 +84,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--dir {args.dir}: not a folder")
     args.metadata_rows = rows
     return args
-
-
-# ---------------------------------------------------------------------------------------------
-# measuring one command's process tree
-
-
-class TreeSampler(threading.Thread):
-    """Every ``interval`` seconds, each descendant of this process: its CPU time (user + system, the
-    last value seen is kept per process) and its resident memory, summed per kind: ``driver`` the java
-    processes, ``workers`` the Python processes other than the command's own (``driver_pid``).
-
-    ``unreaped`` keeps, for each process whose parent ignores SIGCHLD (PySpark's daemon, for its
-    workers), its last CPU time with that of the children it waited for: the kernel discards such a
-    process's usage when it exits under that parent, so it never reaches ``RUSAGE_CHILDREN``."""
-
-    def __init__(self, driver_pid: int, interval: float):
-        super().__init__(daemon=True)
-        self.driver_pid, self.interval = driver_pid, interval
-        self.cpu: dict[tuple[int, float], float] = {}
-        self.unreaped: dict[tuple[int, float], float] = {}
-        self.kind: dict[tuple[int, float, str], tuple[str, bool]] = {}
-        self.peak_mb = {"driver": 0.0, "workers": 0.0, "python_driver": 0.0}
-        self.heap_flags: set[str] = set()
-        self.done = threading.Event()
-        self.error: str | None = None
-
-    def run(self) -> None:
-        try:
-            while not self.done.is_set():
-                self.sample()
-                self.done.wait(self.interval)
-        except Exception as error:  # noqa: BLE001 - reported beside the figures it leaves incomplete
-            self.error = repr(error)
-
-    def _kind(self, process: psutil.Process) -> tuple[str, bool]:
-        command = process.cmdline()
-        if process.name() == "java" and LAUNCHER not in command:
-            self.heap_flags.update(arg for arg in command if arg.startswith("-Xmx"))
-            kind = "driver"
-        elif process.pid == self.driver_pid:
-            kind = "python_driver"
-        elif command and "python" in os.path.basename(command[0]):
-            kind = "workers"
-        else:
-            kind = "other"
-        return kind, _ignores_sigchld(process.ppid())
-
-    def sample(self) -> None:
-        rss = dict.fromkeys(self.peak_mb, 0)
-        for process in psutil.Process().children(recursive=True):
-            try:
-                with process.oneshot():
-                    key = (process.pid, process.create_time())
-                    # by name too: spark-submit's bash becomes the JVM by exec, with the same pid
-                    kind, unreaped = self.kind.get((*key, process.name())) or self.kind.setdefault(
-                        (*key, process.name()), self._kind(process))
-                    times, memory = process.cpu_times(), process.memory_info().rss
-            except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
-                continue
-            self.cpu[key] = times.user + times.system
-            if unreaped:
-                self.unreaped[key] = sum(times[:4])  # user, system, children_user, children_system
-            if kind in rss:
-                rss[kind] += memory
-        for kind, value in rss.items():
-            self.peak_mb[kind] = max(self.peak_mb[kind], value / MB)
-
-
-def _ignores_sigchld(pid: int) -> bool:
-    """Whether process ``pid`` ignores SIGCHLD (its children are then reaped without their usage)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-    ignored = next((line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), "0")
-    return bool(int(ignored, 16) >> (signal.SIGCHLD - 1) & 1)
-
-
-def become_subreaper() -> bool:
-    """Make orphaned descendants (a JVM outliving its driver) children of this process, so that their
-    CPU time reaches ``RUSAGE_CHILDREN`` when they are reaped. False where prctl is missing (not Linux)."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def reap_descendants(timeout: float = 120.0) -> tuple[set[int], list[int]]:
-    """Wait for every remaining child (orphans included): the pids reaped here, and those still running
-    after ``timeout``."""
-    deadline, reaped = time.monotonic() + timeout, set()
-    while True:
-        try:
-            pid, _ = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return reaped, []
-        if pid:
-            reaped.add(pid)
-        elif time.monotonic() > deadline:
-            return reaped, [child.pid for child in psutil.Process().children()]
-        else:
-            time.sleep(0.1)
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
 
 
 @dataclass
@@ -275,7 +166,7 @@ def copy_batch_dump(dump: Path, out: Path, n_files: int) -> int:
 
 
 def stages(args: argparse.Namespace, run: Path, dump: Path, spark_conf: Path) -> list[Stage]:
-    images = run / f"images_{args.train_size}"
+    ingested, images = run / f"images_{args.ingest_size}", run / f"images_{args.train_size}"
     out = {name: run / name for name in ("raw", "features", "baseline", "model", "predictions", "report", "store")}
     conf = ["--spark-conf", str(spark_conf)]
     return [
@@ -284,8 +175,11 @@ def stages(args: argparse.Namespace, run: Path, dump: Path, spark_conf: Path) ->
               {"dump": dump}, "images"),
         Stage("ingest", ["ingest", "--images", str(dump), "--metadata", str(dump / "Data_Entry_2017.csv"),
                          "--split-lists", str(dump), "--bbox", str(dump / "BBox_List_2017.csv"),
-                         "--out", str(out["raw"]), "--images-out", str(images), "--size", str(args.train_size), *conf],
-              {"raw": out["raw"], images.name: images}, "files_listed"),
+                         "--out", str(out["raw"]), "--images-out", str(ingested), "--size", str(args.ingest_size),
+                         *conf], {"raw": out["raw"], ingested.name: ingested}, "files_listed"),
+        *([Stage("preprocess", ["preprocess", "--in", str(out["raw"]), "--out", str(images), "--size",
+                                str(args.train_size), *conf], {images.name: images}, "images")]
+          if images != ingested else []),
         Stage("features", ["features", "--in", str(images), "--out", str(out["features"]),
                            "--baseline-out", str(out["baseline"]), *conf],
               {"features": out["features"], "baseline": out["baseline"]}, "images"),
@@ -313,11 +207,12 @@ def parquet_rows(dataset: Path, partition: str | None = None) -> int:
     return total
 
 
-def reconcile(run: Path, dump: Path, images: Path, results: dict, metadata_rows: int, n_images: int,
+def reconcile(run: Path, dump: Path, image_sets: list[Path], results: dict, metadata_rows: int, n_images: int,
               batch_files: int) -> dict:
-    """Counts from the manifests and the Parquet footers of the outputs, and whether they add up."""
+    """Counts from the manifests and the Parquet footers of the outputs, and whether they add up. The last
+    of ``image_sets`` is the one scored."""
     ingest = json.loads((run / "raw" / "_manifest.json").read_text())["counts"]
-    resized = json.loads((images / "_manifest.json").read_text())["counts"]
+    images = image_sets[-1]
     batch = results["batch-score"]["summary"]
     batch_run = json.loads((run / "store" / "_runs" / f"{batch['run_id']}.json").read_text())
     batch_run = batch_run.get("counts", batch_run)
@@ -326,8 +221,10 @@ def reconcile(run: Path, dump: Path, images: Path, results: dict, metadata_rows:
         "dump_images": sum(1 for _ in dump.glob("images_*/images/*.png")),
         "files_listed": ingest["files_listed"], "ingested": ingest["ingested"], "quarantined": ingest["quarantined"],
         "metadata_rows": ingest["metadata_rows"], "metadata_matched": ingest["metadata_matched"],
-        "raw_rows": parquet_rows(run / "raw"), "images_rows": parquet_rows(images),
-        "images_quarantined": resized.get("quarantined", 0),
+        "raw_rows": parquet_rows(run / "raw"),
+        **{f"{folder.name}_rows": parquet_rows(folder) for folder in image_sets},
+        **{f"{folder.name}_quarantined": json.loads((folder / "_manifest.json").read_text())["counts"].get(
+            "quarantined", 0) for folder in image_sets},
         "test_images": parquet_rows(images, "split=test"), "predictions": parquet_rows(run / "predictions"),
         "batch_files": batch_files, "batch_files_listed": batch_run["files_listed"],
         "batch_scored": batch_run["scored"], "batch_quarantined": batch_run["quarantined"],
@@ -337,8 +234,8 @@ def reconcile(run: Path, dump: Path, images: Path, results: dict, metadata_rows:
         "dump_images = n_images": counts["dump_images"] == n_images,
         "files_listed = ingested + quarantined": counts["files_listed"] == counts["ingested"] + counts["quarantined"],
         "raw_rows = ingested": counts["raw_rows"] == counts["ingested"],
-        "raw_rows = images_rows + images_quarantined":
-            counts["raw_rows"] == counts["images_rows"] + counts["images_quarantined"],
+        **{f"raw_rows = {folder.name}_rows + {folder.name}_quarantined": counts["raw_rows"]
+           == counts[f"{folder.name}_rows"] + counts[f"{folder.name}_quarantined"] for folder in image_sets},
         "predictions = test_images": counts["predictions"] == counts["test_images"],
         "batch_files = batch_files_listed = batch_scored + batch_quarantined": counts["batch_files"]
             == counts["batch_files_listed"] == counts["batch_scored"] + counts["batch_quarantined"],
@@ -360,14 +257,25 @@ def main(argv: list[str] | None = None) -> int:
     exact_cpu = become_subreaper()
     chain = stages(args, run, dump, spark_conf)
     (logs / "commands.sh").write_text("".join(" ".join([*command, *stage.argv]) + "\n" for stage in chain))
-    results, batch_files = {}, 0
+    results, resuming = {}, args.resume
+    batch_files = min(args.batch_files, args.n_images)
     for stage in chain:
+        saved = logs / f"{stage.name}.json"
+        kept = json.loads(saved.read_text()) if resuming and saved.exists() else None
+        if kept and kept["argv"] == stage.argv:
+            results[stage.name] = {**kept["result"], "resumed": True}
+            print(f"scale: {stage.name}: kept from {kept['finished_at']}", file=sys.stderr, flush=True)
+            continue
+        resuming = False  # every later stage reads what this one writes: they run again too
+        saved.unlink(missing_ok=True)
         if stage.name == "batch-score":
-            batch_files = copy_batch_dump(dump, run / "batch_dump", min(args.batch_files, args.n_images))
+            batch_files = copy_batch_dump(dump, run / "batch_dump", batch_files)
             shutil.rmtree(run / "store", ignore_errors=True)  # a fresh store: every file is new to it
         results[stage.name] = run_stage(stage, command, logs, args.interval, exact_cpu)
-    counts = reconcile(run, dump, run / f"images_{args.train_size}", results, args.metadata_rows, args.n_images,
-                       batch_files)
+        saved.write_text(json.dumps({"argv": stage.argv, "result": results[stage.name],
+                                     "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}))
+    image_sets = [run / f"images_{size}" for size in dict.fromkeys([args.ingest_size, args.train_size])]
+    counts = reconcile(run, dump, image_sets, results, args.metadata_rows, args.n_images, batch_files)
     line = json.dumps({
         "n_images": args.n_images, "size": args.size, "train_size": args.train_size,
         "driver_memory": args.driver_memory, "cpu_method": "rusage+unreaped" if exact_cpu else "sampled",
