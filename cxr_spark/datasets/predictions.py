@@ -11,6 +11,8 @@ one, computed by Spark so that only small per-label rows reach the driver.
 - Micro averages pool all labels: the summed confusion matrices, and AUROC/AP over the pooled
   (label, image) pairs.
 
+- Decision thresholds tuned for the best F1 (:func:`tuned_thresholds`), from the same running counts.
+
 The ROC and precision-recall curves are the running counts at each distinct score; a label with more
 than ``max_curve_points`` distinct scores is drawn through an evenly spaced subset of its exact points.
 The metrics never use the subset.
@@ -21,7 +23,7 @@ import numpy as np
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
-from cxr_spark.core.metrics import COUNT_NAMES, micro_counts, rates
+from cxr_spark.core.metrics import COUNT_NAMES, DEFAULT_THRESHOLD, micro_counts, rates
 
 # view, sex and age ride along for the report's dataset summary (no names or other identifying fields).
 PREDICTIONS_DDL = ("image_id string, split string, labels array<smallint>, probabilities array<float>, "
@@ -38,6 +40,32 @@ def long_form(predictions: DataFrame, *keep: str) -> DataFrame:
     pairs = predictions.select(*keep, F.posexplode(F.arrays_zip("labels", "probabilities")).alias("label", "pair"))
     return pairs.select(*keep, "label", F.col("pair.labels").cast("int").alias("y"),
                         F.col("pair.probabilities").alias("p"))
+
+
+def tuned_thresholds(long: DataFrame, n_labels: int) -> tuple[list[float], int]:
+    """:func:`cxr_spark.core.metrics.tune_threshold` of each of ``n_labels`` labels of ``long`` (rows of
+    :func:`long_form`), computed by Spark so that one row per label reaches the driver; and the images
+    they were tuned on.
+
+    Each distinct score is a candidate (positive when p >= t); F1 there is 2·TP / (predicted positives +
+    positives), from running counts in descending score order, ties taken whole. The highest threshold
+    of the best F1 wins. A label without both classes gets :data:`DEFAULT_THRESHOLD`.
+    """
+    by_score = long.groupBy("label", "p").agg(F.sum("y").alias("pos"), F.count("*").alias("n"))
+    descending = Window.partitionBy("label").orderBy(F.col("p").desc())
+    running, whole = descending.rowsBetween(Window.unboundedPreceding, Window.currentRow), Window.partitionBy("label")
+    counted = by_score.select(
+        "label", F.col("p").cast("double").alias("p"), F.sum("pos").over(running).alias("tp"),
+        F.sum("n").over(running).alias("predicted"), F.sum("pos").over(whole).alias("positives"),
+        F.sum("n").over(whole).alias("images"))
+    f1 = 2 * F.col("tp") / (F.col("predicted") + F.col("positives"))
+    rows = counted.groupBy("label", "positives", "images").agg(
+        F.max(F.struct(f1.alias("f1"), F.col("p"))).alias("best")).collect()  # ties of F1: the highest p
+    thresholds = [DEFAULT_THRESHOLD] * n_labels
+    for row in rows:
+        if 0 < row["positives"] < row["images"]:
+            thresholds[row["label"]] = row["best"]["p"]
+    return thresholds, max((row["images"] for row in rows), default=0)
 
 
 def _confusion(prefix: str, predicted: Column) -> list[Column]:

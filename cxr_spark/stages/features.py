@@ -24,11 +24,11 @@ from cxr_spark.core.guards import UsageError, check_run
 from cxr_spark.core.image_features import (FEATURE_NAMES, LUNG_COLUMNS, LUNG_ROWS, MEDIASTINUM_COLUMNS, image_features,
                                            lung_regions)
 from cxr_spark.core.labels import LABELS
-from cxr_spark.core.metrics import DEFAULT_THRESHOLD, macro_average, tune_thresholds
+from cxr_spark.core.metrics import DEFAULT_THRESHOLD, macro_average
 from cxr_spark.datasets.fields import decode_column
 from cxr_spark.datasets.images import images_schema
 from cxr_spark.datasets.manifest import code_version, finish_manifest, input_version
-from cxr_spark.datasets.predictions import PREDICTIONS_DDL, label_metrics
+from cxr_spark.datasets.predictions import PREDICTIONS_DDL, label_metrics, long_form, tuned_thresholds
 from cxr_spark.io.commit import atomic_output, settle
 from cxr_spark.io.storage import read_json, to_url
 
@@ -200,15 +200,9 @@ def train_baseline(spark: SparkSession, vectors: DataFrame, out: str, size: int,
 
     scored = model.transform(vectors.where(F.col("split").isin(THRESHOLD_SPLIT, EVAL_SPLIT)))
     scored = scored.select("image_id", "split", "labels", _probabilities(n_labels).alias("probabilities"))
-    # Only the validation rows' labels and probabilities (28 small numbers a row) reach the driver.
-    val_rows = scored.where(F.col("split") == THRESHOLD_SPLIT).select("labels", "probabilities").collect()
-    if val_rows:
-        val_labels = np.array([row["labels"] for row in val_rows], np.int16)
-        val_scores = np.array([row["probabilities"] for row in val_rows], np.float32)
-        thresholds = tune_thresholds(val_labels, val_scores)
-    else:
+    thresholds, tuned_on = tuned_thresholds(long_form(scored.where(F.col("split") == THRESHOLD_SPLIT)), n_labels)
+    if not tuned_on:
         log.warning("no %r rows: every baseline threshold is %s", THRESHOLD_SPLIT, DEFAULT_THRESHOLD)
-        thresholds = [DEFAULT_THRESHOLD] * n_labels
     scored_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     predictions = (scored.where(F.col("split") == EVAL_SPLIT)
                    .withColumn("model_version", F.lit(model_version))
@@ -224,7 +218,7 @@ def train_baseline(spark: SparkSession, vectors: DataFrame, out: str, size: int,
         n_scored = written.count()
         macro_auroc = (macro_average(label_metrics(written, list(LABELS), thresholds)[0].values())["auroc"]
                        if n_scored else None)
-        counts = {"scored": n_scored, "split": EVAL_SPLIT, "train": n_train, "val": len(val_rows),
+        counts = {"scored": n_scored, "split": EVAL_SPLIT, "train": n_train, "val": tuned_on,
                   "macro_auroc": macro_auroc}
         finish_manifest(spark, tmp, "features-baseline", started, config=settings, inputs=inputs, counts=counts,
                         extra={"model": card, "model_version": model_version})
