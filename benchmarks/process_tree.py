@@ -34,6 +34,7 @@ class TreeSampler(threading.Thread):
         self.unreaped: dict[tuple[int, float], float] = {}
         self.kind: dict[tuple[int, float, str], tuple[str, bool]] = {}
         self.peak_mb = {"driver": 0.0, "workers": 0.0, "python_driver": 0.0}
+        self.load: list[float] = []  # the machine's 1-minute load average at each sample
         self.heap_flags: set[str] = set()
         self.done = threading.Event()
         self.error: str | None = None
@@ -60,6 +61,7 @@ class TreeSampler(threading.Thread):
         return kind, _ignores_sigchld(process.ppid())
 
     def sample(self) -> None:
+        self.load.append(os.getloadavg()[0])
         rss = dict.fromkeys(self.peak_mb, 0)
         for process in psutil.Process().children(recursive=True):
             try:

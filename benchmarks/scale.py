@@ -14,6 +14,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -132,6 +133,9 @@ def run_stage(stage: Stage, command: list[str], logs: Path, interval: float, exa
         "images": images,
         "images_per_s": images and round(images / seconds, 2),
         "peak_rss_mb": {kind: round(value) for kind, value in sampler.peak_mb.items()},
+        # the 1-minute load average while the stage ran: what else ran beside it shows here
+        "load_average": {"median": round(statistics.median(sampler.load), 2) if sampler.load else None,
+                         "max": max(sampler.load, default=None)},
         "outputs": {name: folder_size(path) for name, path in stage.outputs.items()},
         **({"reused": True} if summary.get("reused") else {}),
         **({"heap": sorted(sampler.heap_flags)} if sampler.heap_flags else {}),
