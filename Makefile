@@ -42,7 +42,7 @@ cluster-test: install $(ENV_ARCHIVE)  ## a Spark standalone master + 2 workers o
 bench: install  ## ingest, training input vs model + Horovod scaling, and scoring throughput as ratios, measured side by side (no timed tests)
 	PYTHONPATH=$(CURDIR) $(BIN)/python -m benchmarks.bench $(BENCH_ARGS)  # PYTHONPATH: Spark's and Horovod's workers import it too
 
-scale: install  ## every stage as its own cxr-spark command on SCALE_N synthetic images with NIH's real metadata, 2 GB driver: time, CPU, memory, sizes per stage, one JSON line (hours at 112120; not in CI)
+scale: install  ## every stage as its own cxr-spark command on SCALE_N synthetic images with NIH's real metadata, 2 GB driver: time, CPU, memory, sizes per stage, one JSON line (the longest run: docs/scale.md; not in CI)
 	PYTHONPATH=$(CURDIR) $(BIN)/python -m benchmarks.scale --n-images $(SCALE_N) --size $(SCALE_SIZE) --dir $(SCALE_DIR) $(SCALE_ARGS)
 
 mutate: install  ## mutation score of the pure modules against the tests that need no Spark (minutes; not in CI)
