@@ -83,6 +83,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--n-images {args.n_images}: --metadata {args.metadata} has only {rows} rows")
     if Path(args.dir).exists() and not Path(args.dir).is_dir():
         parser.error(f"--dir {args.dir}: not a folder")
+    if Path(args.dir).is_dir() and any(Path(args.dir).iterdir()) and not is_scale_folder(Path(args.dir)):
+        # every output below it is replaced (store/ and batch_dump/ removed): only a folder of this harness
+        parser.error(f"--dir {args.dir}: not empty and not a folder make scale made; give a new or empty one")
     args.metadata_rows = rows
     return args
 
@@ -151,12 +154,24 @@ def run_stage(stage: Stage, command: list[str], logs: Path, interval: float, exa
 # the chain
 
 
+SPARK_CONF_MARK = "(written by benchmarks/scale.py)"
+
+
+def is_scale_folder(folder: Path) -> bool:
+    """Whether ``folder`` is one this harness made: its ``spark.conf`` says so on its first line."""
+    try:
+        with open(folder / "spark.conf") as handle:
+            return SPARK_CONF_MARK in handle.readline()
+    except OSError:
+        return False
+
+
 def write_spark_conf(base: Path, out: Path, driver_memory: str) -> None:
     """``base``'s properties with the driver's memory set, and no console progress bar (logs are files)."""
     properties = {**read_properties(base), "spark.driver.memory": driver_memory,
                   "spark.ui.showConsoleProgress": "false"}
     out.write_text(f"# {base} with spark.driver.memory {driver_memory} and no console progress bar "
-                   f"(written by benchmarks/scale.py)\n" + "".join(f"{k} {v}\n" for k, v in properties.items()))
+                   f"{SPARK_CONF_MARK}\n" + "".join(f"{k} {v}\n" for k, v in properties.items()))
 
 
 def copy_batch_dump(dump: Path, out: Path, n_files: int) -> int:

@@ -118,40 +118,35 @@ def run_stage(stage: str, args: argparse.Namespace, spark=None) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = args_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    if args.command == "synth":
-        from cxr_spark.synth import SynthSpec, generate_or_reuse
+    try:
+        if args.command == "synth":
+            from cxr_spark.synth import SynthSpec, generate_or_reuse
 
-        try:
             counts = generate_or_reuse(SynthSpec(out=args.out, n_images=args.n_images, size=args.size,
                                                  seed=args.seed, metadata=args.metadata))
-        except UsageError as error:
-            print(f"cxr-spark synth: error: {error}", file=sys.stderr)
-            return error.exit_code
-    elif args.command == "demo":
-        from cxr_spark.demo import run_demo
+        elif args.command == "demo":
+            from cxr_spark.demo import run_demo
 
-        counts = run_demo(args)
-    else:
-        try:
+            counts = run_demo(args)
+        else:
             check = getattr(SPARK_STAGES[args.command][0], "check_args", None)
             if check is not None:
                 check(args)  # paths and files, before Spark starts
             counts = run_stage(args.command, args)
-        except UsageError as error:
-            print(f"cxr-spark {args.command}: error: {error}", file=sys.stderr)
-            return error.exit_code
-        except Exception as error:
-            code = getattr(error, "exit_code", None)
-            if not isinstance(code, int):
-                raise
-            log.error("%s: %s", args.command, error)
-            print(_summary(args.command, {"status": getattr(error, "status", "failed"), "exit_code": code,
-                                          "error": str(error)}))
-            return code
-        print(_summary(args.command, counts))
-        return getattr(SPARK_STAGES[args.command][0], "exit_code", lambda _: 0)(counts)
+    except UsageError as error:
+        print(f"cxr-spark {args.command}: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except Exception as error:
+        code = getattr(error, "exit_code", None)
+        if not isinstance(code, int):
+            raise
+        log.error("%s: %s", args.command, error)
+        print(_summary(args.command, {"status": getattr(error, "status", "failed"), "exit_code": code,
+                                      "error": str(error)}))
+        return code
     print(_summary(args.command, counts))
-    return 0
+    stage = SPARK_STAGES.get(args.command)
+    return getattr(stage[0], "exit_code", lambda _: 0)(counts) if stage else 0
 
 
 def submit_main(stage: str, argv: list[str]) -> int:

@@ -42,6 +42,16 @@ def long_form(predictions: DataFrame, *keep: str) -> DataFrame:
                         F.col("pair.probabilities").alias("p"))
 
 
+def _running_counts(long: DataFrame) -> DataFrame:
+    """One row per label and distinct score ``p``: its positives and negatives (``pos``, ``neg``), the running
+    ``tp`` and ``fp`` from the highest score down to it (ties taken whole), and its ``rank`` in that order."""
+    by_score = long.groupBy("label", "p").agg(F.sum("y").alias("pos"), F.sum(1 - F.col("y")).alias("neg"))
+    descending = Window.partitionBy("label").orderBy(F.col("p").desc())
+    running = descending.rowsBetween(Window.unboundedPreceding, Window.currentRow)
+    return by_score.select("label", "p", "pos", "neg", F.sum("pos").over(running).alias("tp"),
+                           F.sum("neg").over(running).alias("fp"), F.row_number().over(descending).alias("rank"))
+
+
 def tuned_thresholds(long: DataFrame, n_labels: int) -> tuple[list[float], int]:
     """:func:`cxr_spark.core.metrics.tune_threshold` of each of ``n_labels`` labels of ``long`` (rows of
     :func:`long_form`), computed by Spark so that one row per label reaches the driver; and the images
@@ -51,13 +61,10 @@ def tuned_thresholds(long: DataFrame, n_labels: int) -> tuple[list[float], int]:
     positives), from running counts in descending score order, ties taken whole. The highest threshold
     of the best F1 wins. A label without both classes gets :data:`DEFAULT_THRESHOLD`.
     """
-    by_score = long.groupBy("label", "p").agg(F.sum("y").alias("pos"), F.count("*").alias("n"))
-    descending = Window.partitionBy("label").orderBy(F.col("p").desc())
-    running, whole = descending.rowsBetween(Window.unboundedPreceding, Window.currentRow), Window.partitionBy("label")
-    counted = by_score.select(
-        "label", F.col("p").cast("double").alias("p"), F.sum("pos").over(running).alias("tp"),
-        F.sum("n").over(running).alias("predicted"), F.sum("pos").over(whole).alias("positives"),
-        F.sum("n").over(whole).alias("images"))
+    whole = Window.partitionBy("label")
+    counted = _running_counts(long).select(
+        "label", F.col("p").cast("double").alias("p"), "tp", (F.col("tp") + F.col("fp")).alias("predicted"),
+        F.sum("pos").over(whole).alias("positives"), F.sum(F.col("pos") + F.col("neg")).over(whole).alias("images"))
     f1 = 2 * F.col("tp") / (F.col("predicted") + F.col("positives"))
     rows = counted.groupBy("label", "positives", "images").agg(
         F.max(F.struct(f1.alias("f1"), F.col("p"))).alias("best")).collect()  # ties of F1: the highest p
@@ -99,14 +106,7 @@ def ranking(long: DataFrame, max_curve_points: int) -> tuple[dict[int, dict], di
     the curve points (score, running TP, running FP) in descending score order, at most about
     ``max_curve_points`` per label."""
     pooled = long.unionByName(long.withColumn("label", F.lit(MICRO)))
-    by_score = pooled.groupBy("label", "p").agg(F.sum("y").alias("pos"), F.sum(1 - F.col("y")).alias("neg"))
-    descending = Window.partitionBy("label").orderBy(F.col("p").desc())
-    running = descending.rowsBetween(Window.unboundedPreceding, Window.currentRow)
-    ranked = by_score.select(
-        "label", "p", "pos", "neg",
-        F.sum("pos").over(running).alias("tp"), F.sum("neg").over(running).alias("fp"),
-        F.row_number().over(descending).alias("rank"),
-        F.count("*").over(Window.partitionBy("label")).alias("n_scores")).persist()
+    ranked = _running_counts(pooled).withColumn("n_scores", F.count("*").over(Window.partitionBy("label"))).persist()
     try:
         summary = ranked.groupBy("label").agg(
             F.sum("pos").alias("n_pos"), F.sum("neg").alias("n_neg"), F.first("n_scores").alias("n_scores"),
