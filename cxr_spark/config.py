@@ -73,12 +73,21 @@ class FeaturesConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    enabled: bool
+    uri: str
+    experiment: str
+    registered_model: str  # "{task}" is replaced by the training task
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     ingest: IngestConfig
     preprocess: PreprocessConfig
     train: TrainConfig
     score: ScoreConfig
     features: FeaturesConfig
+    tracking: TrackingConfig
 
 
 def load_config(path: str | Path | None = None) -> PipelineConfig:

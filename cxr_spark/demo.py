@@ -21,6 +21,30 @@ from cxr_spark.synth import BBOX_FILE, SynthSpec, generate_or_reuse
 log = logging.getLogger(__name__)
 
 
+#: The demo's stages in order, and what each does (its ``[k/N]`` console lines).
+STAGES = {
+    "synth": "drawing a synthetic NIH-style dump",
+    "ingest+preprocess": "reading the dump into the raw dataset and resized images, in one pass",
+    "features": "hand-crafted features and the MLlib baseline",
+    "train": "training the CNN with Horovod",
+    "score": "scoring the test split",
+    "report": "metrics, Grad-CAM and report.html",
+}
+#: Counts worth a result line (the full counts are in the log file and each dataset's _manifest.json).
+RESULT_KEYS = ("images", "reused", "quarantined", "splits", "n_features", "baseline_test_macro_auroc", "epochs_run",
+               "best_epoch", "best_val_loss", "best_val_auroc", "model_version", "scored")
+
+
+def result_text(result: dict) -> str:
+    """A stage's result in one short line: the counts a user looks at, numbers rounded."""
+    if "per_label" in result:
+        return f"test macro AUROC {result['macro']['auroc']:.3f}"
+    shown = {key: round(value, 3) if isinstance(value, float) else value
+             for key, value in result.items() if key in RESULT_KEYS}
+    log.debug("result: %s", json.dumps(result, default=str))
+    return json.dumps(shown or result, default=str)
+
+
 def format_auroc_table(metrics: dict) -> str:
     """Per-label and macro AUROC as an aligned text table."""
     width = max(len(name) for name in metrics["labels"]) + 2
@@ -53,11 +77,11 @@ def run_demo(args: argparse.Namespace) -> dict:
 
     def timed(stage, fn, *fn_args):
         t0 = time.time()
-        log.info("demo: %s ...", stage)
+        log.info("[%d/%d] %s: %s ...", len(timings) + 1, len(STAGES), stage, STAGES[stage])
         result = fn(*fn_args)
         timings[stage] = round(time.time() - t0, 1)
-        shown = {"macro_auroc": result["macro"]["auroc"]} if "per_label" in result else result
-        log.info("demo: %s done in %.0f s: %s", stage, timings[stage], json.dumps(shown, default=str))
+        log.info("[%d/%d] %s done in %.0f s: %s", len(timings), len(STAGES), stage, timings[stage],
+                 result_text(result))
         return result
 
     timed("synth", generate_or_reuse, SynthSpec(out=str(run / "dump"), n_images=args.n_images,
@@ -72,8 +96,8 @@ def run_demo(args: argparse.Namespace) -> dict:
         # the classical big-data baseline the report sets beside the CNN
         baseline = timed("features", features, spark, images, str(run / "features"), config.features,
                          str(run / "baseline"))
-        timed("train", train, spark, images, str(run / "model"),
-              override(config.train, epochs=args.epochs, num_proc=args.num_proc))
+        trained = timed("train", partial(train, tracking=config.tracking, tracking_uri=args.tracking_uri), spark,
+                        images, str(run / "model"), override(config.train, epochs=args.epochs, num_proc=args.num_proc))
         timed("score", score, spark, images, str(run / "model"), str(run / "predictions"), "test",
               config.score.batch_size)
         # Grad-CAM of the scored images and model; the boxes come from raw/_bbox, found through images' manifest
@@ -89,6 +113,10 @@ def run_demo(args: argparse.Namespace) -> dict:
           f"{baseline['baseline_test_macro_auroc']:.3f}")
     print(format_gradcam_line(metrics, run / "report"))
     print(f"\nStage times (s): {json.dumps(timings)}; total {total} s")
-    print(f"Report: {run / 'report' / 'report.md'}; training curves: {run / 'model' / 'training_curves.png'}")
+    print(f"Training curves: {run / 'model' / 'training_curves.png'}; tables: {run / 'report' / 'report.md'}")
+    if trained.get("mlflow_run"):
+        print(f"MLflow: run {trained['mlflow_run']}, registered {trained['registered']}; "
+              f"browse with: .venv/bin/mlflow ui --backend-store-uri {trained['tracking_uri']}")
+    print(f"Report: {(run / 'report' / 'report.html').resolve()}")
     return {"macro_auroc": metrics["macro"]["auroc"], "test_images": metrics["n_images"], "seconds": total,
-            "run_dir": str(run)}
+            "run_dir": str(run), "report": str((run / "report" / "report.html").resolve())}

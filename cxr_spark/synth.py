@@ -24,8 +24,9 @@ import pandas as pd
 from cxr_spark.core.guards import UsageError
 from cxr_spark.core.image_codec import encode_png
 from cxr_spark.core.labels import LABELS, format_finding_labels, parse_finding_labels
-from cxr_spark.core.metadata import COLUMN_NAMES, HEADER
+from cxr_spark.core.metadata import COLUMN_NAMES, HEADER, SYNTH_SPEC_FILE
 from cxr_spark.core.splits import hash_split
+from cxr_spark.io.console import progress_line
 from cxr_spark.synth_drawing import BOX_FINDINGS, draw_radiograph_and_boxes
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ DEMO_PREVALENCE = np.array([max(REAL_FREQUENCY[name], 0.10) for name in LABELS])
 TEST_FRACTION = 0.2  # of patients, for the generated test_list.txt (NIH's is ~23% of images)
 BBOX_FILE = "BBox_List_2017.csv"
 BBOX_HEADER = "Image Index,Finding Label,Bbox [x,y,w,h],,,"  # NIH's header, trailing commas included
-SPEC_FILE = "_synth.json"  # the spec and counts of the dump in its folder, written once it is complete
+SPEC_FILE = SYNTH_SPEC_FILE  # the spec and counts of the dump in its folder, written once it is complete
 
 
 @dataclass(frozen=True)
@@ -187,9 +188,9 @@ def generate(spec: SynthSpec) -> dict:
             total_bytes += nbytes
             box_lines += lines
             if done % report_every == 0 or done == len(tasks):
-                log.info("synth: %d/%d images written (%.0f s)", done, len(tasks), time.monotonic() - started)
+                log.info("  %s", progress_line("synth", done, len(tasks), time.monotonic() - started, "images"))
     (out / BBOX_FILE).write_text("".join(f"{line}\n" for line in [BBOX_HEADER, *box_lines]))
-    return {
+    counts = {
         "images": len(tasks),
         "patients": int(frame["patient_id"].nunique()),
         "train_val_images": split_counts["train_val"],
@@ -198,19 +199,24 @@ def generate(spec: SynthSpec) -> dict:
         "bytes": total_bytes,
         "duration_s": round(time.monotonic() - started, 1),
     }
+    # last: the mark of a complete synthetic dump (ingest records its datasets as data "synthetic")
+    (out / SPEC_FILE).write_text(json.dumps({"spec": _marker_spec(spec), "counts": counts}, indent=2))
+    return counts
+
+
+def _marker_spec(spec: SynthSpec) -> dict:
+    """What :data:`SPEC_FILE` records of the spec: a dump is reused only for the same one."""
+    # files: dumps written before synth wrote BBox_List_2017.csv are generated again
+    return {"n_images": spec.n_images, "size": spec.size, "seed": spec.seed,
+            "metadata": spec.metadata and os.path.abspath(spec.metadata), "files": [BBOX_FILE]}
 
 
 def generate_or_reuse(spec: SynthSpec) -> dict:
     """:func:`generate` unless a dump of the same spec is already complete in ``spec.out`` (its
     :data:`SPEC_FILE`); the counts have ``reused`` true when it was."""
     marker = Path(spec.out) / SPEC_FILE
-    # files: dumps written before synth wrote BBox_List_2017.csv are generated again
-    wanted = {"n_images": spec.n_images, "size": spec.size, "seed": spec.seed,
-              "metadata": spec.metadata and os.path.abspath(spec.metadata), "files": [BBOX_FILE]}
-    if marker.exists() and json.loads(marker.read_text()).get("spec") == wanted:
+    if marker.exists() and json.loads(marker.read_text()).get("spec") == _marker_spec(spec):
         log.info("synth: reusing the synthetic dump in %s", spec.out)
         return {**json.loads(marker.read_text())["counts"], "reused": True}
     marker.unlink(missing_ok=True)  # a dump half overwritten by a killed run is not the one it described
-    counts = generate(spec)
-    marker.write_text(json.dumps({"spec": wanted, "counts": counts}, indent=2))
-    return {**counts, "reused": False}
+    return {**generate(spec), "reused": False}

@@ -29,7 +29,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 
 echo "install: TensorFlow and the pinned stack"
 "${PIP[@]}" install -q -c constraints.txt "$TF_PACKAGE==2.15.1" numpy pyarrow pyspark pandas petastorm \
-  opencv-python-headless pillow pydicom matplotlib scikit-learn pytest venv-pack
+  opencv-python-headless pillow pydicom matplotlib scikit-learn mlflow pytest venv-pack
 
 if "$VENV/bin/python" -c 'import horovod.tensorflow, horovod.spark' 2>/dev/null; then
   echo "install: Horovod already built"

@@ -313,7 +313,8 @@ def test_a_killed_ingest_leaves_raw_and_images_of_one_run_and_the_next_run_clean
     assert _what_a_reader_sees(spark, runs) == (expected, expected)
     counts = _ingest(spark, config, dumps[1], runs / "raw", runs / "images_32")  # the next run
     assert sum(counts["splits"].values()) == N_IMAGES - REMOVED
-    assert _hidden(runs) == [] and sorted(p.name for p in runs.iterdir()) == ["images_32", "raw"]
+    # logs: the killed run's log (the command line keeps one beside --out)
+    assert _hidden(runs) == [] and sorted(p.name for p in runs.iterdir()) == ["images_32", "logs", "raw"]
 
 
 @pytest.mark.slow

@@ -178,3 +178,70 @@ def check_run(inputs: dict[str, str | None], outputs: dict[str, tuple[str | None
     for flag, (path, kind) in outputs.items():
         if kind is not None:
             check_replaceable_local(flag, path, kind)
+
+
+#: What an input flag takes, by the manifest ``stage`` of the dataset that fits, as errors name it.
+TAKES = {"ingest": "a raw dataset (written by ingest)",
+         "preprocess": "an images_<size> dataset (written by preprocess or ingest --images-out)",
+         "features": "a features dataset (written by features)",
+         "features-baseline": "baseline predictions (written by features --baseline-out)",
+         "train": "a model folder (written by train)",
+         "score": "a predictions dataset (written by score)",
+         "report": "a report folder (written by report)"}
+
+#: An MLflow model URI (``models:/NAME/VERSION``): not a folder, resolved by whoever takes it.
+MODEL_URI_PREFIX = "models:/"
+
+
+def _read_manifest(folder: str) -> dict | None:
+    """``folder/_manifest.json`` as a dict, or None when it is absent, unreadable or not an object."""
+    try:
+        with open(os.path.join(folder, "_manifest.json")) as handle:
+            manifest = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def input_problem(folder: str, stages: tuple[str, ...], needs: str | None = None) -> str | None:
+    """Why the local ``folder`` is not an input of one of the kinds ``stages`` (manifest stages), or None.
+
+    ``needs`` is a file the folder must hold (a model folder's ``model.json``); a folder holding it passes
+    without a manifest (a model card made by hand), but not with a manifest of another stage.
+    """
+    if not os.path.isdir(folder):
+        return "no such folder" if not os.path.exists(folder) else "is a file, not a folder"
+    manifest = _read_manifest(folder)
+    if needs is not None and not os.path.isfile(os.path.join(folder, needs)):
+        return f"has no {needs}"
+    if manifest is None:
+        if needs is not None:
+            return None
+        return "has no readable _manifest.json, so it is not a dataset cxr-spark wrote"
+    stage = manifest.get("stage")
+    if stage in stages:
+        return None
+    if stage in TAKES:
+        return f"is {TAKES[stage]}"
+    return f"is not a dataset cxr-spark wrote (its _manifest.json says stage {stage!r})"
+
+
+def check_input(command: str, flag: str, path: str | None, stages: tuple[str, ...], needs: str | None = None) -> None:
+    """Refuse a local input of ``command`` that is not the kind it takes through ``flag``: one of ``stages``,
+    the manifest ``stage`` of the datasets that fit (:func:`input_problem`). Paths on other filesystems and
+    MLflow model URIs (``models:/...``) are left to the stage; None (a flag not given) passes.
+
+    ``check_input("score", "--in", "runs/demo/raw", ("preprocess",))`` refuses the raw dataset with
+    "--in runs/demo/raw is a raw dataset (written by ingest); score takes an images_<size> dataset (written by
+    preprocess or ingest --images-out)".
+    """
+    if path is None or path.startswith(MODEL_URI_PREFIX):
+        return
+    local = _local(path)
+    if local is None:
+        return
+    problem = input_problem(os.path.expanduser(local), stages, needs)
+    if problem:
+        separator = ":" if problem.startswith("no such") else ""
+        raise UsageError(f"{flag} {path}{separator} {problem}; {command} takes "
+                         f"{' or '.join(TAKES.get(stage, stage) for stage in stages)}")

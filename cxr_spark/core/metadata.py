@@ -73,3 +73,18 @@ def dicom_metadata(dataset) -> dict:
         value = dataset.get(keyword)
         values[name] = str(value).strip() or None if value is not None else None
     return values
+
+
+#: The file ``cxr-spark synth`` writes into every dump it generates (its spec and counts): how a dump is known
+#: to be synthetic, and every dataset made from it with it (``data`` in their manifests).
+SYNTH_SPEC_FILE = "_synth.json"
+
+
+def dump_data_kind(local_folder: str | None) -> str:
+    """``synthetic`` for a dump ``cxr-spark synth`` wrote, ``real`` for another local folder, ``unknown`` for a
+    dump on another filesystem (not looked at)."""
+    import os
+
+    if local_folder is None:
+        return "unknown"
+    return "synthetic" if os.path.exists(os.path.join(local_folder, SYNTH_SPEC_FILE)) else "real"

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
+from cxr_spark.io.console import LOG_FILE_ENV, spark_started
+
 log = logging.getLogger(__name__)
 
 CONF_DIR = Path(os.environ.get("CXR_SPARK_CONF_DIR", Path(__file__).resolve().parents[2] / "conf"))
@@ -39,15 +41,25 @@ def build_session(app_name: str, properties_file: str | Path | None = None) -> S
     builder = SparkSession.builder.appName(app_name)
     if not under_spark_submit():
         properties_file = properties_file or CONF_DIR / "spark" / "local.conf"
-        for key, value in read_properties(properties_file).items():
+        properties = read_properties(properties_file)
+        log_file = os.environ.get(LOG_FILE_ENV)
+        if log_file:  # the run's log: the JVM's INFO there, only actionable warnings on the console
+            properties["spark.driver.extraJavaOptions"] = " ".join(filter(None, [
+                properties.get("spark.driver.extraJavaOptions"),
+                f"-Dlog4j2.configurationFile=file:{CONF_DIR / 'spark' / 'log4j2.properties'}",
+                f"-Dcxr.log.file={log_file}"]))
+        for key, value in properties.items():
             builder = builder.config(key, value)
         # Python workers must run this interpreter (the one with cxr_spark installed), not `python3`.
         os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
         log.info("Spark properties from %s", properties_file)
     spark = builder.getOrCreate()
-    spark.sparkContext.setLogLevel(os.environ.get("CXR_SPARK_LOG_LEVEL", "WARN"))
+    level = os.environ.get("CXR_SPARK_LOG_LEVEL")
+    if level or not os.environ.get(LOG_FILE_ENV) or under_spark_submit():
+        spark.sparkContext.setLogLevel(level or "WARN")  # else log4j2.properties: INFO to the file, WARN shown
     log.info("Spark %s, master %s, %d default task slots", spark.version, spark.sparkContext.master,
              spark.sparkContext.defaultParallelism)
+    spark_started(spark)
     return spark
 
 

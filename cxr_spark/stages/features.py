@@ -19,8 +19,9 @@ from pyspark import inheritable_thread_target
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from cxr_spark.cli_flags import conf_default
 from cxr_spark.config import FeaturesConfig, PipelineConfig, override
-from cxr_spark.core.guards import UsageError, check_run
+from cxr_spark.core.guards import UsageError, check_input, check_run
 from cxr_spark.core.image_features import (FEATURE_NAMES, LUNG_COLUMNS, LUNG_ROWS, MEDIASTINUM_COLUMNS, image_features,
                                            lung_regions)
 from cxr_spark.core.labels import LABELS
@@ -40,28 +41,33 @@ TRAIN_SPLIT, THRESHOLD_SPLIT, EVAL_SPLIT = "train", "val", "test"
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--in", dest="input", required=True, help="images_<size> dataset written by preprocess")
+    parser.add_argument("--in", dest="input", required=True, help="images_<size> dataset (written by preprocess or ingest --images-out)")
     parser.add_argument("--out", required=True, help="features dataset to write (replaced atomically)")
     parser.add_argument("--baseline-out", help="also train the MLlib baseline (one logistic regression per "
                                                "finding) on train, tune thresholds on val, and write its test "
                                                "predictions here, in score's format, with the fitted "
                                                f"models in {MLLIB_FOLDER}/ (replaced atomically)")
-    parser.add_argument("--max-iter", type=int, help="logistic regression iterations (default from conf)")
-    parser.add_argument("--reg-param", type=float, help="L2 regularisation of the baseline (default from conf)")
+    parser.add_argument("--max-iter", type=int, help=f"logistic regression iterations {conf_default('features', 'max_iter')}")
+    parser.add_argument("--reg-param", type=float, help=f"L2 regularisation of the baseline {conf_default('features', 'reg_param')}")
     parser.add_argument("--allow-empty", action="store_true",
                         help="write the output even when the input has no image (by default such a run fails and leaves --out as "
                              "it was)")
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """The run's paths, before Spark starts (:func:`cxr_spark.core.guards.check_run`)."""
+    """Before Spark starts: the input is an images dataset and the paths safe (:mod:`cxr_spark.core.guards`)."""
+    check_input("features", "--in", args.input, ("preprocess",))
     check_run({"--in": args.input}, {"--out": (args.out, "features"),
-                                     "--baseline-out": (args.baseline_out, "features-baseline")}, folders=("--in",))
+                                     "--baseline-out": (args.baseline_out, "features-baseline")})
+
+
+def settings(args: argparse.Namespace, config: PipelineConfig) -> FeaturesConfig:
+    """The run's settings: conf's [features] with the flags given (what ``--print-config`` shows)."""
+    return override(config.features, max_iter=args.max_iter, reg_param=args.reg_param)
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
-    settings = override(config.features, max_iter=args.max_iter, reg_param=args.reg_param)
-    return features(spark, args.input, args.out, settings, baseline_out=args.baseline_out,
+    return features(spark, args.input, args.out, settings(args, config), baseline_out=args.baseline_out,
                     allow_empty=args.allow_empty)
 
 

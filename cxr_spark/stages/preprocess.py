@@ -19,8 +19,9 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import SparkSession
 
+from cxr_spark.cli_flags import conf_default
 from cxr_spark.config import PipelineConfig, PreprocessConfig, override
-from cxr_spark.core.guards import check_run
+from cxr_spark.core.guards import check_input, check_run
 from cxr_spark.core.image_codec import decode_grayscale
 from cxr_spark.core.image_formats import ImageError
 from cxr_spark.datasets.images import images_schema, resize_encoded, write_images
@@ -36,20 +37,25 @@ log = logging.getLogger(__name__)
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in", dest="input", required=True, help="raw dataset written by ingest")
     parser.add_argument("--out", required=True, help="images dataset to write (replaced atomically)")
-    parser.add_argument("--size", type=int, help="output side in pixels (default from conf: 224)")
+    parser.add_argument("--size", type=int, help=f"output side in pixels {conf_default('preprocess', 'size')}")
     parser.add_argument("--allow-empty", action="store_true",
                         help="write the dataset even when no image is usable (by default such a run fails and "
                              "leaves --out as it was)")
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """The run's paths, before Spark starts (:func:`cxr_spark.core.guards.check_run`)."""
-    check_run({"--in": args.input}, {"--out": (args.out, "preprocess")}, folders=("--in",))
+    """Before Spark starts: the input is a raw dataset and the paths safe (:mod:`cxr_spark.core.guards`)."""
+    check_input("preprocess", "--in", args.input, ("ingest",))
+    check_run({"--in": args.input}, {"--out": (args.out, "preprocess")})
+
+
+def settings(args: argparse.Namespace, config: PipelineConfig) -> PreprocessConfig:
+    """The run's settings: conf's [preprocess] with the flags given (what ``--print-config`` shows)."""
+    return override(config.preprocess, size=args.size)
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
-    return preprocess(spark, args.input, args.out, override(config.preprocess, size=args.size),
-                      allow_empty=args.allow_empty)
+    return preprocess(spark, args.input, args.out, settings(args, config), allow_empty=args.allow_empty)
 
 
 def _resize_partition(size: int):

@@ -16,14 +16,15 @@ import pandas as pd
 from pyspark.sql import SparkSession
 from pyspark.sql import functions as F
 
-from cxr_spark.config import PipelineConfig, override
-from cxr_spark.core.guards import UsageError, check_run
+from cxr_spark.cli_flags import conf_default
+from cxr_spark.config import PipelineConfig, ScoreConfig, override
+from cxr_spark.core.guards import UsageError, check_input, check_run
 from cxr_spark.core.labels import LABELS
 from cxr_spark.core.normalization import model_inputs
 from cxr_spark.datasets.fields import decode_column
 from cxr_spark.datasets.images import images_schema
 from cxr_spark.datasets.manifest import finish_manifest, input_version
-from cxr_spark.datasets.model_card import MODEL_FILE, load_model_card, loaded_model, predict_probabilities
+from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE, load_model_card, loaded_model, predict_probabilities
 from cxr_spark.datasets.predictions import PREDICTIONS_DDL
 from cxr_spark.io.commit import atomic_output, settle
 from cxr_spark.io.storage import read_bytes, read_json, to_url
@@ -33,24 +34,31 @@ TASKS_PER_SLOT = 4  # below this many scan partitions per task slot, rows are sp
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--in", dest="input", required=True, help="images_<size> dataset")
-    parser.add_argument("--model", required=True, help="model folder written by train")
+    parser.add_argument("--in", dest="input", required=True,
+                        help="images_<size> dataset (written by preprocess or ingest --images-out)")
+    parser.add_argument("--model", required=True, help="model folder written by train (model.keras + model.json)")
     parser.add_argument("--out", required=True, help="predictions dataset to write (replaced atomically)")
-    parser.add_argument("--split", help="split to score: train, val, test or all (default from conf: test)")
+    parser.add_argument("--split", help=f"split to score: train, val, test or all {conf_default('score', 'split')}")
     parser.add_argument("--allow-empty", action="store_true",
                         help="write the output even when the split has no image (by default such a run fails and leaves --out as "
                              "it was)")
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """The run's paths, before Spark starts (:func:`cxr_spark.core.guards.check_run`)."""
-    check_run({"--in": args.input, "--model": args.model}, {"--out": (args.out, "score")}, folders=("--in", "--model"))
+    """Before Spark starts: the inputs are of their kinds and the paths safe (:mod:`cxr_spark.core.guards`)."""
+    check_input("score", "--in", args.input, ("preprocess",))
+    check_input("score", "--model", args.model, ("train",), needs=MODEL_CARD)
+    check_run({"--in": args.input, "--model": args.model}, {"--out": (args.out, "score")})
+
+
+def settings(args: argparse.Namespace, config: PipelineConfig) -> ScoreConfig:
+    """The run's settings: conf's [score] with the flags given (what ``--print-config`` shows)."""
+    return override(config.score, split=args.split)
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
-    settings = override(config.score, split=args.split)
-    return score(spark, args.input, args.model, args.out, settings.split, settings.batch_size,
-                 allow_empty=args.allow_empty)
+    run = settings(args, config)
+    return score(spark, args.input, args.model, args.out, run.split, run.batch_size, allow_empty=args.allow_empty)
 
 
 def _score_partition(card: dict, model_broadcast, batch_size: int):

@@ -16,8 +16,12 @@ Made to run from cron. Each run:
    If anything fails the staged files are deleted and completed renames are undone, so the store is
    left as it was.
 
+A run refused before it starts because of its inputs (the dump is missing, the model is not a model folder)
+writes only its summary, ``_runs/<run_id>.json`` with status ``refused`` and the error, so a scheduler's
+failed night shows in the store too (:mod:`cxr_spark.stages.batch_score.store`).
+
 Exit codes (``cxr-spark batch-score``): 0 new images were processed (scored and/or quarantined),
-3 nothing new, 4 the store is locked by another run, 1 failed.
+3 nothing new, 4 the store is locked by another run, 2 refused before it started, 1 failed.
 """
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ import datetime as dt
 import json
 import logging
 import os
+import shutil
 import time
-import uuid
 from typing import Iterator
 
 import numpy as np
@@ -35,18 +39,22 @@ import pandas as pd
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
-from cxr_spark.config import PipelineConfig
-from cxr_spark.core.guards import UsageError, check_run
+from cxr_spark.cli_flags import conf_default
+from cxr_spark.config import PipelineConfig, load_config, override
+from cxr_spark.core.guards import EXIT_USAGE, MODEL_URI_PREFIX, UsageError, check_folder, check_input, check_run
 from cxr_spark.core.identity import IMAGE_GLOB, stored_identity
 from cxr_spark.core.image_codec import decode_resized
 from cxr_spark.core.image_formats import ImageError, sniff_format
 from cxr_spark.core.normalization import model_inputs
-from cxr_spark.datasets.manifest import finish_manifest, input_version
-from cxr_spark.datasets.model_card import MODEL_FILE, load_model_card, loaded_model, predict_probabilities
+from cxr_spark.datasets.manifest import code_version, finish_manifest, input_version
+from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE, load_model_card, loaded_model, predict_probabilities
 from cxr_spark.datasets.quarantine import QUARANTINE_DIR
 from cxr_spark.io.commit import DEFAULT_LOCK_STALE_AFTER_S, EXIT_LOCKED, RunLock, step
-from cxr_spark.io.storage import (FileSystem, content_sha256, listed_files, local_path, read_bytes, read_json, to_url,
-                                  write_text)
+from cxr_spark.io.storage import FileSystem, content_sha256, listed_files, local_path, read_bytes, to_url, write_text
+from cxr_spark.io.tracking import check_registered_model, download_registered_model, is_registry_uri
+from cxr_spark.stages.batch_score.store import COMMIT_SUFFIX, LOCK_FILE, RUNS_DIR, STAGING_DIR, check_store
+from cxr_spark.stages.batch_score.store import commit_moves as _commit
+from cxr_spark.stages.batch_score.store import delete_if_empty, new_run_id, recover_staged_runs, write_refused_run
 
 log = logging.getLogger(__name__)
 
@@ -55,13 +63,9 @@ EXIT_FAILED = 1
 EXIT_NOTHING_NEW = 3
 EXIT_CODES_HELP = (f"exit codes: {EXIT_SCORED} new images processed (scored and/or quarantined), "
                    f"{EXIT_NOTHING_NEW} nothing new, {EXIT_LOCKED} store locked by another run, "
+                   f"{EXIT_USAGE} refused before it started (a missing dump or model is recorded in <out>/_runs/), "
                    f"{EXIT_FAILED} failed (the store is left as it was)")
 
-LOCK_FILE = "_lock"
-RUNS_DIR = "_runs"
-STAGING_DIR = "_staging"
-#: ``_staging/<run_id>.commit.json``: written before a run's renames; a run with one has committed.
-COMMIT_SUFFIX = ".commit.json"
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256(b"")
 SCORED_DDL = ("image_id string, source_path string, content_sha256 string, image_format string, "
               "probabilities array<float>, flagged array<string>, reason string, detail string")
@@ -71,9 +75,12 @@ STORE_KEY_DDL = "content_sha256 string, model_version string"
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", required=True,
                         help="dump folder, searched recursively for *.png, *.jpg, *.jpeg, *.dcm (any case)")
-    parser.add_argument("--model", required=True, help="model folder written by train (model.keras + model.json)")
+    parser.add_argument("--model", required=True,
+                        help="model folder written by train (model.keras + model.json), or a registered version: "
+                             "models:/NAME/VERSION, models:/NAME@ALIAS")
+    parser.add_argument("--tracking-uri", help="MLflow store holding a models:/ --model (default: MLFLOW_TRACKING_URI)")
     parser.add_argument("--out", required=True, help="predictions store to append to (created if missing)")
-    parser.add_argument("--batch-size", type=int, help="images per model call (default from conf [score])")
+    parser.add_argument("--batch-size", type=int, help=f"images per model call {conf_default('score', 'batch_size')}")
     parser.add_argument("--lock-stale-after", type=float, default=DEFAULT_LOCK_STALE_AFTER_S, metavar="SECONDS",
                         help=f"break a lock older than this, or one whose process on this host is gone "
                              f"(default {DEFAULT_LOCK_STALE_AFTER_S})")
@@ -84,25 +91,69 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """The run's paths, before Spark starts: the store may not overlap the dump or the model, and an existing
-    store must be one (:func:`check_store`)."""
-    check_run({"--images": args.images, "--model": args.model}, {"--out": (args.out, None)},
-              folders=("--images", "--model"))
+    store must be one (:func:`check_store`); then the dump must exist and the model be a model folder
+    (an MLflow ``models:/`` URI is left to the run). A run refused for its inputs leaves its summary in the
+    store's ``_runs/``, as every run does (:func:`refused_run_record`)."""
+    check_run({"--images": args.images, "--model": args.model}, {"--out": (args.out, None)})
     path = local_path(to_url(args.out))
     if path is not None and os.path.isdir(path):
         check_store(args.out, os.listdir(path))
+    try:
+        check_folder("--images", args.images)
+        check_input("batch-score", "--model", args.model, ("train",), needs=MODEL_CARD)
+        if is_registry_uri(args.model):
+            check_registered_model(args.model, args.tracking_uri)
+    except UsageError as error:
+        written = write_refused_run(args.out, refused_run_record(args, error))
+        if written is None:
+            raise
+        raise UsageError(f"{error}; the refused run is recorded in {written}") from error
 
 
-def check_store(store: str, entries: list[str] | None) -> None:
-    """Refuse an ``--out`` that holds something other than a predictions store (a store has ``_runs/``
-    once its first run ended; a new one is a missing or empty folder)."""
-    if entries and RUNS_DIR not in entries:
-        raise UsageError(f"--out {store} exists and is not a batch-score store (it has no {RUNS_DIR}/); "
-                         f"writing runs into it would mix them with what is there")
+def refused_run_record(args: argparse.Namespace, error: UsageError) -> dict:
+    """The ``_runs/<run_id>.json`` of a run refused before it started: the keys of every run's summary, its
+    counts all zero, ``status`` ``refused``, the exit code and the error."""
+    now = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
+    run_id = new_run_id(now)
+    try:
+        config = load_config(args.config)
+    except (OSError, ValueError):  # a broken --config: the record still says what the flags set
+        config = None
+    card = os.path.join(local_path(to_url(args.model)) or "", MODEL_CARD)
+    try:
+        with open(card) as handle:
+            model_version = json.load(handle).get("model_version")
+    except (OSError, ValueError, AttributeError):
+        model_version = None
+    counts = {"files_listed": 0, "scored": 0, "skipped": 0, "skipped_known": 0, "skipped_duplicate_content": 0,
+              "quarantined": 0, "flagged": {}, "status": error.status, "exit_code": error.exit_code,
+              "error": str(error), "run_id": run_id, "scored_date": f"{now:%Y-%m-%d}", "model_version": model_version}
+    model = args.model if args.model.startswith(MODEL_URI_PREFIX) else to_url(args.model)
+    return {"stage": "batch-score", "code_version": code_version(), "finished_at": now.isoformat(), "duration_s": 0.0,
+            "config": settings(args, config),
+            "inputs": {"images": to_url(args.images), "model": {"url": model}}, "counts": counts, "run_id": run_id,
+            "model_version": model_version, "store": to_url(args.out), "error": str(error)}
+
+
+def settings(args: argparse.Namespace, config: PipelineConfig | None) -> dict[str, dict]:
+    """The run's settings: its flags, the batch size from conf's [score] unless given (what ``--print-config``
+    shows); without ``config`` (a refused run) only what the flags set."""
+    batch_size = override(config.score, batch_size=args.batch_size).batch_size if config else args.batch_size
+    return {"batch-score": {"batch_size": batch_size, "lock_stale_after_s": args.lock_stale_after,
+                            "retry_quarantined": args.retry_quarantined}}
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
-    return batch_score(spark, args.images, args.model, args.out, batch_size=args.batch_size or config.score.batch_size,
-                       lock_stale_after_s=args.lock_stale_after, retry_quarantined=args.retry_quarantined)
+    run = settings(args, config)["batch-score"]
+    registered = is_registry_uri(args.model)
+    model_dir = download_registered_model(args.model, args.tracking_uri) if registered else args.model
+    try:
+        return batch_score(spark, args.images, model_dir, args.out, batch_size=run["batch_size"],
+                           lock_stale_after_s=run["lock_stale_after_s"], retry_quarantined=run["retry_quarantined"],
+                           model_source=args.model if registered else None)
+    finally:
+        if registered:
+            shutil.rmtree(model_dir, ignore_errors=True)
 
 
 def exit_code(counts: dict) -> int:
@@ -197,8 +248,10 @@ def known_hashes(spark: SparkSession, store: str, model_version: str, include_qu
 
 
 def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, batch_size: int = 64,
-                lock_stale_after_s: float = DEFAULT_LOCK_STALE_AFTER_S, retry_quarantined: bool = False) -> dict:
+                lock_stale_after_s: float = DEFAULT_LOCK_STALE_AFTER_S, retry_quarantined: bool = False,
+                model_source: str | None = None) -> dict:
     """Score the files of ``images`` that ``model_dir``'s version has not seen into ``store``; return the summary.
+    ``model_source`` is where ``model_dir`` came from when it is a download (a ``models:/`` URI), for the record.
 
     Raises :class:`~cxr_spark.io.commit.OutputLockedError` when another run holds the store; any other failure leaves the
     store as it was.
@@ -206,10 +259,10 @@ def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, ba
     started = time.time()
     store, model_url = to_url(store), to_url(model_dir)
     card = load_model_card(spark, model_url)
-    plain = _card_settings(card, model_url)
+    plain = {**_card_settings(card, model_url), "model_source": model_source or model_url}
     model_bytes = read_bytes(f"{model_url}/{MODEL_FILE}")
     scored_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
-    run_id = f"{scored_at:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}"
+    run_id = new_run_id(scored_at)
     scored_date = f"{scored_at:%Y-%m-%d}"
 
     fs = FileSystem(spark, store)
@@ -242,28 +295,8 @@ def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, ba
         else:
             fs.delete(staging)
             fs.delete(f"{staging}{COMMIT_SUFFIX}")
-            _delete_if_empty(fs, f"{store}/{STAGING_DIR}")
+            delete_if_empty(fs, f"{store}/{STAGING_DIR}")
             lock.release()
-
-
-def recover_staged_runs(spark: SparkSession, fs: FileSystem, store: str) -> None:
-    """What dead runs left in ``_staging/`` (the caller holds the lock, so no live run owns any of it): a run
-    whose commit record exists had committed, and its remaining moves are done; any other staged run never
-    committed and is deleted. Afterwards every row in the store belongs to a run with a summary."""
-    staging = f"{store}/{STAGING_DIR}"
-    names = fs.names(staging) or []
-    for name in sorted(name for name in names if name.endswith(COMMIT_SUFFIX)):
-        record = read_json(spark, f"{staging}/{name}")
-        log.warning("finishing the commit of batch-score run %s, killed during it", record["run_id"])
-        for source, target in record["moves"]:
-            if fs.exists(source):
-                fs.mkdirs(target.rsplit("/", 1)[0])
-                fs.rename(source, target)
-        fs.delete(f"{staging}/{name}")
-    for name in names:
-        if not name.endswith(COMMIT_SUFFIX):
-            log.warning("removing %s/%s: a batch-score run killed before its commit", staging, name)
-            fs.delete(f"{staging}/{name}")
 
 
 def _score_run(spark: SparkSession, images: str, model_url: str, store: str, staging: str, plain: dict,
@@ -320,7 +353,9 @@ def _score_run(spark: SparkSession, images: str, model_url: str, store: str, sta
     finish_manifest(spark, staging, "batch-score", started,
                     config={"batch_size": batch_size, "retry_quarantined": retry_quarantined,
                             "thresholds": dict(zip(labels, plain["thresholds"]))},
-                    inputs={"images": to_url(images), "model": input_version(spark, model_url)}, counts=counts,
+                    inputs={"images": to_url(images),
+                            "model": {**input_version(spark, model_url), "source": plain["model_source"]}},
+                    counts=counts,
                     extra={"run_id": run_id, "model_version": plain["model_version"], "store": store})
     return counts
 
@@ -331,44 +366,3 @@ def _write_nonempty(frame: DataFrame, url: str) -> int:
     if n_rows:
         frame.write.parquet(url)
     return n_rows
-
-
-def _missing_ancestors(fs: FileSystem, store: str, folder: str) -> list[str]:
-    """Folders from ``folder`` up to (not including) ``store`` that do not exist, outermost first."""
-    missing = []
-    while folder != store and not fs.exists(folder):
-        missing.append(folder)
-        folder = folder.rsplit("/", 1)[0]
-    return missing[::-1]
-
-
-def _commit(fs: FileSystem, store: str, moves: list[tuple[str, str]]) -> None:
-    """Rename each staged path that exists into place; on any failure undo what was done, then re-raise."""
-    renamed, created = [], []
-    try:
-        for source, target in moves:
-            if not fs.exists(source):
-                continue
-            parent = target.rsplit("/", 1)[0]
-            created += _missing_ancestors(fs, store, parent)
-            fs.mkdirs(parent)
-            fs.rename(source, target)
-            renamed.append((source, target))
-            step(f"store moved {len(renamed)}")
-    except BaseException:
-        log.error("commit failed; undoing %d renames so the store is as it was", len(renamed))
-        for source, target in reversed(renamed):
-            fs.rename(target, source)
-        for folder in reversed(created):
-            fs.delete(folder)
-        raise
-    log.info("committed %s", ", ".join(target for _, target in renamed))
-
-
-def _delete_if_empty(fs: FileSystem, folder: str) -> None:
-    path = local_path(folder)
-    if path is not None:
-        if os.path.isdir(path) and not os.listdir(path):
-            os.rmdir(path)
-    elif fs.exists(folder) and fs.count_files(folder, "") == 0:
-        fs.delete(folder)

@@ -42,7 +42,7 @@ def previous_images(spark: SparkSession, out: str, images_out: str) -> tuple[Dat
 
 def write_images_beside(spark: SparkSession, out: str, raw_tmp: str, images_out: str, images_tmp: str, stage: str,
                         images_settings: PreprocessConfig, previous: tuple[DataFrame, DataFrame] | None,
-                        started: float, allow_empty: bool) -> dict:
+                        started: float, allow_empty: bool, data: str = "unknown") -> dict:
     """``images_<size>`` (into ``images_tmp``, committed with raw) from the images pass 1 resized: the rows its
     tasks wrote themselves, and the others (DICOM) from its index rows joined to the metadata of the raw
     rows just written to ``raw_tmp``, which becomes ``out``."""
@@ -59,7 +59,7 @@ def write_images_beside(spark: SparkSession, out: str, raw_tmp: str, images_out:
 
     made_from = {**input_version(spark, raw_tmp), "url": to_url(out)}  # the raw run committed with it
     return write_images(spark, rows, images_out, images_settings, n_rows=raw.count(), quarantine=quarantine,
-                        started=started, inputs={"raw": made_from}, extra={"written_by": "ingest --images-out"},
+                        started=started, inputs={"raw": made_from}, extra={"written_by": "ingest --images-out", "data": data},
                         parts=local_path(f"{stage}/images"), into=images_tmp, allow_empty=allow_empty)
 
 

@@ -15,10 +15,12 @@ import time
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
+from cxr_spark.cli_flags import conf_default
 from cxr_spark.config import IngestConfig, PipelineConfig, PreprocessConfig, load_config, override
 from cxr_spark.core.guards import UsageError, check_metadata_file, check_paths, check_run
 from cxr_spark.core.image_formats import CONVERSIONS
 from cxr_spark.core.labels import LABELS
+from cxr_spark.core.metadata import dump_data_kind
 from cxr_spark.datasets.bbox import BBOX_DIR, read_bbox
 from cxr_spark.datasets.fields import petastorm_dataset
 from cxr_spark.datasets.manifest import finish_manifest
@@ -53,13 +55,17 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              "not already in --out; the dataset is still replaced atomically")
     parser.add_argument("--layout", choices=LAYOUTS, default="auto",
                         help="auto (default: Kaggle when --images has train|val|test/NORMAL|PNEUMONIA), nih, kaggle")
-    parser.add_argument("--val-fraction", type=float, help="fraction of patients for validation")
-    parser.add_argument("--test-fraction", type=float, help="fraction of patients for test (without split lists)")
-    parser.add_argument("--split-seed", type=int, help="seed of the patient-wise split")
+    parser.add_argument("--val-fraction", type=float,
+                        help=f"fraction of patients for validation {conf_default('ingest', 'val_fraction')}")
+    parser.add_argument("--test-fraction", type=float, help="fraction of patients for test, without split lists "
+                                                            f"{conf_default('ingest', 'test_fraction')}")
+    parser.add_argument("--split-seed", type=int,
+                        help=f"seed of the patient-wise split {conf_default('ingest', 'split_seed')}")
     parser.add_argument("--images-out", help="also write the images_<size> dataset (what preprocess would write from "
                                              "--out) in the same pass over the files: each file is read once and "
                                              "decoded once; a file that does not decode is quarantined here")
-    parser.add_argument("--size", type=int, help="with --images-out: output side in pixels (default from conf: 224)")
+    parser.add_argument("--size", type=int,
+                        help=f"with --images-out: output side in pixels {conf_default('preprocess', 'size')}")
     parser.add_argument("--allow-empty", action="store_true",
                         help="write the dataset even when no image could be used or no metadata row matched an "
                              "image (by default such a run fails and leaves --out as it was)")
@@ -81,13 +87,22 @@ def check_args(args: argparse.Namespace) -> None:
     check_metadata_file(args.metadata)
 
 
+def settings(args: argparse.Namespace, config: PipelineConfig) -> dict[str, IngestConfig | PreprocessConfig]:
+    """The run's settings by conf section: [ingest] with the flags given, and with ``--images-out`` the
+    [preprocess] settings of the images it writes (what ``--print-config`` shows)."""
+    sections: dict[str, IngestConfig | PreprocessConfig] = {
+        "ingest": override(config.ingest, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                           split_seed=args.split_seed)}
+    if args.images_out:
+        sections["preprocess"] = override(config.preprocess, size=args.size)
+    return sections
+
+
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
-    settings = override(config.ingest, val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                        split_seed=args.split_seed)
-    images_settings = override(config.preprocess, size=args.size) if args.images_out else None
-    return ingest(spark, args.images, args.out, args.metadata, args.split_lists, settings,
+    run = settings(args, config)
+    return ingest(spark, args.images, args.out, args.metadata, args.split_lists, run["ingest"],
                   bbox=args.bbox, mode=args.mode, layout=args.layout, images_out=args.images_out,
-                  images_settings=images_settings, allow_empty=args.allow_empty)
+                  images_settings=run.get("preprocess"), allow_empty=args.allow_empty)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,7 +156,8 @@ def ingest(spark: SparkSession, images: str, out: str, metadata: str | None = No
                          images_out, images_settings, started, run.tmp("raw"), allow_empty)
         if images_out:
             counts["images"] = write_images_beside(spark, out, run.tmp("raw"), images_out, run.tmp("images"), stage,
-                                                   images_settings, kept_images, started, allow_empty)
+                                                   images_settings, kept_images, started, allow_empty,
+                                                   data=dump_data_kind(local_path(to_url(images))))
         run.commit()
     return counts
 
@@ -202,7 +218,8 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
          .coalesce(1).write.parquet(f"{tmp}/{BBOX_DIR}"))
     counts = _count(spark, tmp, fates, decided, meta, boxes, existing)
     _refuse_if_empty(counts, metadata, allow_empty)
-    extra = {"task": "multilabel", "labels": list(LABELS), "layout": layout, "mode": mode}
+    extra = {"task": "multilabel", "labels": list(LABELS), "layout": layout, "mode": mode,
+             "data": dump_data_kind(local_path(to_url(images)))}
     if layout == "kaggle":
         extra.update(task="binary", binary_label=KAGGLE_CLASSES["PNEUMONIA"])
     finish_manifest(spark, tmp, "ingest", started,

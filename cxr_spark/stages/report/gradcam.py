@@ -249,7 +249,7 @@ def read_films(spark: SparkSession, images_url: str, wanted: dict[str, str], siz
     missing = sorted(set(wanted) - {row["image_id"] for row in rows})
     if missing:
         raise ValueError(f"the images dataset {images_url} lacks {len(missing)} scored image(s), e.g. {missing[:3]}; "
-                         "give the images dataset the predictions were scored from (--images)")
+                         "give the images dataset the predictions were scored from (--images-dataset)")
     pixels = decode_column(images_schema(size), "image", [row["image"] for row in rows])
     shapes = {film.shape for film in pixels} - {(size, size)}
     if shapes:
@@ -269,14 +269,14 @@ def _skipped(reason: str) -> GradcamResult:
 def run(spark: SparkSession, predictions_url: str, manifest: dict, request: GradcamRequest | None) -> GradcamResult:
     """Grad-CAM for the report, or the reason it was skipped (nothing asked for, or nothing to read)."""
     if request is None or not (request.images or request.model):
-        return _skipped("not requested (cxr-spark report --images IMAGES_DIR and/or --model MODEL_DIR; the other "
+        return _skipped("not requested (cxr-spark report --images-dataset IMAGES_DIR and/or --model MODEL_DIR; the other "
                         "is taken from the predictions' manifest)")
     inputs = manifest.get("inputs") or {}
     images = request.images or (inputs.get("images") or {}).get("url")
     model = request.model or (inputs.get("model") or {}).get("url")
     if not images or not model:
         return _skipped(f"the predictions' manifest names no {'images dataset' if not images else 'model'}; "
-                        f"give {'--images' if not images else '--model'}")
+                        f"give {'--images-dataset' if not images else '--model'}")
     if request.top_k < 0 or request.max_boxed < 0:
         raise ValueError(f"--gradcam-top-k and --gradcam-max-boxed must be >= 0 (got {request.top_k}, "
                          f"{request.max_boxed})")

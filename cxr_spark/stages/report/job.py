@@ -5,7 +5,7 @@ Every figure is exact and computed by Spark (:mod:`cxr_spark.datasets.prediction
 small per-label rows reach the driver. Macro averages are unweighted means over the labels where a value
 is defined.
 
-Given the images dataset and the model (``--images``, ``--model``), the report also holds Grad-CAM
+Given the images dataset and the model (``--images-dataset``, ``--model``), the report also holds Grad-CAM
 heatmaps of each finding's highest-scoring images and, where bounding boxes exist, how often their peaks
 fall inside them (:mod:`cxr_spark.stages.report.gradcam`).
 """
@@ -21,13 +21,16 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
+from cxr_spark.cli_flags import deprecated_alias
 from cxr_spark.config import PipelineConfig
-from cxr_spark.core.guards import check_run
+from cxr_spark.core.guards import check_input, check_run
 from cxr_spark.core.metrics import AGE_BANDS, RANKING_NAMES, THRESHOLD_RATE_NAMES, UNKNOWN, macro_average
 from cxr_spark.datasets.manifest import finish_manifest, input_version
+from cxr_spark.datasets.model_card import MODEL_CARD
 from cxr_spark.datasets.predictions import MAX_CURVE_POINTS, label_metrics
 from cxr_spark.io.commit import atomic_output
 from cxr_spark.io.storage import read_json, to_url, write_bytes, write_json, write_text
+from cxr_spark.io.tracking import log_test_metrics
 from cxr_spark.stages.report.render import render_html, render_markdown
 
 log = logging.getLogger(__name__)
@@ -38,7 +41,8 @@ __all__ = ["compute_metrics", "evaluate", "render_markdown", "report"]
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--predictions", required=True, help="predictions dataset written by score")
+    parser.add_argument("--predictions", required=True,
+                        help="predictions dataset written by score (or features --baseline-out)")
     parser.add_argument("--out", required=True, help="report folder to write (replaced atomically)")
     parser.add_argument("--baseline", metavar="PREDICTIONS_DIR",
                         help="a second predictions dataset of the same images and labels (e.g. the MLlib "
@@ -49,12 +53,15 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     gradcam = parser.add_argument_group(
         "Grad-CAM", "heatmaps of the highest-scoring images of each finding, saved as OUT/gradcam/<finding>/*.png "
                     "and shown in the report, with the fraction of heatmap peaks inside NIH's boxes. Computed when "
-                    "--images or --model is given (the other defaults to what the predictions were scored from).")
-    gradcam.add_argument("--images", help="images_<size> dataset the predictions were scored from")
+                    "--images-dataset or --model is given (the other defaults to what the predictions were scored "
+                    "from).")
+    gradcam.add_argument("--images-dataset", dest="images",
+                         help="images_<size> dataset the predictions were scored from")
+    deprecated_alias(parser, "--images", "--images-dataset")
     gradcam.add_argument("--model", help="model folder the predictions were scored with")
     gradcam.add_argument("--bbox", help="BBox_List_2017.csv[.gz], or the Parquet table ingest --bbox wrote "
                                         "(<raw>/_bbox or the raw dataset); default: <raw>/_bbox of the raw dataset "
-                                        "behind --images, when there is one")
+                                        "behind --images-dataset, when there is one")
     gradcam.add_argument("--gradcam-top-k", type=int, default=DEFAULT_TOP_K,
                          help=f"highest-scoring images per finding to draw (default {DEFAULT_TOP_K})")
     gradcam.add_argument("--gradcam-layer", help="layer to take heatmaps from (default: the deepest spatial "
@@ -69,19 +76,33 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                      "published reference figures, marked as references.")
 
 
+PREDICTIONS_KINDS = ("score", "features-baseline")  # manifest stages of the predictions a report reads
+
+
 def check_args(args: argparse.Namespace) -> None:
-    """The run's paths, before Spark starts (:func:`cxr_spark.core.guards.check_run`)."""
-    check_run({"--predictions": args.predictions, "--baseline": args.baseline, "--images": args.images,
-               "--model": args.model, "--bbox": args.bbox}, {"--out": (args.out, "report")},
-              folders=("--predictions",))
+    """Before Spark starts: the inputs are of their kinds and the paths safe (:mod:`cxr_spark.core.guards`)."""
+    check_input("report", "--predictions", args.predictions, PREDICTIONS_KINDS)
+    check_input("report", "--baseline", args.baseline, PREDICTIONS_KINDS)
+    check_input("report", "--images-dataset", args.images, ("preprocess",))
+    check_input("report", "--model", args.model, ("train",), needs=MODEL_CARD)
+    check_run({"--predictions": args.predictions, "--baseline": args.baseline, "--images-dataset": args.images,
+               "--model": args.model, "--bbox": args.bbox}, {"--out": (args.out, "report")})
+
+
+def settings(args: argparse.Namespace, config: PipelineConfig) -> dict[str, dict]:
+    """The run's settings (report has no conf section: its flags), as ``--print-config`` shows them."""
+    return {"report": {"max_curve_points": MAX_CURVE_POINTS, "gradcam_top_k": args.gradcam_top_k,
+                       "gradcam_layer": args.gradcam_layer, "gradcam_max_boxed": args.gradcam_max_boxed}}
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
     from cxr_spark.stages.report.gradcam import GradcamRequest
 
-    request = GradcamRequest(images=args.images, model=args.model, bbox=args.bbox, top_k=args.gradcam_top_k,
-                             layer=args.gradcam_layer, max_boxed=args.gradcam_max_boxed)
-    return report(spark, args.predictions, args.out, baseline_url=args.baseline, gradcam=request)
+    run = settings(args, config)["report"]
+    request = GradcamRequest(images=args.images, model=args.model, bbox=args.bbox, top_k=run["gradcam_top_k"],
+                             layer=run["gradcam_layer"], max_boxed=run["gradcam_max_boxed"])
+    return report(spark, args.predictions, args.out, baseline_url=args.baseline,
+                  max_curve_points=run["max_curve_points"], gradcam=request)
 
 
 @dataclass
@@ -175,7 +196,13 @@ def training_history(spark: SparkSession, manifest: dict) -> dict | None:
     except (OSError, ValueError, AnalysisException):
         log.warning("training curves: no readable model.json in %s", model_url)
         return None
-    return {"model_dir": model_url, "history": card.get("history") or {}, "model_version": card.get("model_version")}
+    return {"model_dir": model_url, "history": card.get("history") or {}, "model_version": card.get("model_version"),
+            "card": {key: card[key] for key in MODEL_CARD_FACTS if key in card}}
+
+
+#: What the report's model card repeats from ``model.json``: how the model was trained, from what, and where it
+#: is tracked.
+MODEL_CARD_FACTS = ("best_epoch", "best_val_loss", "ended", "data", "code_version", "libraries", "command", "mlflow")
 
 
 def evaluate(spark: SparkSession, predictions_url: str, max_curve_points: int = MAX_CURVE_POINTS,
@@ -258,6 +285,9 @@ def report(spark: SparkSession, predictions_url: str, out: str, baseline_url: st
                              history["history"] if history else None)
     figures.update(explained.overlays)
     training = {key: history[key] for key in ("model_dir", "model_version")} if history else None
+    if history:
+        metrics["model_card"] = history["card"]
+        metrics["data"] = history["card"].get("data", "unknown")
     with atomic_output(spark, out, "report") as tmp:
         write_json(spark, f"{tmp}/metrics.json", metrics)
         write_text(spark, f"{tmp}/report.md", render_markdown(metrics))
@@ -269,4 +299,10 @@ def report(spark: SparkSession, predictions_url: str, out: str, baseline_url: st
                                 "gradcam": dataclasses.asdict(gradcam) if gradcam else None},
                         counts={"n_images": metrics["n_images"], "macro_auroc": metrics["macro"]["auroc"],
                                 "gradcam_overlays": len(explained.overlays)})
+    record = (metrics.get("model_card") or {}).get("mlflow")
+    if record:  # the evaluation on the training run; the report stands without it
+        try:
+            log_test_metrics(record, metrics, prefix=metrics.get("split") or "test")
+        except Exception as error:  # noqa: BLE001 - a tracking store that cannot be reached is reported, not fatal
+            log.warning("report: could not log the metrics to MLflow run %s: %s", record.get("run_id"), error)
     return metrics

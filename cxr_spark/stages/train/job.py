@@ -12,22 +12,26 @@ import argparse
 import hashlib
 import logging
 import os
+import shutil
 import time
 
 import numpy as np
 import pandas as pd
 from pyspark.sql import SparkSession
 
-from cxr_spark.config import PipelineConfig, TrainConfig, override
-from cxr_spark.core.guards import check_run
+from cxr_spark.cli_flags import conf_default, deprecated_alias
+from cxr_spark.config import PipelineConfig, TrackingConfig, TrainConfig, override
+from cxr_spark.core.guards import check_input, check_run
 from cxr_spark.core.labels import LABELS
 from cxr_spark.core.plots import plot_training_curves
 from cxr_spark.datasets.images import NORMALIZATION_FILE
-from cxr_spark.datasets.manifest import finish_manifest, input_version
+from cxr_spark.datasets.manifest import code_version, command_line, finish_manifest, input_version, library_versions
 from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE
 from cxr_spark.io.commit import atomic_output, settle
 from cxr_spark.io.storage import local_path, read_json, to_url, write_bytes, write_json
-from cxr_spark.stages.train.worker import CHECKPOINT_STATE, _worker_errors, class_weights, make_worker_fn
+from cxr_spark.io.tracking import finish_training_run, open_experiment, start_training_run, store_uri
+from cxr_spark.stages.train.worker import (CHECKPOINT_STATE, TENSORBOARD_DIR, _worker_errors, class_weights,
+                                           make_worker_fn)
 
 log = logging.getLogger(__name__)
 CURVES_FILE = "training_curves.png"
@@ -35,43 +39,62 @@ TASKS = ("multilabel", "binary")
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--in", dest="input", required=True, help="images_<size> dataset written by preprocess")
+    parser.add_argument("--in", dest="input", required=True,
+                        help="images_<size> dataset (written by preprocess or ingest --images-out)")
     parser.add_argument("--out", required=True, help="model folder to write (replaced atomically)")
-    parser.add_argument("--model", help="model name from the zoo (default from conf: small_cnn)")
-    parser.add_argument("--task", choices=TASKS, help="multilabel: the 14 findings (default); binary: one finding")
-    parser.add_argument("--binary-label", help="the finding a binary task predicts (default from conf: Pneumonia)")
-    parser.add_argument("--num-proc", type=int, help="Horovod processes, one Spark task slot each (default 2)")
-    parser.add_argument("--epochs", type=int, help="maximum epochs (early stopping may end sooner)")
-    parser.add_argument("--batch-size", type=int, help="batch size per process")
-    parser.add_argument("--learning-rate", type=float, help="Adam learning rate per process (scaled by processes)")
-    parser.add_argument("--weights", help="local weights file to start from (nothing is downloaded)")
+    parser.add_argument("--arch", dest="model", metavar="NAME", help=f"network from the zoo {conf_default('train', 'model')}")
+    deprecated_alias(parser, "--model", "--arch")
+    parser.add_argument("--task", choices=TASKS,
+                        help=f"multilabel: the 14 findings; binary: one finding {conf_default('train', 'task')}")
+    parser.add_argument("--binary-label",
+                        help=f"the finding a binary task predicts {conf_default('train', 'binary_label')}")
+    parser.add_argument("--num-proc", type=int,
+                        help=f"Horovod processes, one Spark task slot each {conf_default('train', 'num_proc')}")
+    parser.add_argument("--epochs", type=int,
+                        help=f"maximum epochs; early stopping may end sooner {conf_default('train', 'epochs')}")
+    parser.add_argument("--batch-size", type=int, help=f"batch size per process {conf_default('train', 'batch_size')}")
+    parser.add_argument("--learning-rate", type=float, help="Adam learning rate per process, scaled by the processes "
+                                                            f"{conf_default('train', 'learning_rate')}")
+    parser.add_argument("--weights", help="local weights file to start from; nothing is downloaded "
+                                          f"{conf_default('train', 'weights')}")
     parser.add_argument("--normalization", choices=("rescale", "train_mean_std", "imagenet"),
-                        help="input normalisation: pixels/255 (the seed papers), the train split's mean/std "
-                             "(default), or ImageNet statistics")
+                        help="input normalisation: pixels/255 (the seed papers), the train split's mean/std, or "
+                             f"ImageNet statistics {conf_default('train', 'normalization')}")
     parser.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=None,
-                        help="histogram-equalise each film before normalising (default off)")
+                        help=f"histogram-equalise each film before normalising {conf_default('train', 'equalize')}")
     parser.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
-                        help="random affine augmentation of the train split (default on; see conf [train])")
+                        help="random affine augmentation of the train split; its ranges are in conf [train] "
+                             f"{conf_default('train', 'augment')}")
     parser.add_argument("--class-weighting", action=argparse.BooleanOptionalAction, default=None,
-                        help="CheXNet's per-label positive/negative loss weights from train counts (default on)")
-    parser.add_argument("--checkpoint-dir", help="where rank 0 checkpoints every epoch (default: <out>.checkpoints;"
-                                                 " on a cluster a filesystem every executor mounts)")
+                        help="CheXNet's per-label positive/negative loss weights from train counts "
+                             f"{conf_default('train', 'class_weighting')}")
+    parser.add_argument("--checkpoint-dir", help="where rank 0 checkpoints every epoch, keeping the last 2 and the "
+                                                 "best (default: <out>.checkpoints; on a cluster a filesystem every "
+                                                 "executor mounts)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the last checkpoint in --checkpoint-dir (epoch, weights, optimiser)")
+    parser.add_argument("--tracking-uri", help="MLflow tracking store or server (default: MLFLOW_TRACKING_URI, "
+                                               "else conf [tracking] uri, else mlruns/ beside --out)")
 
 
 def check_args(args: argparse.Namespace) -> None:
-    """The run's paths, before Spark starts (:func:`cxr_spark.core.guards.check_run`)."""
+    """Before Spark starts: the input is an images dataset and the paths safe (:mod:`cxr_spark.core.guards`)."""
+    check_input("train", "--in", args.input, ("preprocess",))
     check_run({"--in": args.input, "--weights": args.weights},
-              {"--out": (args.out, "train"), "--checkpoint-dir": (args.checkpoint_dir, None)}, folders=("--in",))
+              {"--out": (args.out, "train"), "--checkpoint-dir": (args.checkpoint_dir, None)})
+
+
+def settings(args: argparse.Namespace, config: PipelineConfig) -> TrainConfig:
+    """The run's settings: conf's [train] with the flags given (what ``--print-config`` shows)."""
+    return override(config.train, model=args.model, task=args.task, binary_label=args.binary_label,
+                    num_proc=args.num_proc, epochs=args.epochs, batch_size=args.batch_size,
+                    learning_rate=args.learning_rate, weights=args.weights, normalization=args.normalization,
+                    equalize=args.equalize, augment=args.augment, class_weighting=args.class_weighting)
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
-    settings = override(config.train, model=args.model, task=args.task, binary_label=args.binary_label,
-                        num_proc=args.num_proc, epochs=args.epochs, batch_size=args.batch_size,
-                        learning_rate=args.learning_rate, weights=args.weights, normalization=args.normalization,
-                        equalize=args.equalize, augment=args.augment, class_weighting=args.class_weighting)
-    return train(spark, args.input, args.out, settings, checkpoint_dir=args.checkpoint_dir, resume=args.resume)
+    return train(spark, args.input, args.out, settings(args, config), checkpoint_dir=args.checkpoint_dir,
+                 resume=args.resume, tracking=config.tracking, tracking_uri=args.tracking_uri)
 
 
 def train_label_counts(spark: SparkSession, url: str, n_labels: int) -> np.ndarray:
@@ -115,8 +138,13 @@ def _check_gloo(attempts: int = 3) -> None:
 
 
 def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
-          checkpoint_dir: str | None = None, resume: bool = False) -> dict:
-    """Train with ``settings.num_proc`` Horovod processes; write the model and ``model.json`` to ``out``."""
+          checkpoint_dir: str | None = None, resume: bool = False, tracking: TrackingConfig | None = None,
+          tracking_uri: str | None = None) -> dict:
+    """Train with ``settings.num_proc`` Horovod processes; write the model and ``model.json`` to ``out``.
+
+    With ``tracking`` (and unless it is switched off) the run is logged to MLflow and the model registered
+    (:mod:`cxr_spark.io.tracking`).
+    """
     import horovod.spark
 
     from cxr_spark.core.normalization import normalization_spec
@@ -157,13 +185,7 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
     if resume and not os.path.exists(os.path.join(checkpoint_path, CHECKPOINT_STATE)):
         raise FileNotFoundError(f"--resume: no checkpoint in {checkpoint_path} (train once without --resume, "
                                 f"or give the --checkpoint-dir of the interrupted run)")
-    if not resume and os.path.isdir(checkpoint_path):
-        for name in os.listdir(checkpoint_path):  # a fresh run must not resume from, or mix with, an old one
-            os.remove(os.path.join(checkpoint_path, name))
-    os.makedirs(checkpoint_path, exist_ok=True)
-    for name in os.listdir(checkpoint_path):
-        if name.endswith(".error"):  # an earlier failure's report, not this run's
-            os.remove(os.path.join(checkpoint_path, name))
+    _clear_checkpoints(checkpoint_path, everything=not resume)
 
     plain = {
         "url": url, "size": int(size), "labels": labels, "label_index": label_index, "task": settings.task,
@@ -184,12 +206,13 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
     log.info("training %s (%s) on %d train / %d val images at %dpx with %d Horovod processes%s",
              settings.model, settings.task, n_train, n_val, size, settings.num_proc,
              f", resuming from {checkpoint_path}" if resume else "")
+    uri = store_uri(tracking, out, tracking_uri) if tracking is not None else None
+    experiment = open_experiment(uri, tracking) if uri is not None else None  # a bad store fails before training
     _check_gloo()
     try:
         results = horovod.spark.run(make_worker_fn(plain), num_proc=settings.num_proc, use_gloo=True,
                                     use_mpi=False, verbose=1, start_timeout=settings.start_timeout_s,
-                                    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2",
-                                             PYTHONWARNINGS="ignore::FutureWarning"))
+                                    env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="1"))
     except Exception as error:
         # Horovod stops every process as soon as one exits with an error; say which rank and why
         errors = _worker_errors(checkpoint_path)
@@ -198,7 +221,7 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
         raise
     result = next(r for r in results if r is not None)
     model_version = f"{settings.model}-{hashlib.sha256(result['model_bytes']).hexdigest()[:12]}"
-    history = result["history"]
+    history, best = result["history"], result["best_epoch"]
     steps, global_batch = result["steps_per_epoch"], settings.batch_size * settings.num_proc
     card = {
         "model_version": model_version,
@@ -208,7 +231,10 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
         "input_size": int(size),
         "normalization": normalization,
         "thresholds": dict(zip(labels, result["thresholds"])),
-        "thresholds_tuned_on": {"split": "val", "images": result["val_images_tuned"], "criterion": "max F1"},
+        "thresholds_tuned_on": {"split": "val", "images": result["val_images_tuned"], "criterion": "max F1",
+                                "epoch": best},
+        "best_epoch": best, "best_val_loss": history["val_loss"][best - 1], "ended": result["ended"],
+        "data": manifest.get("data", "unknown"),
         "training": {**{k: v for k, v in plain.items() if k not in ("labels", "resume")},
                      "num_proc": settings.num_proc, "epochs_run": result["epochs_run"],
                      "steps_per_epoch": steps, "shard_sizes": result["shard_sizes"],
@@ -217,20 +243,63 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
                      "remainder_per_epoch": n_train - steps * global_batch,
                      "resumed": result["resumed"], "train_seconds": result["train_seconds"]},
         "history": history,
-        "dataset": {"url": url, "code_version": manifest.get("code_version"), "counts": manifest["counts"]},
+        "dataset": {"url": url, "code_version": manifest.get("code_version"),
+                    "finished_at": manifest.get("finished_at"), "counts": manifest["counts"]},
+        "code_version": code_version(), "libraries": library_versions(), "command": command_line(),
     }
-    best = min(range(len(history["val_loss"])), key=history["val_loss"].__getitem__)
     counts = {"train_images": n_train, "val_images": n_val, "epochs_run": result["epochs_run"],
               "steps_per_epoch": steps, "remainder_per_epoch": n_train - steps * global_batch,
-              "best_epoch": best + 1, "best_val_loss": history["val_loss"][best],
-              "best_val_auroc": history.get("val_auroc", [None] * (best + 1))[best]}
+              "best_epoch": best, "best_val_loss": history["val_loss"][best - 1],
+              "best_val_auroc": history.get("val_auroc", [None] * best)[best - 1]}
+    record = None
     with atomic_output(spark, out, "train") as tmp:
         write_bytes(f"{tmp}/{MODEL_FILE}", result["model_bytes"])
-        write_json(spark, f"{tmp}/{MODEL_CARD}", card)
         plot_training_curves(history, local_path(f"{tmp}/{CURVES_FILE}"), f"{model_version}: {n_train} train images")
+        if os.path.isdir(os.path.join(checkpoint_path, TENSORBOARD_DIR)):
+            shutil.copytree(os.path.join(checkpoint_path, TENSORBOARD_DIR), local_path(f"{tmp}/{TENSORBOARD_DIR}"))
+        if experiment is not None:
+            record = start_training_run(uri, experiment, tracking, settings.task,
+                                        {**plain, "num_proc": settings.num_proc}, history,
+                                        _run_tags(card, manifest, settings))
+            card["mlflow"] = record
+        write_json(spark, f"{tmp}/{MODEL_CARD}", card)
         finish_manifest(spark, tmp, "train", started, config=settings, inputs={"images": input_version(spark, url)},
-                        counts=counts, extra={"model_version": model_version})
-    return {**counts, "model_version": model_version}
+                        counts=counts, extra={"model_version": model_version, "data": card["data"]})
+        if record is not None:
+            try:
+                finish_training_run(record, local_path(tmp))
+            except BaseException:
+                finish_training_run(record, local_path(tmp), ok=False)
+                raise
+            log.info("MLflow: run %s, registered %s (store %s)", record["run_id"], record["model_uri"], uri)
+    result_counts = {**counts, "model_version": model_version}
+    if record is None:
+        return result_counts
+    return {**result_counts, "mlflow_run": record["run_id"], "registered": record["model_uri"],
+            "tracking_uri": record["tracking_uri"]}
+
+
+def _run_tags(card: dict, manifest: dict, settings: TrainConfig) -> dict[str, str]:
+    """What an MLflow user filters runs by: code, data, task and how many Horovod processes."""
+    return {"code_version": card["code_version"], "model_version": card["model_version"], "task": settings.task,
+            "arch": settings.model, "horovod_size": str(settings.num_proc), "data": card["data"],
+            "dataset": card["dataset"]["url"], "dataset_finished_at": str(manifest.get("finished_at")),
+            "dataset_code_version": str(manifest.get("code_version")), "ended": card["ended"],
+            "best_epoch": str(card["best_epoch"])}
+
+
+def _clear_checkpoints(folder: str, everything: bool) -> None:
+    """Remove an earlier run's checkpoint files from ``folder`` (only the files training writes there).
+
+    A fresh run must not resume from, or mix with, an old one (``everything``); a resumed run keeps them and
+    drops only earlier failures' error reports. Anything else in the folder is left alone.
+    """
+    os.makedirs(folder, exist_ok=True)
+    for name in os.listdir(folder):
+        ours = name.startswith("ckpt-") or name in (CHECKPOINT_STATE, CHECKPOINT_STATE + ".tmp", TENSORBOARD_DIR)
+        if name.endswith(".error") or (everything and ours):
+            path = os.path.join(folder, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
 
 def _split_files(spark: SparkSession, dataset_url: str, split: str) -> int:

@@ -13,6 +13,18 @@ import numpy as np
 from cxr_spark.datasets.model_card import MODEL_FILE
 
 CHECKPOINT_STATE = "state.json"
+TENSORBOARD_DIR = "tensorboard"  # rank 0's event files, in the checkpoint folder and then in the model folder
+
+
+def epoch_line(epoch: int, epochs: int, logs: dict, seconds: float, remaining_s: float) -> str:
+    """One epoch's console line: its metrics, time and an upper bound on the time left.
+
+    >>> epoch_line(3, 20, {"loss": 0.31, "val_auroc": 0.7412, "lr": 0.001}, 12.04, 204.7)
+    'epoch 3/20: loss 0.3100 val_auroc 0.7412 lr 0.001 (12 s; at most 3 min 24 s left)'
+    """
+    shown = " ".join(f"{key} {value:.4f}" if key != "lr" else f"lr {value:.3g}" for key, value in logs.items())
+    left = f"{int(remaining_s // 60)} min {int(remaining_s % 60)} s" if remaining_s >= 60 else f"{remaining_s:.0f} s"
+    return f"epoch {epoch}/{epochs}: {shown} ({seconds:.0f} s; at most {left} left)"
 
 
 def class_weights(n_images: int, positives: np.ndarray) -> tuple[list[float], list[float]]:
@@ -54,6 +66,7 @@ def make_worker_fn(plain: dict):
     """Return the function each Horovod rank runs. ``plain`` holds only plain values (no session, no config)."""
 
     def train_on_rank():
+        import horovod.tensorflow as hvd_tf
         import horovod.tensorflow.keras as hvd
         import tensorflow as tf
         from horovod.tensorflow import allgather_object
@@ -75,6 +88,9 @@ def make_worker_fn(plain: dict):
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
         tf.keras.utils.set_random_seed(plain["seed"] + rank)
+        # the same data, settings and seed give the same weights (tested): deterministic kernels; the input
+        # order is fixed by the seed (row groups, shuffle buffer, augmentation per rank and epoch)
+        tf.config.experimental.enable_op_determinism()
         url, image_size, batch = plain["url"], plain["size"], plain["batch_size"]
         n_outputs, label_index = len(plain["labels"]), plain["label_index"]
 
@@ -105,31 +121,40 @@ def make_worker_fn(plain: dict):
                       metrics=[tf.keras.metrics.AUC(multi_label=True, num_labels=n_outputs, name="auroc")])
 
         checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-        prefix = os.path.join(plain["checkpoint_dir"], "ckpt") if plain["checkpoint_dir"] else None
-        state_path = os.path.join(plain["checkpoint_dir"], CHECKPOINT_STATE) if prefix else None
+        prefix = os.path.join(plain["checkpoint_dir"], "ckpt")
+        state_path = os.path.join(plain["checkpoint_dir"], CHECKPOINT_STATE)
         initial_epoch, history, resumed = 0, {}, None
+        best = {"epoch": None, "val_loss": None, "checkpoint": None}
         if plain["resume"]:
             with open(state_path) as handle:
                 state = json.load(handle)
             # every rank restores (the folder is shared); rank 0's state is broadcast after the first batch anyway
             checkpoint.read(state["checkpoint"]).expect_partial()
             initial_epoch, history = state["epoch"], state["history"]
+            best = state.get("best", best)
             resumed = {"epoch": initial_epoch, "optimizer_iterations": state["optimizer_iterations"]}
 
         class CheckpointEachEpoch(tf.keras.callbacks.Callback):
-            """Rank 0 writes weights + optimiser state and the history so far after every epoch."""
+            """Rank 0 writes weights + optimiser state and the history so far after every epoch, and keeps the
+            checkpoints of the last two epochs and of the best (lowest val_loss) one."""
 
             def on_epoch_end(self, epoch, logs=None):
                 for key, value in (logs or {}).items():
                     history.setdefault(key, []).append(float(value))
-                if rank != 0 or prefix is None:
+                if rank != 0:
                     return
                 path = checkpoint.write(f"{prefix}-{epoch + 1}")
-                state = {"epoch": epoch + 1, "checkpoint": path, "history": history,
+                if best["val_loss"] is None or history["val_loss"][-1] < best["val_loss"]:
+                    best.update(epoch=epoch + 1, val_loss=history["val_loss"][-1], checkpoint=path)
+                state = {"epoch": epoch + 1, "checkpoint": path, "history": history, "best": best,
                          "optimizer_iterations": int(optimizer.iterations.numpy())}
                 with open(state_path + ".tmp", "w") as handle:
                     json.dump(state, handle)
                 os.replace(state_path + ".tmp", state_path)  # a kill mid-write leaves the previous state
+                keep = {f"ckpt-{epoch + 1}", f"ckpt-{epoch}", os.path.basename(best["checkpoint"])}
+                for name in os.listdir(plain["checkpoint_dir"]):
+                    if name.startswith("ckpt-") and name.split(".", 1)[0] not in keep:
+                        os.remove(os.path.join(plain["checkpoint_dir"], name))
 
         class RestoredOptimizerState(tf.keras.callbacks.Callback):
             """Record the optimiser step count as training (re)starts: the checkpoint's on resume."""
@@ -138,25 +163,60 @@ def make_worker_fn(plain: dict):
                 if resumed is not None and "iterations_at_start" not in resumed:
                     resumed["iterations_at_start"] = int(optimizer.iterations.numpy())
 
+        class EpochProgress(tf.keras.callbacks.Callback):
+            """Rank 0 prints a line per epoch: its metrics and the time left if every epoch runs."""
+
+            def __init__(self, epochs: int, first: int):
+                super().__init__()
+                self.epochs, self.first = epochs, first
+
+            def on_epoch_begin(self, epoch, logs=None):
+                self.started = time.time()
+
+            def on_epoch_end(self, epoch, logs=None):
+                seconds = time.time() - self.started
+                print(epoch_line(epoch + 1, self.epochs, dict(logs or {}), seconds,
+                                 seconds * (self.epochs - epoch - 1)), flush=True)
+
+        class RankZeroStatisticsForValidation(tf.keras.callbacks.Callback):
+            """Before each validation every rank takes rank 0's batch-norm moving statistics (as PyTorch DDP
+            broadcasts its buffers): they are updated from each rank's own batches, so without this every rank
+            would validate a slightly different model, and the val_loss averaged over ranks (what early stopping
+            and the best epoch go by) would not be that of the model rank 0 saves."""
+
+            def on_test_begin(self, logs=None):
+                if model.non_trainable_variables:
+                    hvd_tf.broadcast_variables(model.non_trainable_variables, root_rank=0)
+
+        early_stopping = tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=plain["patience"])
         callbacks = [
             RestoredOptimizerState(),
             hvd.callbacks.BroadcastGlobalVariablesCallback(0),  # every rank starts from rank 0's weights
+            RankZeroStatisticsForValidation(),
             hvd.callbacks.MetricAverageCallback(),  # so every rank sees, and early-stops on, the same val_loss
             # a large scaled rate is unstable in the first steps: ramp up to it
             hvd.callbacks.LearningRateWarmupCallback(initial_lr=scaled_lr, warmup_epochs=plain["warmup_epochs"],
                                                      steps_per_epoch=steps, verbose=0),
             tf.keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_lr=1e-6),
-            tf.keras.callbacks.EarlyStopping(monitor="val_loss", patience=plain["patience"], restore_best_weights=True),
+            early_stopping,
             CheckpointEachEpoch(),
         ]
+        if rank == 0:
+            callbacks += [EpochProgress(plain["epochs"], initial_epoch),
+                          tf.keras.callbacks.TensorBoard(os.path.join(plain["checkpoint_dir"], TENSORBOARD_DIR),
+                                                         write_graph=False, profile_batch=0)]
         started = time.time()
         model.fit(epoch_dataset(lambda e: train_epoch(initial_epoch + e), image_size, n_outputs),
                   validation_data=epoch_dataset(val_epoch, image_size, n_outputs),
-                  epochs=plain["epochs"], initial_epoch=initial_epoch, callbacks=callbacks,
-                  verbose=2 if rank == 0 else 0)
+                  epochs=plain["epochs"], initial_epoch=initial_epoch, callbacks=callbacks, verbose=0)
         seconds = time.time() - started
         if rank != 0:
             return None
+        # Keras restores the best weights only when it stops early: the saved model is the best epoch's
+        # whichever way training ended (its checkpoint, kept by CheckpointEachEpoch).
+        checkpoint.read(best["checkpoint"]).expect_partial()
+        ended = (f"early stopping: val_loss did not improve for {plain['patience']} epochs"
+                 if early_stopping.stopped_epoch > 0 else f"reached the last epoch ({plain['epochs']})")
         # Per-label decision thresholds, tuned on the whole validation split (one unsharded pass).
         labels, scores = [], []
         for inputs, batch_labels in iterate_epoch(url, "val", None, None, batch, None, 0, None,
@@ -172,6 +232,7 @@ def make_worker_fn(plain: dict):
             with open(path, "rb") as handle:
                 model_bytes = handle.read()
         return {"model_bytes": model_bytes, "history": history, "epochs_run": len(history.get("loss", [])),
+                "best_epoch": best["epoch"], "ended": ended,
                 "thresholds": thresholds, "val_images_tuned": len(labels), "shard_sizes": sizes,
                 "steps_per_epoch": steps, "resumed": resumed, "train_seconds": round(seconds, 1)}
 

@@ -304,7 +304,8 @@ def test_killed_ingest_leaves_the_previous_dataset_unchanged(spark, tiny_dump, t
     assert _content_hashes(spark, raw) == before and len(before) == previous["ingested"]
     assert (raw / "_manifest.json").read_text() == manifest_before
     visible = [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")]
-    assert sorted(visible) == ["raw", "test.conf"]  # nothing half-written under a real name
+    assert sorted(visible) == ["logs", "raw", "test.conf"]  # nothing half-written under a real name
+    assert [p.name[:7] for p in (tmp_path / "logs").iterdir()] == ["ingest-"]  # the killed run's log
     assert len(read_rows(raw, ["image_id"])) == previous["ingested"]  # still a readable Petastorm dataset
 
 
