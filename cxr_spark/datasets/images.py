@@ -91,7 +91,9 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
     files_per_split = max(1 if in_parts else settings.min_files_per_split,
                           math.ceil(est_bytes / (settings.row_group_size_mb * 2**20)))
     # Resize first, then shuffle: the shuffle moves small resized rows, not the original PNGs.
-    images = images.repartition(files_per_split, "image_id")
+    # rows in image_id order within each file: the same rows give the same files and row groups, whatever
+    # order the shuffle delivers them in
+    images = images.repartition(files_per_split, "image_id").sortWithinPartitions("image_id")
     with nullcontext(into) if into else atomic_output(spark, out, "preprocess") as tmp:
         with petastorm_dataset(spark, tmp, images_schema(size), settings.row_group_size_mb):
             if rest > 0 or not in_parts:

@@ -79,6 +79,19 @@ def console_line(line: str, after_noise: bool) -> tuple[bool, bool]:
     return not noise, noise and "Warning: " in body
 
 
+def shown_text(line: str) -> str:
+    """What the console shows of a line it shows: rank 0's stdout as rank 0 printed it, without Horovod's
+    ``[0]<stdout>:`` prefix; every other line as it is.
+
+    >>> shown_text("[0]<stdout>:epoch 1/20: loss 0.1391")
+    'epoch 1/20: loss 0.1391'
+    >>> shown_text("[1]<stderr>:Traceback (most recent call last):")
+    '[1]<stderr>:Traceback (most recent call last):'
+    """
+    prefix = RANK_PREFIX.match(line)
+    return line[prefix.end():] if prefix and prefix.group(2) == "stdout" else line
+
+
 def log_path(log_dir: str | Path, stage: str, now: datetime | None = None) -> Path:
     """``<log_dir>/<stage>-<UTC timestamp>.log``: one file per run, sortable by time."""
     stamp = (now or datetime.now(timezone.utc)).strftime("%Y%m%dT%H%M%SZ")
@@ -237,7 +250,7 @@ def tee(log_file: str, out_fd: int, err_fd: int, ack_fd: int) -> None:
                     show, after_noise[fd] = console_line(text, after_noise[fd])
                     if show:
                         with contextlib.suppress(OSError):
-                            consoles[fd].write(raw), consoles[fd].flush()
+                            consoles[fd].write(shown_text(text).encode()), consoles[fd].flush()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,3 +36,13 @@ def test_dicom_metadata_keeps_view_sex_and_age_text_only_and_blanks_are_none():
 def test_ages_in_days_months_and_years_up_to_120(text, years):
     age = parse_age(text)
     assert age == years and (age is None or type(age) is int)
+
+
+def test_a_dump_is_synthetic_only_when_synth_marked_it(tmp_path):
+    from cxr_spark.core.metadata import dump_data_kind
+    from cxr_spark.synth import SPEC_FILE
+
+    assert dump_data_kind(str(tmp_path)) == "real"
+    (tmp_path / SPEC_FILE).write_text("{}")
+    assert dump_data_kind(str(tmp_path)) == "synthetic"
+    assert dump_data_kind(None) == "unknown"  # a dump on another filesystem is not looked at

@@ -65,3 +65,25 @@ def test_synth_and_ingest_show_progress_and_results_and_log_everything_to_the_lo
     assert "WARN CSVHeaderChecker" in text  # the hidden warnings, in full
     assert "FutureWarning" in text  # petastorm's, from this process and Spark's Python workers
     assert ingest.stdout.strip() in text  # and the console's lines too
+
+
+def test_spark_progress_logs_a_running_stage_with_its_tasks_done(spark, caplog):
+    """A real Spark job of 8 tasks of 0.4 s each on 2 slots, polled every 0.3 s: lines with its tasks done."""
+    import logging
+    import re
+    import time as clock
+
+    from cxr_spark.io.console import SparkProgress
+
+    progress = SparkProgress(spark, every=0.3)
+    with caplog.at_level(logging.INFO, logger="cxr_spark.io.console"):
+        progress.thread.start()
+        try:
+            spark.sparkContext.parallelize(range(8), 8).map(lambda x: clock.sleep(0.4) or x).collect()
+        finally:
+            progress.stop.set()
+            progress.thread.join(5)
+    lines = [r.getMessage() for r in caplog.records if "Spark stage" in r.getMessage()]
+    assert lines, "no progress line while the job ran"
+    done = [int(re.search(r": (\d+)/8 tasks", line).group(1)) for line in lines]
+    assert done == sorted(done) and all(0 < d <= 8 for d in done) and "ETA" in lines[0]

@@ -39,10 +39,16 @@ def plan_writes(spark: SparkSession, files: DataFrame, layout: str, meta: DataFr
     writable = F.col("reason").isNull() & ~F.col("in_existing") & ~F.col("path").rlike(DICOM_NAME)
     columns = [name for name in RawSchema.fields if name not in FROM_FILE and name != "png"]
     total_bytes = planned_size_bytes(files)
+    # Tasks by the file's name and rows in name order: the same dump gives the same part files, row groups
+    # and Petastorm shards wherever it is mounted and in whatever order Spark's tasks finish (the shards
+    # decide what each Horovod rank trains on, so training is reproducible from the dump, not only from a
+    # dataset).
+    name = F.regexp_extract("path", r"([^/]*)$", 1)
     return (schema_columns(planned.withColumn("labels", encode_labels("labels")), columns, "path",
                             writable.alias("writable"))
             .repartition(image_tasks(spark, len(files.inputFiles()), images_settings) if images_settings
-                         else tasks_for(spark, total_bytes), "path"))
+                         else tasks_for(spark, total_bytes), name)
+            .sortWithinPartitions(name, "path"))
 
 
 def existing_dataset(spark: SparkSession, out: str) -> DataFrame | None:

@@ -9,7 +9,6 @@ and returns the trained model, and the driver writes ``model/`` atomically.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
 import os
 import shutil
@@ -220,7 +219,7 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
             raise RuntimeError(f"training failed on a Horovod process: {errors}") from error
         raise
     result = next(r for r in results if r is not None)
-    model_version = f"{settings.model}-{hashlib.sha256(result['model_bytes']).hexdigest()[:12]}"
+    model_version = f"{settings.model}-{result['weights_sha256'][:12]}"  # the same weights, the same version
     history, best = result["history"], result["best_epoch"]
     steps, global_batch = result["steps_per_epoch"], settings.batch_size * settings.num_proc
     card = {

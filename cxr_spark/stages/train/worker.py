@@ -3,6 +3,7 @@ checkpoints and the errors a worker leaves for the driver.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -231,7 +232,11 @@ def make_worker_fn(plain: dict):
             tf.keras.Model(model.inputs, model.outputs, name=model.name).save(path)
             with open(path, "rb") as handle:
                 model_bytes = handle.read()
-        return {"model_bytes": model_bytes, "history": history, "epochs_run": len(history.get("loss", [])),
+        # the model's identity: its layers and weights (the .keras file's bytes also hold the time it was saved)
+        digest = hashlib.sha256(model.to_json().encode())
+        for weights in model.get_weights():
+            digest.update(np.ascontiguousarray(weights).tobytes())
+        return {"model_bytes": model_bytes, "weights_sha256": digest.hexdigest(), "history": history, "epochs_run": len(history.get("loss", [])),
                 "best_epoch": best["epoch"], "ended": ended,
                 "thresholds": thresholds, "val_images_tuned": len(labels), "shard_sizes": sizes,
                 "steps_per_epoch": steps, "resumed": resumed, "train_seconds": round(seconds, 1)}

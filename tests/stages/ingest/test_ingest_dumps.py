@@ -332,3 +332,36 @@ def test_kaggle_pneumonia_layout_labels_and_splits_from_folders(spark, tmp_path,
     assert counts["splits"] == splits
     manifest = json.loads((tmp_path / "raw" / "_manifest.json").read_text())
     assert manifest["task"] == "binary" and manifest["binary_label"] == "Pneumonia" and manifest["layout"] == "kaggle"
+
+
+def _row_groups(dataset: Path) -> dict[str, list[list[str]]]:
+    """Each Parquet file of a dataset (by its path less the run's id) as its row groups' image ids, in order."""
+    found = {}
+    for path in sorted(dataset.rglob("*.parquet")):
+        relative = re.sub(r"-[0-9a-f]{8}(\.c000)?\.parquet$", "", str(path.relative_to(dataset)))
+        if path.parent.name.startswith("_"):
+            continue
+        parquet = pq.ParquetFile(path)
+        found[relative] = [parquet.read_row_group(i, columns=["image_id"]).column("image_id").to_pylist()
+                           for i in range(parquet.num_row_groups)]
+    return found
+
+
+def test_the_same_dump_mounted_elsewhere_gives_the_same_files_and_row_groups(spark, tiny_dump, tmp_path, config):
+    """What each Horovod rank trains on is the dataset's files and row groups (Petastorm shards by row group
+    in path order), so they must not depend on where the dump is or on the order Spark's tasks finish."""
+    import shutil
+
+    from cxr_spark.config import override
+
+    layouts = []
+    for name in ("first", "second"):
+        dump = tmp_path / name / "mounted" / "dump"
+        shutil.copytree(tiny_dump, dump)
+        ingest(spark, str(dump), str(tmp_path / name / "raw"), str(dump / "Data_Entry_2017.csv"), str(dump),
+               config.ingest, images_out=str(tmp_path / name / "images_32"),
+               images_settings=override(config.preprocess, size=32, min_files_per_split=4))
+        layouts.append({dataset: _row_groups(tmp_path / name / dataset) for dataset in ("raw", "images_32")})
+    assert layouts[0] == layouts[1]
+    assert len(layouts[0]["images_32"]) >= 4 and sum(len(ids) for groups in layouts[0]["images_32"].values()
+                                                     for ids in groups) == len(list(tiny_dump.rglob("*.png")))
