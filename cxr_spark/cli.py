@@ -210,11 +210,11 @@ def print_config(command: str, args: argparse.Namespace) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = args_parser(strict="--print-config" not in argv).parse_args(argv)
+    for warning in deprecation_warnings(args):  # on the console before anything else, refused runs included
+        print(f"cxr-spark {args.command}: warning: {warning}", file=sys.stderr, flush=True)
     if getattr(args, "print_config", False):
         print(print_config(args.command, args), end="")
         return 0
-    for warning in deprecation_warnings(args):  # on the console before anything else, refused runs included
-        print(f"cxr-spark {args.command}: warning: {warning}", file=sys.stderr, flush=True)
     stage = SPARK_STAGES.get(args.command)
     check = getattr(stage[0], "check_args", None) if stage else None
     if check is not None:
