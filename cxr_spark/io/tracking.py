@@ -186,4 +186,5 @@ def download_registered_model(model_uri: str, tracking_uri: str | None) -> str:
         return mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=folder)
     except MlflowException as error:
         shutil.rmtree(folder, ignore_errors=True)
-        raise UsageError(f"--model {model_uri}: not found in {_as_uri(uri)} ({error.message.splitlines()[0]})") from error
+        raise UsageError(f"--model {model_uri}: not found in {_as_uri(uri)} "
+                         f"({error.message.splitlines()[0]})") from error

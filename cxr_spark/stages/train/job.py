@@ -41,7 +41,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in", dest="input", required=True,
                         help="images_<size> dataset (written by preprocess or ingest --images-out)")
     parser.add_argument("--out", required=True, help="model folder to write (replaced atomically)")
-    parser.add_argument("--arch", dest="model", metavar="NAME", help=f"network from the zoo {conf_default('train', 'model')}")
+    parser.add_argument("--arch", dest="model", metavar="NAME",
+                        help=f"network from the zoo {conf_default('train', 'model')}")
     deprecated_alias(parser, "--model", "--arch")
     parser.add_argument("--task", choices=TASKS,
                         help=f"multilabel: the 14 findings; binary: one finding {conf_default('train', 'task')}")

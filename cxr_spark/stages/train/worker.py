@@ -236,7 +236,8 @@ def make_worker_fn(plain: dict):
         digest = hashlib.sha256(model.to_json().encode())
         for weights in model.get_weights():
             digest.update(np.ascontiguousarray(weights).tobytes())
-        return {"model_bytes": model_bytes, "weights_sha256": digest.hexdigest(), "history": history, "epochs_run": len(history.get("loss", [])),
+        return {"model_bytes": model_bytes, "weights_sha256": digest.hexdigest(),
+                "history": history, "epochs_run": len(history.get("loss", [])),
                 "best_epoch": best["epoch"], "ended": ended,
                 "thresholds": thresholds, "val_images_tuned": len(labels), "shard_sizes": sizes,
                 "steps_per_epoch": steps, "resumed": resumed, "train_seconds": round(seconds, 1)}
