@@ -48,6 +48,14 @@ class _DeprecatedStore(argparse.Action):
         setattr(namespace, _DEPRECATED_DEST, notes)
 
 
+def positive_int(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 1 (argparse names the flag in its one-line error)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> None:
     """Accept ``old`` as a deprecated spelling of ``new``, an option already added to ``parser`` (a flag that
     takes a value): same destination, type, choices and metavar; hidden from the help, which says ``new``

@@ -116,6 +116,31 @@ def test_spark_scores_equal_keras_predict_and_metrics_equal_sklearn(spark, train
         assert row["tn"] + row["fn"] == int((p[:, i] < threshold).sum())
         if 0 < y[:, i].sum() < len(y):
             assert row["auroc"] == pytest.approx(roc_auc_score(y[:, i], p[:, i]), abs=1e-9)
+    _check_clinical(metrics, images, predictions, y, p, card)
+
+
+def _check_clinical(metrics, images, predictions, y, p, card):
+    """The clinical evaluation of a real pipeline run, recomputed from the predictions joined to the images
+    dataset's own attributes (patient, sex, view, age)."""
+    attributes = pd.DataFrame([r._asdict() for r in read_rows(images, ["image_id", "patient_id", "sex", "view", "age"],
+                                                                filters=[("split", "=", "test")])])
+    joined = predictions[["image_id"]].merge(attributes, on="image_id", how="left")
+    assert metrics["n_patients"] == joined["patient_id"].nunique() and metrics["bootstrap"]["unit"] == "patient"
+    assert metrics["bootstrap"]["units"] == joined["patient_id"].nunique()
+    for i, name in enumerate(LABELS):
+        calibration = metrics["per_label"][name]["calibration"]
+        assert calibration["brier"] == pytest.approx(np.mean((p[:, i].astype(np.float64) - y[:, i]) ** 2), abs=1e-12)
+        counts, _ = np.histogram(p[:, i].astype(np.float64), np.linspace(0, 1, 11))
+        assert [b["n"] for b in calibration["bins"]] == counts.tolist()
+        for sex in ("M", "F"):
+            rows = (joined["sex"] == sex).to_numpy()
+            cell = metrics["subgroups"]["sex"][sex]["per_label"][name]
+            assert cell["support"] == y[rows, i].sum()
+            if 0 < y[rows, i].sum() < rows.sum():
+                assert cell["auroc"] == pytest.approx(roc_auc_score(y[rows, i], p[rows, i]), abs=1e-9)
+            else:
+                assert cell["auroc"] is None
+    assert metrics["summary"]["n_images"] == len(predictions)
 
 
 def test_spark_submit_runs_a_job_file_with_the_cli_arguments(tiny_dump, tmp_path):

@@ -23,6 +23,7 @@ import numpy as np
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 
+from cxr_spark.core.histograms import BINS
 from cxr_spark.core.metrics import COUNT_NAMES, DEFAULT_THRESHOLD, micro_counts, rates
 
 # view, sex and age ride along for the report's dataset summary (no names or other identifying fields).
@@ -34,6 +35,12 @@ MAX_CURVE_POINTS = 2000  # per label and curve, for the plots only
 MICRO = -1  # the key of the pooled (micro-average) row in the ranking aggregation
 
 
+def bin_column(value: Column, low: float = 0.0, high: float = 1.0, bins: int = BINS) -> Column:
+    """:func:`cxr_spark.core.histograms.bin_index` as a Spark expression (in double, clipped into the bins)."""
+    scaled = F.floor((value.cast("double") - F.lit(float(low))) * F.lit(float(bins)) / F.lit(float(high - low)))
+    return F.least(F.greatest(scaled, F.lit(0)), F.lit(bins - 1)).cast("int")
+
+
 def long_form(predictions: DataFrame, *keep: str) -> DataFrame:
     """One row per (image, label): the ``keep`` columns, ``label`` (index), ``y`` (0/1), ``p`` (the
     probability, its own type)."""
@@ -42,14 +49,23 @@ def long_form(predictions: DataFrame, *keep: str) -> DataFrame:
                         F.col("pair.probabilities").alias("p"))
 
 
-def _running_counts(long: DataFrame) -> DataFrame:
-    """One row per label and distinct score ``p``: its positives and negatives (``pos``, ``neg``), the running
-    ``tp`` and ``fp`` from the highest score down to it (ties taken whole), and its ``rank`` in that order."""
-    by_score = long.groupBy("label", "p").agg(F.sum("y").alias("pos"), F.sum(1 - F.col("y")).alias("neg"))
-    descending = Window.partitionBy("label").orderBy(F.col("p").desc())
+def running_counts(long: DataFrame, keys: tuple[str, ...] = ("label",), weight: Column | None = None) -> DataFrame:
+    """One row per ``keys`` (by default the label) and distinct score ``p``: its positives and negatives (``pos``,
+    ``neg``; each row counts ``weight``, default 1), the running ``tp`` and ``fp`` from the highest score down to
+    it (ties taken whole), and its ``rank`` in that order."""
+    weight = F.lit(1) if weight is None else weight
+    by_score = long.groupBy(*keys, "p").agg(F.sum(weight * F.col("y")).alias("pos"),
+                                            F.sum(weight * (1 - F.col("y"))).alias("neg"))
+    descending = Window.partitionBy(*keys).orderBy(F.col("p").desc())
     running = descending.rowsBetween(Window.unboundedPreceding, Window.currentRow)
-    return by_score.select("label", "p", "pos", "neg", F.sum("pos").over(running).alias("tp"),
+    return by_score.select(*keys, "p", "pos", "neg", F.sum("pos").over(running).alias("tp"),
                            F.sum("neg").over(running).alias("fp"), F.row_number().over(descending).alias("rank"))
+
+
+def misordered_pairs() -> Column:
+    """Summed over a label's :func:`running_counts` rows: its (positive, negative) pairs in the wrong order, the
+    negatives scored above each positive, ties counting half (AUROC = 1 - this / (P·N), Mann-Whitney)."""
+    return F.sum(F.col("pos") * (F.col("fp") - 0.5 * F.col("neg")))
 
 
 def tuned_thresholds(long: DataFrame, n_labels: int) -> tuple[list[float], int]:
@@ -62,7 +78,7 @@ def tuned_thresholds(long: DataFrame, n_labels: int) -> tuple[list[float], int]:
     of the best F1 wins. A label without both classes gets :data:`DEFAULT_THRESHOLD`.
     """
     whole = Window.partitionBy("label")
-    counted = _running_counts(long).select(
+    counted = running_counts(long).select(
         "label", F.col("p").cast("double").alias("p"), "tp", (F.col("tp") + F.col("fp")).alias("predicted"),
         F.sum("pos").over(whole).alias("positives"), F.sum(F.col("pos") + F.col("neg")).over(whole).alias("images"))
     f1 = 2 * F.col("tp") / (F.col("predicted") + F.col("positives"))
@@ -101,19 +117,62 @@ def confusion_counts(long: DataFrame, labels: list[str], thresholds: list[float]
     return {row["label"]: row.asDict() for row in rows}
 
 
+#: The operating points a clinical team asks for: name -> (the rate that must reach the target, the target).
+OPERATING_POINTS = {"sensitivity_at_specificity_0.90": ("specificity", 0.90),
+                    "sensitivity_at_specificity_0.95": ("specificity", 0.95),
+                    "specificity_at_sensitivity_0.90": ("sensitivity", 0.90),
+                    "specificity_at_sensitivity_0.95": ("sensitivity", 0.95)}
+
+
+def _operating_point_columns() -> list[Column]:
+    """Per label, over its exact ROC points (:func:`running_counts` rows with ``n_pos``/``n_neg``): for each of
+    :data:`OPERATING_POINTS`, the best point meeting the target, ties to the highest threshold. Meeting a
+    specificity, the most true positives; meeting a sensitivity, the fewest false positives."""
+    sensitivity = F.col("tp") / F.col("n_pos")
+    specificity = 1 - F.col("fp") / F.col("n_neg")
+    p = F.col("p").cast("double")
+    columns = []
+    for name, (rate, target) in OPERATING_POINTS.items():
+        meets, key = (specificity, F.col("tp")) if rate == "specificity" else (sensitivity, -F.col("fp"))
+        point = F.struct(key.alias("key"), p.alias("p"), F.col("tp").alias("tp"), F.col("fp").alias("fp"))
+        columns.append(F.max(F.when(meets >= target, point)).alias(name))  # distinct p: the key, then p decides
+    return columns
+
+
+def _operating_points(row, n_pos: int, n_neg: int) -> dict[str, dict]:
+    """:data:`OPERATING_POINTS` as metrics.json holds them. Calling nothing positive (threshold ``None``,
+    sensitivity 0, specificity 1) is the highest threshold of all: a specificity target only it meets, or whose
+    best sensitivity is 0, gives it. Without positives or negatives every value is ``None``."""
+    points = {}
+    for name, (rate, _target) in OPERATING_POINTS.items():
+        point = {"threshold": None, "sensitivity": None, "specificity": None}
+        found = row[name]
+        if n_pos and n_neg:
+            if found is None or (rate == "specificity" and found["key"] == 0):
+                point.update(sensitivity=0.0, specificity=1.0)
+            else:
+                point.update(threshold=found["p"], sensitivity=found["tp"] / n_pos,
+                             specificity=1 - found["fp"] / n_neg)
+        points[name] = point
+    return points
+
+
 def ranking(long: DataFrame, max_curve_points: int) -> tuple[dict[int, dict], dict[int, list]]:
     """Exact AUROC and average precision per label index and for the pooled pairs (:data:`MICRO`), plus
     the curve points (score, running TP, running FP) in descending score order, at most about
     ``max_curve_points`` per label."""
     pooled = long.unionByName(long.withColumn("label", F.lit(MICRO)))
-    ranked = _running_counts(pooled).withColumn("n_scores", F.count("*").over(Window.partitionBy("label"))).persist()
+    whole = Window.partitionBy("label")
+    ranked = running_counts(pooled).select("*", F.count("*").over(whole).alias("n_scores"),
+                                           F.sum("pos").over(whole).alias("n_pos"),
+                                           F.sum("neg").over(whole).alias("n_neg")).persist()
     try:
         summary = ranked.groupBy("label").agg(
-            F.sum("pos").alias("n_pos"), F.sum("neg").alias("n_neg"), F.first("n_scores").alias("n_scores"),
-            # (positive, negative) pairs in the wrong order: negatives scored above a positive, ties count half
-            F.sum(F.col("pos") * (F.col("fp") - 0.5 * F.col("neg"))).alias("misordered"),
+            F.first("n_pos").alias("n_pos"), F.first("n_neg").alias("n_neg"), F.first("n_scores").alias("n_scores"),
+            misordered_pairs().alias("misordered"),
             # (R_n - R_{n-1}) * P_n summed, times P: each group adds pos * precision at its threshold
-            F.sum(F.col("pos") * F.col("tp") / (F.col("tp") + F.col("fp"))).alias("ap_times_p")).collect()
+            F.sum(F.col("pos") * F.col("tp") / (F.col("tp") + F.col("fp"))).alias("ap_times_p"),
+            *_operating_point_columns()).collect()
         # Plot points: every exact point up to max_curve_points, else an evenly spaced subset of them (and the last).
         step_changes = (F.floor(F.col("rank") * max_curve_points / F.col("n_scores"))
                         != F.floor((F.col("rank") - 1) * max_curve_points / F.col("n_scores")))
@@ -128,6 +187,7 @@ def ranking(long: DataFrame, max_curve_points: int) -> tuple[dict[int, dict], di
             "positives": n_pos, "negatives": n_neg, "n_distinct_scores": int(row["n_scores"]),
             "auroc": 1.0 - row["misordered"] / (n_pos * n_neg) if n_pos and n_neg else None,
             "average_precision": row["ap_times_p"] / n_pos if n_pos else None,
+            "operating_points": _operating_points(row, n_pos, n_neg),
         }
     curves: dict[int, list] = {}
     for row in sorted(points, key=lambda r: (r["label"], r["rank"])):
@@ -160,6 +220,7 @@ def label_metrics(predictions: DataFrame, labels: list[str], thresholds: list[fl
             "auroc": rank.get("auroc"), "average_precision": rank.get("average_precision"),
             "support": tuned["tp"] + tuned["fn"], "n_distinct_scores": rank.get("n_distinct_scores", 0),
             "at_0_5": {"threshold": HALF, **half, **rates(**half)},
+            "operating_points": rank.get("operating_points"),
         }
         curves[name] = _curve(points.get(index, []), rank, max_curve_points)
     pooled = ranked.get(MICRO, {})

@@ -129,16 +129,20 @@ def finish_training_run(record: dict, model_folder: str, ok: bool = True) -> Non
 
 
 def log_test_metrics(record: dict, metrics: dict, prefix: str = "test") -> None:
-    """The report's metrics on the training run: ``test_macro_auroc``, ``test_auroc.<finding>`` and the same for
-    average precision (``prefix``: the split scored)."""
+    """The report's metrics on the training run: ``test_macro_auroc`` with its interval
+    (``test_macro_auroc_ci_lower``/``_upper``), ``test_auroc.<finding>``, the same for average precision, and
+    ``test_ece.<finding>`` (``prefix``: the split scored)."""
     from mlflow.entities import Metric
 
     values = {f"{prefix}_macro_auroc": metrics["macro"].get("auroc"),
               f"{prefix}_macro_average_precision": metrics["macro"].get("average_precision"),
               f"{prefix}_images": metrics.get("n_images")}
+    interval = metrics["macro"].get("auroc_ci") or (None, None)
+    values.update({f"{prefix}_macro_auroc_ci_lower": interval[0], f"{prefix}_macro_auroc_ci_upper": interval[1]})
     for name, row in metrics["per_label"].items():
         values[f"{prefix}_auroc.{name}"] = row.get("auroc")
         values[f"{prefix}_average_precision.{name}"] = row.get("average_precision")
+        values[f"{prefix}_ece.{name}"] = (row.get("calibration") or {}).get("ece")
     client = _client(record["tracking_uri"])
     client.log_batch(record["run_id"], metrics=[Metric(k, float(v), 0, 0) for k, v in values.items() if v is not None])
     log.info("report: test metrics logged to MLflow run %s (%s)", record["run_id"], record["tracking_uri"])

@@ -21,7 +21,7 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from cxr_spark.cli_flags import deprecated_alias
+from cxr_spark.cli_flags import deprecated_alias, positive_int
 from cxr_spark.config import PipelineConfig
 from cxr_spark.core.guards import check_input, check_run
 from cxr_spark.core.metrics import AGE_BANDS, RANKING_NAMES, THRESHOLD_RATE_NAMES, UNKNOWN, macro_average
@@ -31,11 +31,13 @@ from cxr_spark.datasets.predictions import MAX_CURVE_POINTS, label_metrics
 from cxr_spark.io.commit import atomic_output
 from cxr_spark.io.storage import read_json, to_url, write_bytes, write_json, write_text
 from cxr_spark.io.tracking import log_test_metrics
+from cxr_spark.stages.report import clinical
 from cxr_spark.stages.report.render import render_html, render_markdown
 
 log = logging.getLogger(__name__)
 
 DEMOGRAPHICS = ("view", "sex", "age")
+ATTRIBUTES = {"patient_id": "int", "view": "string", "sex": "string", "age": "int"}  # joined from the images
 SUMMARY_KEYS = ("split", "view", "sex", "age_band")
 __all__ = ["compute_metrics", "evaluate", "render_markdown", "report"]
 
@@ -48,6 +50,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="a second predictions dataset of the same images and labels (e.g. the MLlib "
                              "feature baseline); its metrics appear beside the CNN's in the report and under "
                              "'baseline' in metrics.json")
+    parser.add_argument("--bootstrap-replicates", type=positive_int, default=clinical.DEFAULT_REPLICATES,
+                        metavar="R", help="patient-bootstrap replicates of the 95%% AUROC intervals (default "
+                                          f"{clinical.DEFAULT_REPLICATES})")
+    parser.add_argument("--bootstrap-seed", type=int, default=clinical.DEFAULT_SEED,
+                        help=f"seed of the bootstrap's resampling (default {clinical.DEFAULT_SEED})")
     from cxr_spark.stages.report.gradcam import DEFAULT_MAX_BOXED, DEFAULT_TOP_K  # imports this module: not at the top
 
     gradcam = parser.add_argument_group(
@@ -91,7 +98,8 @@ def check_args(args: argparse.Namespace) -> None:
 
 def settings(args: argparse.Namespace, config: PipelineConfig) -> dict[str, dict]:
     """The run's settings (report has no conf section: its flags), as ``--print-config`` shows them."""
-    return {"report": {"max_curve_points": MAX_CURVE_POINTS, "gradcam_top_k": args.gradcam_top_k,
+    return {"report": {"max_curve_points": MAX_CURVE_POINTS, "bootstrap_replicates": args.bootstrap_replicates,
+                       "bootstrap_seed": args.bootstrap_seed, "gradcam_top_k": args.gradcam_top_k,
                        "gradcam_layer": args.gradcam_layer, "gradcam_max_boxed": args.gradcam_max_boxed}}
 
 
@@ -102,7 +110,8 @@ def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) 
     request = GradcamRequest(images=args.images, model=args.model, bbox=args.bbox, top_k=run["gradcam_top_k"],
                              layer=run["gradcam_layer"], max_boxed=run["gradcam_max_boxed"])
     return report(spark, args.predictions, args.out, baseline_url=args.baseline,
-                  max_curve_points=run["max_curve_points"], gradcam=request)
+                  max_curve_points=run["max_curve_points"], gradcam=request,
+                  bootstrap=Bootstrap(run["bootstrap_replicates"], run["bootstrap_seed"]))
 
 
 @dataclass
@@ -128,35 +137,40 @@ def _age_band_column(age: Column) -> Column:
     return column.otherwise(F.lit(UNKNOWN))
 
 
-def _with_demographics(spark: SparkSession, predictions: DataFrame, manifest: dict) -> tuple[DataFrame, str | None]:
-    """The predictions with view, sex and age: their own columns, else joined from the images dataset that
-    was scored (found through the predictions' manifest), else unknown."""
-    missing = [name for name in DEMOGRAPHICS if name not in predictions.columns]
-    if not missing:
-        return predictions, "predictions"
+def with_attributes(spark: SparkSession, predictions: DataFrame, manifest: dict) -> tuple[DataFrame, str | None]:
+    """The predictions with patient_id, view, sex, age and age_band: their own columns, else joined from the
+    images dataset that was scored (found through the predictions' manifest), else unknown (null); and where
+    view, sex and age came from."""
+    missing = [name for name in ATTRIBUTES if name not in predictions.columns]
+    source = "predictions" if all(name in predictions.columns for name in DEMOGRAPHICS) else None
     images_url = (manifest.get("inputs") or {}).get("images", {}).get("url")
-    if images_url:
+    frame = predictions
+    if missing and images_url:
         try:
-            images = spark.read.parquet(images_url).select("image_id", *missing)
-            return predictions.join(images, "image_id", "left"), images_url
+            images = spark.read.parquet(images_url)
+            joined = [name for name in missing if name in images.columns]
+            frame = predictions.join(images.select("image_id", *joined), "image_id", "left")
+            missing = [name for name in missing if name not in joined]
+            source = source or images_url
         except AnalysisException as error:
-            log.warning("dataset summary: cannot read %s from the scored images dataset %s (%s); shown as unknown",
+            log.warning("cannot read %s from the scored images dataset %s (%s); shown as unknown",
                         ", ".join(missing), images_url, str(error).splitlines()[0])
-    else:
-        log.warning("dataset summary: the predictions carry no %s and their manifest names no images dataset; "
-                    "shown as unknown", ", ".join(missing))
-    return predictions.select("*", *[F.lit(None).alias(name) for name in missing]), None
+    if [name for name in missing if name in DEMOGRAPHICS]:
+        log.warning("the predictions carry no %s and no images dataset they name holds them; shown as unknown",
+                    ", ".join(name for name in missing if name in DEMOGRAPHICS))
+    frame = frame.select("*", *[F.lit(None).cast(ATTRIBUTES[name]).alias(name) for name in missing])
+    return frame.withColumn("age_band", _age_band_column(F.col("age"))), source
 
 
-def dataset_summary(spark: SparkSession, predictions: DataFrame, manifest: dict, per_label: dict[str, dict]) -> dict:
+def dataset_summary(spark: SparkSession, frame: DataFrame, source: str | None, manifest: dict,
+                    per_label: dict[str, dict]) -> dict:
     """Images by split, view, sex and age band, images with no finding, and positives per label: one
-    grouped Spark job whose few rows are added up on the driver."""
-    frame, source = _with_demographics(spark, predictions, manifest)
+    grouped Spark job whose few rows are added up on the driver (``frame``: :func:`with_attributes`)."""
     keyed = frame.select(
         F.coalesce(F.col("split"), F.lit(UNKNOWN)).alias("split"),
         F.coalesce(F.col("view").cast("string"), F.lit(UNKNOWN)).alias("view"),
         F.coalesce(F.col("sex").cast("string"), F.lit(UNKNOWN)).alias("sex"),
-        _age_band_column(F.col("age")).alias("age_band"),
+        F.col("age_band"),
         (F.coalesce(F.array_max("labels"), F.lit(0)) == 0).alias("no_finding"))
     rows = keyed.groupBy(*SUMMARY_KEYS, "no_finding").count().collect()
     summary: dict = {f"by_{key}": {} for key in SUMMARY_KEYS}
@@ -205,9 +219,18 @@ def training_history(spark: SparkSession, manifest: dict) -> dict | None:
 MODEL_CARD_FACTS = ("best_epoch", "best_val_loss", "ended", "data", "code_version", "libraries", "command", "mlflow")
 
 
+@dataclass(frozen=True)
+class Bootstrap:
+    """How the AUROC intervals are resampled (:func:`cxr_spark.stages.report.clinical.bootstrap`)."""
+
+    replicates: int = clinical.DEFAULT_REPLICATES
+    seed: int = clinical.DEFAULT_SEED
+
+
 def evaluate(spark: SparkSession, predictions_url: str, max_curve_points: int = MAX_CURVE_POINTS,
-             summarize: bool = True) -> Evaluation:
-    """The metrics contract for one predictions dataset, computed by Spark, plus the plot curves."""
+             summarize: bool = True, bootstrap: Bootstrap = Bootstrap()) -> Evaluation:
+    """The metrics contract for one predictions dataset, computed by Spark, plus the plot curves; with
+    ``summarize``, the dataset summary and the clinical evaluation too."""
     url = to_url(predictions_url)
     manifest = read_json(spark, f"{url}/_manifest.json")
     model = manifest["model"]
@@ -234,8 +257,31 @@ def evaluate(spark: SparkSession, predictions_url: str, max_curve_points: int = 
         "predictions": url,
     }
     if summarize:
-        metrics["dataset"] = dataset_summary(spark, predictions, manifest, per_label)
+        frame, source = with_attributes(spark, predictions, manifest)
+        frame = frame.select("image_id", "split", "labels", "probabilities", *ATTRIBUTES, "age_band").persist()
+        try:
+            metrics["dataset"] = dataset_summary(spark, frame, source, manifest, per_label)
+            _clinical(spark, frame, metrics, [model["thresholds"][name] for name in labels], bootstrap)
+        finally:
+            frame.unpersist()
     return Evaluation(metrics, curves, manifest)
+
+
+def _clinical(spark: SparkSession, frame: DataFrame, metrics: dict, thresholds: list[float],
+              resampling: Bootstrap) -> None:
+    """Add the bootstrap intervals, calibration, subgroups and their gaps to ``metrics``
+    (:mod:`cxr_spark.stages.report.clinical`)."""
+    labels, per_label = metrics["labels"], metrics["per_label"]
+    intervals = clinical.bootstrap(spark, frame, labels, resampling.replicates, resampling.seed)
+    for name, interval in intervals["per_label"].items():
+        per_label[name]["auroc_ci"] = interval
+    metrics["macro"]["auroc_ci"] = intervals["macro"]
+    metrics["bootstrap"], metrics["n_patients"] = intervals["bootstrap"], intervals["n_patients"]
+    for name, row in clinical.calibration(frame, labels).items():
+        per_label[name]["calibration"] = row
+    score_type = frame.schema["probabilities"].dataType.elementType.simpleString()
+    metrics["subgroups"] = clinical.subgroups(frame, labels, thresholds, score_type)
+    metrics["subgroup_gaps"] = clinical.subgroup_gaps(metrics["subgroups"], labels)
 
 
 def compute_metrics(spark: SparkSession, predictions_url: str) -> dict:
@@ -255,7 +301,7 @@ def _compare_images(spark: SparkSession, first_url: str, second_url: str) -> dic
 
 
 def report(spark: SparkSession, predictions_url: str, out: str, baseline_url: str | None = None,
-           max_curve_points: int = MAX_CURVE_POINTS, gradcam=None) -> dict:
+           max_curve_points: int = MAX_CURVE_POINTS, gradcam=None, bootstrap: Bootstrap = Bootstrap()) -> dict:
     """Write ``metrics.json``, ``report.md`` and ``report.html`` for a predictions dataset (and, with
     ``baseline_url``, a second one shown beside it; with ``gradcam``, a
     :class:`cxr_spark.stages.report.gradcam.GradcamRequest`, Grad-CAM overlays in ``gradcam/``); returns the metrics."""
@@ -263,7 +309,7 @@ def report(spark: SparkSession, predictions_url: str, out: str, baseline_url: st
     from cxr_spark.stages.report import gradcam as gradcam_module  # imports this module: not at the top
 
     started = time.time()
-    evaluation = evaluate(spark, predictions_url, max_curve_points)
+    evaluation = evaluate(spark, predictions_url, max_curve_points, bootstrap=bootstrap)
     metrics = evaluation.metrics
     history = training_history(spark, evaluation.manifest)
     inputs = {"predictions": input_version(spark, metrics["predictions"])}
@@ -288,6 +334,7 @@ def report(spark: SparkSession, predictions_url: str, out: str, baseline_url: st
     if history:
         metrics["model_card"] = history["card"]
         metrics["data"] = history["card"].get("data", "unknown")
+    metrics["summary"] = clinical.summary(metrics)
     with atomic_output(spark, out, "report") as tmp:
         write_json(spark, f"{tmp}/metrics.json", metrics)
         write_text(spark, f"{tmp}/report.md", render_markdown(metrics))
@@ -296,7 +343,8 @@ def report(spark: SparkSession, predictions_url: str, out: str, baseline_url: st
             write_bytes(f"{tmp}/{path}", data)
         finish_manifest(spark, tmp, "report", started, inputs=inputs,
                         config={"max_curve_points": max_curve_points,
-                                "gradcam": dataclasses.asdict(gradcam) if gradcam else None},
+                                "gradcam": dataclasses.asdict(gradcam) if gradcam else None,
+                                "bootstrap": dataclasses.asdict(bootstrap)},
                         counts={"n_images": metrics["n_images"], "macro_auroc": metrics["macro"]["auroc"],
                                 "gradcam_overlays": len(explained.overlays)})
     record = (metrics.get("model_card") or {}).get("mlflow")

@@ -156,8 +156,11 @@ def test_the_report_logs_its_test_metrics_to_the_training_run_and_shows_the_mode
     logged = client.get_run(card["mlflow"]["run_id"]).data.metrics
     assert logged["test_macro_auroc"] == pytest.approx(metrics["macro"]["auroc"], rel=1e-12)
     assert logged["test_images"] == metrics["n_images"] > 0
+    assert [logged["test_macro_auroc_ci_lower"], logged["test_macro_auroc_ci_upper"]] == pytest.approx(
+        metrics["macro"]["auroc_ci"], rel=1e-12)
     for name, row in metrics["per_label"].items():
         assert logged.get(f"test_auroc.{name}") == (None if row["auroc"] is None else pytest.approx(row["auroc"]))
+        assert logged[f"test_ece.{name}"] == pytest.approx(row["calibration"]["ece"], rel=1e-12)
     # the report's model card is the training run's, and says the data were synthetic (synth marks its dumps)
     assert metrics["model_card"]["best_epoch"] == card["best_epoch"] and metrics["data"] == "synthetic"
     page = (tmp_path / "report" / "report.html").read_text()
