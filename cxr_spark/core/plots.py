@@ -1,5 +1,5 @@
 """Plots people would rather look at than read: training curves, ROC and precision-recall curves,
-confusion-matrix heatmaps. Files or PNG bytes only (the Agg backend never opens a window)."""
+confusion-matrix heatmaps, reliability diagrams. Files or PNG bytes only (the Agg backend never opens a window)."""
 from __future__ import annotations
 
 import io
@@ -111,6 +111,41 @@ def plot_confusion_matrices(per_label: dict[str, dict], at_half: bool) -> bytes:
     return png_bytes(figure)
 
 
+def plot_reliability(per_label: dict[str, dict]) -> bytes:
+    """A reliability diagram per label with a ``calibration`` block: each bin's fraction positive against its
+    mean predicted probability (the diagonal is perfect calibration), images per bin as grey bars beneath."""
+    calibrated = {name: row["calibration"] for name, row in per_label.items() if row.get("calibration")}
+    figure, axes = _grid(len(calibrated))
+    for axis, (name, calibration) in zip(axes, calibrated.items()):
+        bins = calibration["bins"]
+        counts = axis.twinx()  # counts on their own scale, drawn first so the curve stays on top
+        axis.set_zorder(counts.get_zorder() + 1)
+        axis.patch.set_visible(False)
+        counts.bar([(b["lower"] + b["upper"]) / 2 for b in bins], [b["n"] for b in bins],
+                   width=[0.9 * (b["upper"] - b["lower"]) for b in bins], color="lightgrey")
+        most = max([b["n"] for b in bins] + [1])
+        counts.set_ylim(0, 4 * most)  # the bars fill at most the lowest quarter of the panel
+        counts.set_yticks([0, most])
+        counts.set_ylabel("images", fontsize=7, color="grey", loc="bottom")
+        counts.tick_params(labelsize=6, colors="grey")
+        filled = [b for b in bins if b["n"] and b["mean_probability"] is not None]
+        axis.plot([0, 1], [0, 1], ":", color="grey", linewidth=0.8)
+        if filled:
+            axis.plot([b["mean_probability"] for b in filled], [b["fraction_positive"] for b in filled], "-o",
+                      markersize=3)
+        else:
+            axis.text(0.5, 0.5, "no scored images", ha="center", va="center", transform=axis.transAxes)
+        axis.set_xlim(0, 1)
+        axis.set_ylim(0, 1.02)
+        ece = calibration.get("ece")
+        axis.set_title(name if ece is None else f"{name} (ECE {ece:.3f})", fontsize=10)
+        axis.set_xlabel("mean predicted probability", fontsize=8)
+        axis.set_ylabel("fraction positive", fontsize=8)
+        axis.tick_params(labelsize=7)
+    figure.tight_layout()
+    return png_bytes(figure)
+
+
 def report_figures(metrics: dict, curves: dict[str, dict], baseline_curves: dict[str, dict] | None,
                    history: dict | None) -> dict[str, bytes]:
     """Every figure of the HTML report as PNG bytes, keyed as :mod:`cxr_spark.stages.report.render` expects."""
@@ -120,6 +155,8 @@ def report_figures(metrics: dict, curves: dict[str, dict], baseline_curves: dict
         "confusion_tuned": plot_confusion_matrices(metrics["per_label"], at_half=False),
         "confusion_half": plot_confusion_matrices(metrics["per_label"], at_half=True),
     }
+    if any(row.get("calibration") for row in metrics["per_label"].values()):
+        figures["reliability"] = plot_reliability(metrics["per_label"])
     if history and history.get("loss"):
         buffer = io.BytesIO()
         plot_training_curves(history, buffer, f"{metrics['model']['version']}: training")

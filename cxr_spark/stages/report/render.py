@@ -2,50 +2,24 @@
 (``report.md``) and a self-contained HTML page (``report.html``, figures embedded as base64 PNG, no
 external CSS, scripts or fonts). Pure functions: no Spark, no files.
 
-Every piece of text that goes into the HTML passes through :func:`html.escape`.
+Every piece of text that goes into the HTML passes through :func:`html.escape`. The summary and the
+clinical evaluation (uncertainty, operating points, subgroups, calibration) are built in
+:mod:`cxr_spark.stages.report.clinical_sections`.
 """
 from __future__ import annotations
 
 import base64
 import html
-from dataclasses import dataclass, field
 
 from cxr_spark.core.metrics import COUNT_NAMES, THRESHOLD_RATE_NAMES
+from cxr_spark.stages.report.clinical_sections import clinical_sections, summary_section
 from cxr_spark.stages.report.references import (CHEXNET_AUROC, CHEXNET_CITATION, KAGGLE_CITATION, KAGGLE_PNEUMONIA,
                                                 REFERENCE_MARK)
+from cxr_spark.stages.report.tables import NOT_AVAILABLE, Cell, Section, Table, fmt
 
-NOT_AVAILABLE = "n/a"
 UNDEFINED_NOTE = (f"{NOT_AVAILABLE}: undefined (a zero denominator, or no positives or no negatives for AUROC "
                   "and average precision); null in metrics.json.")
 RATE_HEADERS = ("accuracy", "precision", "recall", "specificity", "F1")
-
-
-@dataclass
-class Table:
-    caption: str
-    header: list[str]
-    rows: list[list]
-
-
-@dataclass
-class Section:
-    """One part of the report; ``id`` is the HTML anchor the tests and readers rely on."""
-
-    id: str
-    title: str
-    text: list[str] = field(default_factory=list)
-    tables: list[Table] = field(default_factory=list)
-    figures: list[tuple[str, str]] = field(default_factory=list)  # (figure key, caption)
-    figure_files: bool = False  # the figure keys are PNG files beside report.md (linked from it)
-
-
-def fmt(value) -> str:
-    """A cell: ``n/a`` for undefined, three decimals for rates, integers as they are."""
-    if value is None:
-        return NOT_AVAILABLE
-    if isinstance(value, float):
-        return f"{value:.3f}"
-    return str(value)
 
 
 def _percent(value: float | None) -> str:
@@ -92,7 +66,8 @@ def _dataset_section(metrics: dict) -> Section:
     summary = metrics.get("dataset")
     section = Section("dataset", "Dataset")
     n = metrics["n_images"]
-    section.text.append(f"{n} images scored (split {metrics['split']}); {metrics['task']} task over "
+    patients = f" of {metrics['n_patients']} patients" if metrics.get("n_patients") is not None else ""
+    section.text.append(f"{n} images{patients} scored (split {metrics['split']}); {metrics['task']} task over "
                         f"{len(metrics['labels'])} label(s).")
     if not summary:
         section.text.append("No dataset summary was computed.")
@@ -123,8 +98,8 @@ def _metrics_section(metrics: dict) -> Section:
                         "not binned.")
     if metrics["task"] == "binary":
         section.tables.append(_binary_table(metrics))
-    section.tables.append(_threshold_table(metrics, "Per finding at the model's tuned thresholds (max F1 on validation)",
-                                           at_half=False))
+    section.tables.append(_threshold_table(metrics, "Per finding at the model's tuned thresholds "
+                                                    "(max F1 on validation)", at_half=False))
     section.tables.append(_threshold_table(metrics, "Per finding at threshold 0.5", at_half=True))
     section.text.append(UNDEFINED_NOTE)
     return section
@@ -178,7 +153,8 @@ def _baseline_section(metrics: dict) -> Section:
         section.text.append(f"The two cover different images: {overlap}.")
     keys = ("auroc", "average_precision", "f1")
     header = ["finding"] + [f"{who} {key}" for key in ("AUROC", "AP", "F1") for who in ("model", "baseline")]
-    rows = [[name, *(value for key in keys for value in (metrics["per_label"][name][key], baseline["per_label"][name][key]))]
+    rows = [[name, *(value for key in keys
+                     for value in (metrics["per_label"][name][key], baseline["per_label"][name][key]))]
             for name in metrics["labels"]]
     for block in ("macro", "micro"):
         rows.append([block, *(value for key in keys for value in (metrics[block][key], baseline[block][key]))])
@@ -281,14 +257,20 @@ def synthetic_banner(metrics: dict) -> str | None:
 
 
 def build_sections(metrics: dict, training: dict | None = None, max_curve_points: int | None = None) -> list[Section]:
-    """The report's sections in order, from ``metrics.json`` (and where the training curves came from)."""
-    return [_dataset_section(metrics), _metrics_section(metrics), _curves_section(metrics, max_curve_points),
-            _confusion_section(), _training_section(training), _model_card_section(metrics),
-            _baseline_section(metrics), _gradcam_section(metrics), _references_section(metrics)]
+    """The report's sections in order, from ``metrics.json`` (and where the training curves came from): the
+    summary first, then the dataset, the metrics and the clinical evaluation of them."""
+    return [summary_section(metrics), _dataset_section(metrics), _metrics_section(metrics),
+            *clinical_sections(metrics), _curves_section(metrics, max_curve_points), _confusion_section(),
+            _training_section(training), _model_card_section(metrics), _baseline_section(metrics),
+            _gradcam_section(metrics), _references_section(metrics)]
 
 
 def _title(metrics: dict) -> str:
     return f"cxr-spark evaluation: {metrics['model']['name']} ({metrics['model']['version']})"
+
+
+def _markdown_cell(cell) -> str:
+    return f"**{fmt(cell)}**" if isinstance(cell, Cell) else fmt(cell)
 
 
 def render_markdown(metrics: dict) -> str:
@@ -307,7 +289,7 @@ def render_markdown(metrics: dict) -> str:
         for table in section.tables:
             lines += [f"**{table.caption}**", "", "| " + " | ".join(table.header) + " |",
                       "| --- |" + " ---: |" * (len(table.header) - 1)]
-            lines += ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in table.rows]
+            lines += ["| " + " | ".join(_markdown_cell(cell) for cell in row) + " |" for row in table.rows]
             lines.append("")
     return "\n".join(lines)
 
@@ -324,13 +306,20 @@ img { max-width: 100%; }
 p.banner { background: #fde8e8; border: 2px solid #b00; color: #800; font-weight: bold; padding: 0.6em 1em; }
 section#gradcam figure { display: inline-block; width: 264px; margin: 0 0.5em 1em 0; vertical-align: top; }
 section#gradcam figcaption { font-size: 0.8em; overflow-wrap: anywhere; }
+section#summary { border-left: 4px solid #36c; padding-left: 1em; background: #f2f6ff; }
+section#summary td { text-align: left; }
+td.largest-gap, td.worst-calibrated { background: #ffe08a; font-weight: bold; }
 """
+
+
+def _html_cell(cell) -> str:
+    css = f" class=\"{html.escape(cell.css_class, quote=True)}\"" if isinstance(cell, Cell) else ""
+    return f"<td{css}>{html.escape(fmt(cell))}</td>"
 
 
 def _html_table(table: Table) -> str:
     head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in table.header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(fmt(cell))}</td>" for cell in row) + "</tr>"
-                   for row in table.rows)
+    body = "".join("<tr>" + "".join(_html_cell(cell) for cell in row) + "</tr>" for row in table.rows)
     return f"<table><caption>{html.escape(table.caption)}</caption><tr>{head}</tr>{body}</table>"
 
 

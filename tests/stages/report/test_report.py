@@ -258,9 +258,11 @@ def test_report_writes_metrics_json_markdown_and_html(spark, predictions, tmp_pa
     hernia = next(line for line in markdown.splitlines() if line.startswith(f"| Hernia | 0 | {thresholds['Hernia']:.3f} |"))
     assert hernia.count("n/a") == 3  # recall, AUROC, AP undefined without positives
     page = (tmp_path / "report" / "report.html").read_text()
-    for section in ("dataset", "metrics", "curves", "confusion", "training", "baseline", "gradcam", "references"):
+    for section in ("summary", "dataset", "metrics", "uncertainty", "operating-points", "subgroups", "calibration",
+                    "curves", "confusion", "training", "baseline", "gradcam", "references"):
         assert f'<section id="{section}">' in page, section
-    assert len(re.findall(r'src="data:image/png;base64,', page)) == 5  # ROC, PR, 2 confusion grids, training
+    # ROC, PR, 2 confusion grids, training, reliability diagrams
+    assert len(re.findall(r'src="data:image/png;base64,', page)) == 6
     assert not re.search(r'(src|href)="(http|//)', page)  # nothing fetched from elsewhere
     assert "published reference, not our result" in page and "0.9248" in page
     assert f"{written['macro']['auroc']:.3f}" in page

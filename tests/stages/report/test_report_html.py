@@ -15,7 +15,8 @@ from test_report import write_predictions
 from cxr_spark.stages.report.job import report
 
 CHROMIUM = "/usr/bin/chromium"
-SECTIONS = ("dataset", "metrics", "curves", "confusion", "training", "baseline", "gradcam", "references")
+SECTIONS = ("summary", "dataset", "metrics", "uncertainty", "operating-points", "subgroups", "calibration", "curves",
+            "confusion", "training", "baseline", "gradcam", "references")
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (Debian package "
                                                                         "'chromium'; .ci/run installs it)")
 
@@ -49,7 +50,10 @@ def test_chromium_renders_every_section_and_our_figures(written_report, tmp_path
     dom = _chromium(tmp_path, "--dump-dom", f"file://{written_report / 'report.html'}").stdout
     for section in SECTIONS:
         assert re.search(rf'<section id="{section}">\s*<h2>', dom), section
-    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', dom)) == 4  # ROC, PR, two confusion grids
+    assert re.findall(r'<section id="([^"]+)">', dom)[0] == "summary"
+    calibrated = any("calibration" in row for row in metrics["per_label"].values())
+    # ROC, PR, two confusion grids, and the reliability diagrams when metrics.json holds calibration
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', dom)) == 4 + calibrated
     assert "published reference, not our result" in dom and "0.8094" in dom  # CheXNet Atelectasis, as a reference
     metrics_section = dom.split('<section id="metrics">')[1].split("</section>")[0]
     effusion = metrics["per_label"]["Effusion"]
