@@ -21,7 +21,7 @@ from statistics import fmean
 
 import numpy as np
 import pandas as pd
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cxr_spark.core.histograms import BINS, bin_edges
@@ -76,8 +76,9 @@ def bootstrap(spark: SparkSession, frame: DataFrame, labels: list[str], replicat
     counted = frame.agg(F.countDistinct(unit).alias("units"), F.countDistinct(patient).alias("patients")).first()
     n_units = int(counted["units"])
     # units numbered in the order of their keys: the draw depends on neither the partitioning nor the row order
-    numbered = frame.select(unit.alias("unit")).distinct().select(
-        "unit", (F.row_number().over(Window.orderBy("unit")) - 1).alias("u"))
+    # (a sorted RDD's zipWithIndex: a window over the whole frame would pull it into one partition)
+    ordered = frame.select(unit.alias("unit")).distinct().orderBy("unit").rdd.zipWithIndex()
+    numbered = spark.createDataFrame(ordered.map(lambda pair: (pair[0][0], pair[1])), "unit string, u long")
     long = long_form(frame.select(unit.alias("unit"), "labels", "probabilities"), "unit").join(numbered, "unit")
 
     def per_finding(rows: pd.DataFrame) -> pd.DataFrame:
