@@ -46,13 +46,18 @@ def result_text(result: dict) -> str:
 
 
 def format_auroc_table(metrics: dict) -> str:
-    """Per-label and macro AUROC as an aligned text table."""
+    """Per-label and macro AUROC with their 95% bootstrap intervals as an aligned text table."""
     width = max(len(name) for name in metrics["labels"]) + 2
-    lines = [f"{'finding':<{width}}{'support':>8}  {'AUROC':>6}"]
+
+    def cells(row: dict) -> str:
+        auroc = "   n/a" if row.get("auroc") is None else f"{row['auroc']:6.3f}"
+        interval = row.get("auroc_ci")
+        return auroc + (f"  [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
+
+    lines = [f"{'finding':<{width}}{'support':>8}  {'AUROC':>6}  95% interval"]
     for name, row in metrics["per_label"].items():
-        auroc = "   n/a" if row["auroc"] is None else f"{row['auroc']:6.3f}"
-        lines.append(f"{name:<{width}}{row['support']:>8}  {auroc}")
-    lines.append(f"{'macro':<{width}}{'':>8}  {metrics['macro']['auroc']:6.3f}")
+        lines.append(f"{name:<{width}}{row['support']:>8}  {cells(row)}")
+    lines.append(f"{'macro':<{width}}{'':>8}  {cells(metrics['macro'])}")
     return "\n".join(lines)
 
 
