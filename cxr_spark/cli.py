@@ -5,7 +5,8 @@
 Exit codes: 0 on success; 2 for a run refused before it could do harm (:class:`~cxr_spark.core.guards.UsageError`:
 an output over an input, an output that is not a dataset of its kind, a metadata file of another layout,
 a run with nothing to write), printed as one line. A stage module may define ``exit_code(counts) -> int``
-to report a distinct code for a finished run (``batch-score``: 3 when nothing was new), and an exception with an
+to report a distinct code for a finished run (``batch-score``: 3 when nothing was new, 5 when it drifted and
+``--fail-on-drift`` was given), and an exception with an
 integer ``exit_code`` attribute ends the command with that code and its message instead of a
 traceback (``batch-score``: 4 when the store is locked). Any other failure exits with 1.
 

@@ -93,7 +93,7 @@ def test_print_config_is_the_conf_section_with_the_flags_given(conf, capsys, tmp
         "ingest": conf["ingest"], "preprocess": {**conf["preprocess"], "size": 48}}
     assert _printed(["batch-score", "--print-config"], capsys) == {
         "batch-score": {"batch_size": conf["score"]["batch_size"], "lock_stale_after_s": 21600,
-                        "retry_quarantined": False}}
+                        "retry_quarantined": False, "fail_on_drift": False}}
     report = _printed(["report", "--print-config", "--gradcam-top-k", "5"], capsys)["report"]
     assert report["gradcam_top_k"] == 5 and "gradcam_layer" not in report  # not set: no TOML null
 

@@ -20,8 +20,15 @@ A run refused before it starts because of its inputs (the dump is missing, the m
 writes only its summary, ``_runs/<run_id>.json`` with status ``refused`` and the error, so a scheduler's
 failed night shows in the store too (:mod:`cxr_spark.stages.batch_score.store`).
 
+Each run also measures drift (:mod:`cxr_spark.stages.batch_score.drift`): the PSI of what it scored against the
+validation split recorded in ``model.json``, per finding and of the input's mean intensity, kept as ``drift`` in
+its ``_runs/<run_id>.json``; a drifted run logs a warning naming what drifted. Each committed run rewrites
+``<store>/_monitor.html``, the store's runs over time (:mod:`cxr_spark.stages.batch_score.monitor`).
+
 Exit codes (``cxr-spark batch-score``): 0 new images were processed (scored and/or quarantined),
-3 nothing new, 4 the store is locked by another run, 2 refused before it started, 1 failed.
+3 nothing new, 4 the store is locked by another run, 2 refused before it started, 1 failed; with
+``--fail-on-drift``, 5 for a run that drifted (after committing its results: its rows are in the store).
+Without the flag a drifted run exits 0 as any other.
 """
 from __future__ import annotations
 
@@ -32,26 +39,24 @@ import logging
 import os
 import shutil
 import time
-from typing import Iterator
 
-import numpy as np
-import pandas as pd
 from pyspark.sql import DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 
 from cxr_spark.cli_flags import conf_default
 from cxr_spark.config import PipelineConfig, load_config, override
+from cxr_spark.core.drift import DRIFT_THRESHOLD
 from cxr_spark.core.guards import EXIT_USAGE, MODEL_URI_PREFIX, UsageError, check_folder, check_input, check_run
-from cxr_spark.core.identity import IMAGE_GLOB, stored_identity
-from cxr_spark.core.image_codec import decode_resized
-from cxr_spark.core.image_formats import ImageError, sniff_format
-from cxr_spark.core.normalization import model_inputs
+from cxr_spark.core.identity import IMAGE_GLOB
 from cxr_spark.datasets.manifest import code_version, finish_manifest, input_version
-from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE, load_model_card, loaded_model, predict_probabilities
+from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE, load_model_card
 from cxr_spark.datasets.quarantine import QUARANTINE_DIR
 from cxr_spark.io.commit import DEFAULT_LOCK_STALE_AFTER_S, EXIT_LOCKED, RunLock, step
 from cxr_spark.io.storage import FileSystem, content_sha256, listed_files, local_path, read_bytes, to_url, write_text
 from cxr_spark.io.tracking import check_registered_model, download_registered_model, is_registry_uri
+from cxr_spark.stages.batch_score.drift import drift_record
+from cxr_spark.stages.batch_score.monitor import MONITOR_FILE, write_monitor
+from cxr_spark.stages.batch_score.scoring import SCORED_DDL, card_settings, score_files
 from cxr_spark.stages.batch_score.store import COMMIT_SUFFIX, LOCK_FILE, RUNS_DIR, STAGING_DIR, check_store
 from cxr_spark.stages.batch_score.store import commit_moves as _commit
 from cxr_spark.stages.batch_score.store import delete_if_empty, new_run_id, recover_staged_runs, write_refused_run
@@ -61,14 +66,14 @@ log = logging.getLogger(__name__)
 EXIT_SCORED = 0
 EXIT_FAILED = 1
 EXIT_NOTHING_NEW = 3
+EXIT_DRIFTED = 5
 EXIT_CODES_HELP = (f"exit codes: {EXIT_SCORED} new images processed (scored and/or quarantined), "
                    f"{EXIT_NOTHING_NEW} nothing new, {EXIT_LOCKED} store locked by another run, "
                    f"{EXIT_USAGE} refused before it started (a missing dump or model is recorded in <out>/_runs/), "
+                   f"{EXIT_DRIFTED} drifted, with --fail-on-drift (the results are committed), "
                    f"{EXIT_FAILED} failed (the store is left as it was)")
 
 EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"  # sha256(b"")
-SCORED_DDL = ("image_id string, source_path string, content_sha256 string, image_format string, "
-              "probabilities array<float>, flagged array<string>, reason string, detail string")
 STORE_KEY_DDL = "content_sha256 string, model_version string"
 
 
@@ -86,6 +91,10 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                              f"(default {DEFAULT_LOCK_STALE_AFTER_S})")
     parser.add_argument("--retry-quarantined", action="store_true",
                         help="try again files this model version quarantined before (e.g. after a decoder fix)")
+    parser.add_argument("--fail-on-drift", action="store_true", default=False,
+                        help=f"exit {EXIT_DRIFTED} when the run drifted from the model's validation split (a PSI "
+                             f"over {DRIFT_THRESHOLD}, see docs/batch-score.md), after committing its results "
+                             f"(default: off: a drifted run logs a warning and exits as it would)")
     parser.epilog = EXIT_CODES_HELP
 
 
@@ -140,7 +149,7 @@ def settings(args: argparse.Namespace, config: PipelineConfig | None) -> dict[st
     shows); without ``config`` (a refused run) only what the flags set."""
     batch_size = override(config.score, batch_size=args.batch_size).batch_size if config else args.batch_size
     return {"batch-score": {"batch_size": batch_size, "lock_stale_after_s": args.lock_stale_after,
-                            "retry_quarantined": args.retry_quarantined}}
+                            "retry_quarantined": args.retry_quarantined, "fail_on_drift": args.fail_on_drift}}
 
 
 def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) -> dict:
@@ -150,71 +159,21 @@ def main(spark: SparkSession, args: argparse.Namespace, config: PipelineConfig) 
     try:
         return batch_score(spark, args.images, model_dir, args.out, batch_size=run["batch_size"],
                            lock_stale_after_s=run["lock_stale_after_s"], retry_quarantined=run["retry_quarantined"],
-                           model_source=args.model if registered else None)
+                           model_source=args.model if registered else None,
+                           fail_on_drift=run["fail_on_drift"])
     finally:
         if registered:
             shutil.rmtree(model_dir, ignore_errors=True)
 
 
-def exit_code(counts: dict) -> int:
-    """The process exit code of a finished run: 0 when new images were processed, 3 when nothing was new."""
+def exit_code(counts: dict, fail_on_drift: bool = False) -> int:
+    """The process exit code of a finished run: its summary's own ``exit_code`` when it has one, else 0 when new
+    images were processed, 3 when nothing was new, and 5 instead when it drifted and ``fail_on_drift``."""
+    if "exit_code" in counts:
+        return counts["exit_code"]
+    if fail_on_drift and counts.get("drifted"):
+        return EXIT_DRIFTED
     return EXIT_SCORED if counts["scored"] + counts["quarantined"] else EXIT_NOTHING_NEW
-
-
-# ---------------------------------------------------------------------------------------------
-# pure per-image logic
-
-
-def flag_findings(probabilities: np.ndarray, thresholds: np.ndarray, labels: list[str]) -> list[list[str]]:
-    """For each image (row), the labels whose probability reaches the model's threshold for that label."""
-    hits = np.asarray(probabilities) >= np.asarray(thresholds)[np.newaxis, :]
-    return [[labels[j] for j in np.flatnonzero(row)] for row in hits]
-
-
-def _card_settings(card: dict, model_url: str) -> dict:
-    """The plain values workers need from ``model.json``; a missing key is an error that names it."""
-    try:
-        labels = list(card["labels"])
-        thresholds = [float(card["thresholds"][label]) for label in labels]
-        return {"model_version": str(card["model_version"]), "input_size": int(card["input_size"]),
-                "normalization": {**card["normalization"], "mean": float(card["normalization"]["mean"]),
-                                  "std": float(card["normalization"]["std"])},
-                "labels": labels, "thresholds": thresholds}
-    except (KeyError, TypeError) as error:
-        raise ValueError(f"{model_url}/model.json lacks {error} (needs model_version, input_size, "
-                         f"normalization.mean/std, labels and a threshold per label)") from error
-
-
-def _score_files(plain: dict, model_broadcast, batch_size: int):
-    """The mapInPandas function: file bytes in, one row per file out (probabilities or a quarantine reason)."""
-    size, labels = plain["input_size"], plain["labels"]
-    thresholds = np.asarray(plain["thresholds"], np.float32)
-
-    def score_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
-        for frame in batches:
-            rows, pixels = [], []
-            for path, digest, content in zip(frame["source_path"], frame["content_sha256"], frame["content"]):
-                row = {"source_path": path, "content_sha256": digest, "image_format": None,
-                       "probabilities": None, "flagged": None, "reason": None, "detail": None}
-                try:
-                    row["image_format"] = sniff_format(content)
-                    # the model's input exactly as preprocess made its training images
-                    pixels.append(decode_resized(content, size))
-                except ImageError as error:
-                    row["reason"], row["detail"] = error.reason, error.detail
-                row["image_id"], row["source_path"] = stored_identity(path, digest, row["image_format"])
-                rows.append(row)
-            if pixels:
-                model = loaded_model(plain["model_version"], model_broadcast.value)
-                inputs = model_inputs(np.stack(pixels), plain["normalization"])
-                probabilities = predict_probabilities(model, inputs, batch_size, len(labels))
-                flags = flag_findings(probabilities, thresholds, labels)
-                usable = (row for row in rows if row["reason"] is None)
-                for row, vector, flagged in zip(usable, probabilities, flags):
-                    row["probabilities"], row["flagged"] = vector, flagged
-            yield pd.DataFrame(rows, columns=[name.split()[0] for name in SCORED_DDL.split(", ")])
-
-    return score_batches
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,9 +208,11 @@ def known_hashes(spark: SparkSession, store: str, model_version: str, include_qu
 
 def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, batch_size: int = 64,
                 lock_stale_after_s: float = DEFAULT_LOCK_STALE_AFTER_S, retry_quarantined: bool = False,
-                model_source: str | None = None) -> dict:
+                model_source: str | None = None, fail_on_drift: bool = False) -> dict:
     """Score the files of ``images`` that ``model_dir``'s version has not seen into ``store``; return the summary.
     ``model_source`` is where ``model_dir`` came from when it is a download (a ``models:/`` URI), for the record.
+    The run's drift is in its summary (``drifted``) and record (``drift``); with ``fail_on_drift`` a drifted run's
+    ``exit_code`` is 5. Each committed run rewrites ``<store>/_monitor.html``.
 
     Raises :class:`~cxr_spark.io.commit.OutputLockedError` when another run holds the store; any other failure leaves the
     store as it was.
@@ -259,7 +220,7 @@ def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, ba
     started = time.time()
     store, model_url = to_url(store), to_url(model_dir)
     card = load_model_card(spark, model_url)
-    plain = {**_card_settings(card, model_url), "model_source": model_source or model_url}
+    plain = {**card_settings(card, model_url), "model_source": model_source or model_url}
     model_bytes = read_bytes(f"{model_url}/{MODEL_FILE}")
     scored_at = dt.datetime.now(dt.timezone.utc).replace(microsecond=0)
     run_id = new_run_id(scored_at)
@@ -277,7 +238,7 @@ def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, ba
         recover_staged_runs(spark, fs, store)
         log.info("batch-score run %s: %s with model %s into %s", run_id, images, plain["model_version"], store)
         summary = _score_run(spark, images, model_url, store, staging, plain, model_bytes, batch_size,
-                             scored_at, run_id, retry_quarantined, started)
+                             scored_at, run_id, retry_quarantined, started, card, fail_on_drift)
         # The summary first: a reader never sees a row whose run has no summary, even after a kill.
         moves = [(f"{staging}/_manifest.json", f"{store}/{RUNS_DIR}/{run_id}.json"),
                  (f"{staging}/quarantine", f"{store}/{QUARANTINE_DIR}/scored_date={scored_date}/run_id={run_id}"),
@@ -287,6 +248,7 @@ def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, ba
         step("store committed")
         _commit(fs, store, moves)
         committed = True
+        _rewrite_monitor(spark, store)
         return summary
     finally:
         if created_store and not committed:
@@ -301,7 +263,7 @@ def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, ba
 
 def _score_run(spark: SparkSession, images: str, model_url: str, store: str, staging: str, plain: dict,
                model_bytes: bytes, batch_size: int, scored_at: dt.datetime, run_id: str,
-               retry_quarantined: bool, started: float) -> dict:
+               retry_quarantined: bool, started: float, card: dict, fail_on_drift: bool) -> dict:
     """Everything of one run that writes only into ``staging``; returns the summary."""
     files, index = list_dump(spark, images)
     index = index.cache()
@@ -313,6 +275,7 @@ def _score_run(spark: SparkSession, images: str, model_url: str, store: str, sta
     labels = plain["labels"]
     flagged = dict.fromkeys(labels, 0)
     n_scored = n_quarantined = 0
+    usable = None  # the rows scored, with their input intensity, for the drift histograms
     if n_new:
         model_broadcast = spark.sparkContext.broadcast(model_bytes)
         try:
@@ -321,7 +284,7 @@ def _score_run(spark: SparkSession, images: str, model_url: str, store: str, sta
                 "source_path", F.lit("").cast("binary").alias("content"))
             contents = files.select(F.col("path").alias("source_path"), "content").unionByName(empty)
             scored = (contents.join(F.broadcast(new), "source_path")
-                      .mapInPandas(_score_files(plain, model_broadcast, batch_size), SCORED_DDL))
+                      .mapInPandas(score_files(plain, model_broadcast, batch_size), SCORED_DDL))
             (scored.withColumn("model_version", F.lit(plain["model_version"]))
              .withColumn("scored_at", F.lit(scored_at).cast("timestamp"))
              .write.parquet(f"{staging}/all"))
@@ -337,6 +300,7 @@ def _score_run(spark: SparkSession, images: str, model_url: str, store: str, sta
         n_scored, n_quarantined = _write_nonempty(predictions, f"{staging}/predictions"), \
             _write_nonempty(quarantine.coalesce(1), f"{staging}/quarantine")
         if n_scored:
+            usable = every.where("reason IS NULL")
             written = spark.read.parquet(f"{staging}/predictions")
             flagged.update({row["finding"]: row["count"] for row in
                             written.select(F.explode("flagged").alias("finding")).groupBy("finding").count().collect()})
@@ -347,17 +311,29 @@ def _score_run(spark: SparkSession, images: str, model_url: str, store: str, sta
               "quarantined": n_quarantined, "flagged": {label: flagged[label] for label in labels}}
     if n_scored + n_quarantined != n_new:
         raise RuntimeError(f"batch-score counts do not reconcile: {n_new} new files, {counts}")
+    drift = drift_record(card, usable, labels, run_id)
     counts["status"] = "scored" if n_new else "nothing_new"
-    counts["exit_code"] = exit_code(counts)
+    counts["drifted"] = drift["drifted"]
+    counts["exit_code"] = exit_code(counts, fail_on_drift)
     counts.update(run_id=run_id, scored_date=f"{scored_at:%Y-%m-%d}", model_version=plain["model_version"])
     finish_manifest(spark, staging, "batch-score", started,
                     config={"batch_size": batch_size, "retry_quarantined": retry_quarantined,
-                            "thresholds": dict(zip(labels, plain["thresholds"]))},
+                            "fail_on_drift": fail_on_drift, "thresholds": dict(zip(labels, plain["thresholds"]))},
                     inputs={"images": to_url(images),
                             "model": {**input_version(spark, model_url), "source": plain["model_source"]}},
                     counts=counts,
-                    extra={"run_id": run_id, "model_version": plain["model_version"], "store": store})
+                    extra={"run_id": run_id, "model_version": plain["model_version"], "store": store,
+                           "drift": drift})
     return counts
+
+
+def _rewrite_monitor(spark: SparkSession, store: str) -> None:
+    """Rewrite ``<store>/_monitor.html`` after a commit. It is derived from ``_runs/`` and the next run writes it
+    again, so a failure here is logged and does not fail a run whose results are committed."""
+    try:
+        write_monitor(spark, store)
+    except Exception:  # noqa: BLE001 - the run's results are in the store already
+        log.exception("could not rewrite %s/%s; the run's results are committed", store, MONITOR_FILE)
 
 
 def _write_nonempty(frame: DataFrame, url: str) -> int:

@@ -4,7 +4,8 @@ The driver turns every setting into plain values and ships a closure (:func:`mak
 ``horovod.spark.run``; no SparkSession or config object is pickled. Each rank reads only its own
 Petastorm shard of the train split, one pass per epoch (the contract is in
 :mod:`cxr_spark.stages.train.input_pipeline`). Rank 0 alone writes checkpoints (``--resume`` continues from them)
-and returns the trained model, and the driver writes ``model/`` atomically.
+and returns the trained model with the val split's histograms (``drift_reference`` in ``model.json``, what
+batch-score measures drift against), and the driver writes ``model/`` atomically.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pyspark.sql import SparkSession
 from cxr_spark.cli_flags import conf_default, deprecated_alias
 from cxr_spark.config import PipelineConfig, TrackingConfig, TrainConfig, override
 from cxr_spark.core.guards import check_input, check_run
+from cxr_spark.core.histograms import BINS, INTENSITY_RANGE, PROBABILITY_RANGE
 from cxr_spark.core.labels import LABELS
 from cxr_spark.core.plots import plot_training_curves
 from cxr_spark.datasets.images import NORMALIZATION_FILE
@@ -233,6 +235,7 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
         "thresholds": dict(zip(labels, result["thresholds"])),
         "thresholds_tuned_on": {"split": "val", "images": result["val_images_tuned"], "criterion": "max F1",
                                 "epoch": best},
+        "drift_reference": drift_reference(result["drift_reference"], labels),
         "best_epoch": best, "best_val_loss": history["val_loss"][best - 1], "ended": result["ended"],
         "data": manifest.get("data", "unknown"),
         "training": {**{k: v for k, v in plain.items() if k not in ("labels", "resume")},
@@ -277,6 +280,16 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
         return result_counts
     return {**result_counts, "mlflow_run": record["run_id"], "registered": record["model_uri"],
             "tracking_uri": record["tracking_uri"]}
+
+
+def drift_reference(histograms: dict, labels: list[str]) -> dict:
+    """``model.json``'s ``drift_reference``: rank 0's histograms of the val split (the probabilities per finding,
+    the per-image mean intensity of the model input on the 0-255 scale), which batch-score compares each run with
+    (:mod:`cxr_spark.core.drift`)."""
+    return {"split": "val", "bins": BINS, "images": int(histograms["images"]),
+            "probability_range": list(PROBABILITY_RANGE), "intensity_range": list(INTENSITY_RANGE),
+            "probabilities": dict(zip(labels, histograms["probabilities"])),
+            "input_intensity": histograms["input_intensity"]}
 
 
 def _run_tags(card: dict, manifest: dict, settings: TrainConfig) -> dict[str, str]:

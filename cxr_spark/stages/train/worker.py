@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from cxr_spark.core.drift import mean_intensity
+from cxr_spark.core.histograms import INTENSITY_RANGE, PROBABILITY_RANGE, histogram
 from cxr_spark.datasets.model_card import MODEL_FILE
 
 CHECKPOINT_STATE = "state.json"
@@ -218,14 +220,19 @@ def make_worker_fn(plain: dict):
         checkpoint.read(best["checkpoint"]).expect_partial()
         ended = (f"early stopping: val_loss did not improve for {plain['patience']} epochs"
                  if early_stopping.stopped_epoch > 0 else f"reached the last epoch ({plain['epochs']})")
-        # Per-label decision thresholds, tuned on the whole validation split (one unsharded pass).
-        labels, scores = [], []
+        # Per-label decision thresholds, tuned on the whole validation split (one unsharded pass), and the
+        # split's histograms batch-score measures drift against.
+        labels, scores, intensities = [], [], []
         for inputs, batch_labels in iterate_epoch(url, "val", None, None, batch, None, 0, None,
                                                   plain["normalization"], label_index=label_index):
             labels.append(batch_labels)
             scores.append(model.predict_on_batch(inputs))
+            intensities.append(mean_intensity(inputs, plain["normalization"]))
         labels, scores = np.concatenate(labels), np.concatenate(scores)
         thresholds = tune_thresholds(labels, scores)
+        drift_reference = {"images": len(labels), "input_intensity": histogram(np.concatenate(intensities),
+                                                                               *INTENSITY_RANGE),
+                           "probabilities": [histogram(scores[:, j], *PROBABILITY_RANGE) for j in range(n_outputs)]}
         with tempfile.TemporaryDirectory() as folder:
             path = os.path.join(folder, MODEL_FILE)
             # the same layers in an uncompiled model: the file holds weights, not the training loss or optimiser
@@ -239,7 +246,8 @@ def make_worker_fn(plain: dict):
         return {"model_bytes": model_bytes, "weights_sha256": digest.hexdigest(),
                 "history": history, "epochs_run": len(history.get("loss", [])),
                 "best_epoch": best["epoch"], "ended": ended,
-                "thresholds": thresholds, "val_images_tuned": len(labels), "shard_sizes": sizes,
+                "thresholds": thresholds, "val_images_tuned": len(labels), "drift_reference": drift_reference,
+                "shard_sizes": sizes,
                 "steps_per_epoch": steps, "resumed": resumed, "train_seconds": round(seconds, 1)}
 
     def run_and_report():

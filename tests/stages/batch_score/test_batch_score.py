@@ -27,8 +27,8 @@ from cxr_spark.core.labels import LABELS
 from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE
 from cxr_spark.datasets.quarantine import QUARANTINE_DIR
 from cxr_spark.io.commit import EXIT_LOCKED, OutputLockedError, RunLock
-from cxr_spark.stages.batch_score.job import (EMPTY_SHA256, EXIT_NOTHING_NEW, LOCK_FILE, RUNS_DIR, batch_score,
-                                              flag_findings)
+from cxr_spark.stages.batch_score.job import EMPTY_SHA256, EXIT_NOTHING_NEW, LOCK_FILE, RUNS_DIR, batch_score
+from cxr_spark.stages.batch_score.scoring import flag_findings
 
 SIZE = 32
 MEAN, STD = 110.0, 55.0
@@ -271,11 +271,11 @@ def test_runs_score_only_new_images_and_summaries_match_the_store(spark, dump, m
     assert run_file["counts"] == json.loads(json.dumps(first))
 
     # the same dump again: nothing new, the store's data unchanged
-    data_before = {k: v for k, v in _snapshot(store).items() if not k.startswith(RUNS_DIR)}
+    data_before = {k: v for k, v in _snapshot(store).items() if not k.startswith((RUNS_DIR, "_monitor.html"))}
     second = batch_score(spark, str(dump), str(model_dir), str(store))
     assert (second["scored"], second["quarantined"], second["skipped"]) == (0, 0, len(listed))
     assert second["status"] == "nothing_new" and second["exit_code"] == EXIT_NOTHING_NEW
-    assert {k: v for k, v in _snapshot(store).items() if not k.startswith(RUNS_DIR)} == data_before
+    assert {k: v for k, v in _snapshot(store).items() if not k.startswith((RUNS_DIR, "_monitor.html"))} == data_before
     assert len(list((store / RUNS_DIR).glob("*.json"))) == 2
 
     # five new files: exactly five scored, everything before skipped

@@ -1,0 +1,79 @@
+"""What batch-score's Python workers run on the dump's files: decode, resize and normalise each with the model's
+own ``model.json`` settings, score, flag, and measure the input's mean intensity for drift; files that cannot
+be used become quarantine rows. Plain values in (:func:`card_settings`), no session or config shipped.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import pandas as pd
+
+from cxr_spark.core.drift import mean_intensity
+from cxr_spark.core.identity import stored_identity
+from cxr_spark.core.image_codec import decode_resized
+from cxr_spark.core.image_formats import ImageError, sniff_format
+from cxr_spark.core.normalization import model_inputs
+from cxr_spark.datasets.model_card import loaded_model, predict_probabilities
+
+#: One row per file. ``input_intensity`` (the mean of the model input on the 0-255 scale) feeds the run's drift
+#: histograms and stays in the run's staging folder: the predictions store's schema does not change.
+SCORED_DDL = ("image_id string, source_path string, content_sha256 string, image_format string, "
+              "probabilities array<float>, flagged array<string>, input_intensity double, reason string, "
+              "detail string")
+
+
+def flag_findings(probabilities: np.ndarray, thresholds: np.ndarray, labels: list[str]) -> list[list[str]]:
+    """For each image (row), the labels whose probability reaches the model's threshold for that label."""
+    hits = np.asarray(probabilities) >= np.asarray(thresholds)[np.newaxis, :]
+    return [[labels[j] for j in np.flatnonzero(row)] for row in hits]
+
+
+def card_settings(card: dict, model_url: str) -> dict:
+    """The plain values workers need from ``model.json``; a missing key is an error that names it."""
+    try:
+        labels = list(card["labels"])
+        thresholds = [float(card["thresholds"][label]) for label in labels]
+        return {"model_version": str(card["model_version"]), "input_size": int(card["input_size"]),
+                "normalization": {**card["normalization"], "mean": float(card["normalization"]["mean"]),
+                                  "std": float(card["normalization"]["std"])},
+                "labels": labels, "thresholds": thresholds}
+    except (KeyError, TypeError) as error:
+        raise ValueError(f"{model_url}/model.json lacks {error} (needs model_version, input_size, "
+                         f"normalization.mean/std, labels and a threshold per label)") from error
+
+
+def score_files(plain: dict, model_broadcast, batch_size: int):
+    """The mapInPandas function: file bytes in, one row per file out (probabilities or a quarantine reason)."""
+    size, labels = plain["input_size"], plain["labels"]
+    thresholds = np.asarray(plain["thresholds"], np.float32)
+    columns = [name.split()[0] for name in SCORED_DDL.split(", ")]
+
+    def score_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        for frame in batches:
+            rows, pixels = [], []
+            for path, digest, content in zip(frame["source_path"], frame["content_sha256"], frame["content"]):
+                row = {"source_path": path, "content_sha256": digest, "image_format": None,
+                       "probabilities": None, "flagged": None, "input_intensity": None, "reason": None,
+                       "detail": None}
+                try:
+                    row["image_format"] = sniff_format(content)
+                    # the model's input exactly as preprocess made its training images
+                    pixels.append(decode_resized(content, size))
+                except ImageError as error:
+                    row["reason"], row["detail"] = error.reason, error.detail
+                row["image_id"], row["source_path"] = stored_identity(path, digest, row["image_format"])
+                rows.append(row)
+            if pixels:
+                model = loaded_model(plain["model_version"], model_broadcast.value)
+                inputs = model_inputs(np.stack(pixels), plain["normalization"])
+                probabilities = predict_probabilities(model, inputs, batch_size, len(labels))
+                flags = flag_findings(probabilities, thresholds, labels)
+                # what the model saw, as train measured its val split (the same formula)
+                intensities = mean_intensity(inputs, plain["normalization"])
+                usable = (row for row in rows if row["reason"] is None)
+                for row, vector, flagged, intensity in zip(usable, probabilities, flags, intensities):
+                    row["probabilities"], row["flagged"], row["input_intensity"] = vector, flagged, float(intensity)
+            yield pd.DataFrame(rows, columns=columns)
+
+    return score_batches
