@@ -3,32 +3,19 @@ hold every section and the figures of metrics.json, and whose screenshot must no
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
 
 import numpy as np
 import pytest
+from browser import chromium, needs_chromium
 from PIL import Image
 from test_report import write_predictions
 
 from cxr_spark.stages.report.job import report
 
-CHROMIUM = "/usr/bin/chromium"
 SECTIONS = ("summary", "dataset", "metrics", "uncertainty", "operating-points", "subgroups", "calibration", "curves",
             "confusion", "training", "baseline", "gradcam", "references")
-pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason=f"{CHROMIUM} is absent (Debian package "
-                                                                        "'chromium'; .ci/run installs it)")
-
-
-def _chromium(tmp_path, *args: str) -> subprocess.CompletedProcess:
-    profile = tmp_path / "chromium-profile"
-    command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-               f"--user-data-dir={profile}", *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done
+pytestmark = needs_chromium
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +34,7 @@ def written_report(spark, tmp_path_factory):
 
 def test_chromium_renders_every_section_and_our_figures(written_report, tmp_path):
     metrics = json.loads((written_report / "metrics.json").read_text())
-    dom = _chromium(tmp_path, "--dump-dom", f"file://{written_report / 'report.html'}").stdout
+    dom = chromium(tmp_path, "--dump-dom", f"file://{written_report / 'report.html'}").stdout
     for section in SECTIONS:
         assert re.search(rf'<section id="{section}">\s*<h2>', dom), section
     assert re.findall(r'<section id="([^"]+)">', dom)[0] == "summary"
@@ -73,7 +60,7 @@ def test_chromium_renders_every_section_and_our_figures(written_report, tmp_path
 
 def test_chromium_screenshot_is_not_blank(written_report, tmp_path):
     shot = tmp_path / "report.png"
-    _chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", "--hide-scrollbars",
+    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,2400", "--hide-scrollbars",
               f"file://{written_report / 'report.html'}")
     with Image.open(shot) as image:
         assert image.format == "PNG" and image.size == (1280, 2400)
