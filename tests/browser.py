@@ -23,3 +23,18 @@ def chromium(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
+
+
+def assert_screenshot_not_blank(tmp_path: Path, url: str, width: int, height: int) -> None:
+    """Chromium's screenshot of ``url`` at ``width`` x ``height`` shows text, tables and plots: enough dark
+    pixels, and many grey levels (anti-aliased text, plotted colours), not an empty page or a flat fill."""
+    import numpy as np
+    from PIL import Image
+
+    shot = tmp_path / "screenshot.png"
+    chromium(tmp_path, f"--screenshot={shot}", f"--window-size={width},{height}", "--hide-scrollbars", url)
+    with Image.open(shot) as image:
+        assert image.format == "PNG" and image.size == (width, height)
+        pixels = np.asarray(image.convert("L"))
+    assert (pixels < 128).mean() > 0.005
+    assert len(np.unique(pixels)) > 50

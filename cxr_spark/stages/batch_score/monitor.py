@@ -8,7 +8,6 @@ matplotlib (Agg) is imported only when the figures are drawn.
 """
 from __future__ import annotations
 
-import base64
 import html
 import logging
 import os
@@ -16,6 +15,7 @@ import os
 from pyspark.sql import SparkSession
 
 from cxr_spark.core.drift import DRIFT_THRESHOLD, INPUT, PSI_FLOOR
+from cxr_spark.core.html_page import figure, page_head
 from cxr_spark.io.storage import FileSystem, local_path, read_json, write_text
 from cxr_spark.stages.batch_score.store import RUNS_DIR
 
@@ -137,12 +137,7 @@ def _legend(axis, names: list[str]) -> None:
 
 
 STYLE = """
-body { font-family: sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.8em; }
-th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-caption { text-align: left; font-weight: bold; padding: 0.3em 0; }
-img { max-width: 100%; }
+table { font-size: 0.8em; }
 div.scroll { overflow-x: auto; }
 tr.refused td { color: #800; background: #fde8e8; }
 tr.drifted td { background: #fff3d6; }
@@ -177,16 +172,12 @@ def render_monitor(rows: list[dict], findings: list[str], figures: dict[str, byt
     """The page, from :func:`monitor_rows` and :func:`monitor_figures`."""
     title = f"batch-score monitor: {store}"
     classes = ["refused" if row["status"] == "refused" else "drifted" if row["drifted"] else "" for row in rows]
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+    parts = [page_head(title, STYLE),
              f"<p>{html.escape(_explanation(len(rows)))}</p>"]
     parts.append("<section id=\"plots\"><h2>Over time</h2>")
     for key, caption in FIGURES:
         if key in figures:
-            data = base64.b64encode(figures[key]).decode("ascii")
-            parts.append(f"<figure id=\"figure-{key}\"><img alt=\"{html.escape(caption, quote=True)}\" "
-                         f"src=\"data:image/png;base64,{data}\"><figcaption>{html.escape(caption)}</figcaption>"
-                         "</figure>")
+            parts.append(figure(key, figures[key], caption))
     parts.append("</section><section id=\"tables\"><h2>Runs</h2>")
     parts.append(_table("runs", "Every run", ["run", "finished (UTC)", "model version", "status", "exit code",
                                               "files listed", "scored", "quarantined", "input PSI", "drifted",

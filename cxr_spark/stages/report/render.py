@@ -8,9 +8,9 @@ clinical evaluation (uncertainty, operating points, subgroups, calibration) are 
 """
 from __future__ import annotations
 
-import base64
 import html
 
+from cxr_spark.core.html_page import figure, page_head
 from cxr_spark.core.metrics import COUNT_NAMES, THRESHOLD_RATE_NAMES
 from cxr_spark.stages.report.clinical_sections import clinical_sections, summary_section
 from cxr_spark.stages.report.references import (CHEXNET_AUROC, CHEXNET_CITATION, KAGGLE_CITATION, KAGGLE_PNEUMONIA,
@@ -295,14 +295,8 @@ def render_markdown(metrics: dict) -> str:
 
 
 STYLE = """
-body { font-family: sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
-table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.85em; }
-th, td { border: 1px solid #ccc; padding: 0.2em 0.5em; text-align: right; }
-th:first-child, td:first-child { text-align: left; }
-caption { text-align: left; font-weight: bold; padding: 0.3em 0; }
 section#references { border-left: 4px solid #c60; padding-left: 1em; background: #fff8f0; }
 .reference { color: #a40; font-weight: bold; }
-img { max-width: 100%; }
 p.banner { background: #fde8e8; border: 2px solid #b00; color: #800; font-weight: bold; padding: 0.6em 1em; }
 section#gradcam figure { display: inline-block; width: 264px; margin: 0 0.5em 1em 0; vertical-align: top; }
 section#gradcam figcaption { font-size: 0.8em; overflow-wrap: anywhere; }
@@ -327,8 +321,7 @@ def render_html(metrics: dict, figures: dict[str, bytes], training: dict | None 
                 max_curve_points: int | None = None) -> str:
     """``report.html``: one self-contained page; ``figures`` maps a figure key to PNG bytes."""
     sections = build_sections(metrics, training, max_curve_points)
-    parts = [f"<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(_title(metrics))}"
-             f"</title><style>{STYLE}</style></head><body><h1>{html.escape(_title(metrics))}</h1>",
+    parts = [page_head(_title(metrics), STYLE),
              "<nav>" + " | ".join(f"<a href=\"#{section.id}\">{html.escape(section.title)}</a>"
                                   for section in sections) + "</nav>"]
     if synthetic_banner(metrics):
@@ -340,10 +333,7 @@ def render_html(metrics: dict, figures: dict[str, bytes], training: dict | None 
         parts += [f"<p>{html.escape(paragraph)}</p>" for paragraph in section.text]
         for key, caption in section.figures:
             if key in figures:
-                data = base64.b64encode(figures[key]).decode("ascii")
-                parts.append(f"<figure id=\"figure-{key}\"><img alt=\"{html.escape(caption, quote=True)}\" "
-                             f"src=\"data:image/png;base64,{data}\"><figcaption>{html.escape(caption)}</figcaption>"
-                             "</figure>")
+                parts.append(figure(key, figures[key], caption))
         parts += [_html_table(table) for table in section.tables]
         parts.append("</section>")
     parts.append("</body></html>\n")

@@ -7,10 +7,8 @@ import base64
 import json
 import re
 
-import numpy as np
 import pytest
-from browser import chromium, needs_chromium
-from PIL import Image
+from browser import assert_screenshot_not_blank, chromium, needs_chromium
 from test_drift import _inverted, _write_films, referenced_model  # noqa: F401 - the module's model fixture
 
 from cxr_spark.core.guards import UsageError
@@ -74,11 +72,4 @@ def test_chromium_renders_one_row_per_run_in_time_order_and_the_plots(monitored_
 
 def test_chromium_screenshot_of_the_monitor_is_not_blank(monitored_store, tmp_path):
     store, _ = monitored_store
-    shot = tmp_path / "monitor.png"
-    chromium(tmp_path, f"--screenshot={shot}", "--window-size=1280,1600", "--hide-scrollbars",
-             f"file://{store / '_monitor.html'}")
-    with Image.open(shot) as image:
-        assert image.format == "PNG" and image.size == (1280, 1600)
-        pixels = np.asarray(image.convert("L"))
-    assert (pixels < 128).mean() > 0.005  # text, tables and plots, not an empty page
-    assert len(np.unique(pixels)) > 50  # anti-aliased text and plotted colours, not a flat fill
+    assert_screenshot_not_blank(tmp_path, f"file://{store / '_monitor.html'}", 1280, 1600)
