@@ -72,6 +72,10 @@ def drift_record(card: dict, scored: DataFrame | None, labels: list[str], run_id
               "histograms": {"probabilities": probabilities, "input_intensity": intensity}}
     if record["drifted"]:
         values = {**record["psi"], "input": record["input_psi"]}
-        log.warning("batch-score run %s drifted from the model's validation split: %s (PSI over %s)", run_id,
-                    ", ".join(f"{name} {values[name]:.3f}" for name in record["drifted"]), DRIFT_THRESHOLD)
+        small = [name for name in record["drifted"] if name in record["within_noise"]]
+        caveat = (f"; the samples are too small to tell {', '.join(small)} from chance (two samples of the same "
+                  f"films this size give a PSI over {DRIFT_THRESHOLD / 2} on average: more images decide)"
+                  if small else "")
+        log.warning("batch-score run %s drifted from the model's validation split: %s (PSI over %s)%s", run_id,
+                    ", ".join(f"{name} {values[name]:.3f}" for name in record["drifted"]), DRIFT_THRESHOLD, caveat)
     return record

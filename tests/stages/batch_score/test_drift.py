@@ -17,7 +17,7 @@ import pytest
 from test_batch_score import (MEAN, STD, _cli, _expected_input, _expected_probabilities, _film, _image_files,
                               _read_store, _save_model)
 
-from cxr_spark.core.drift import DRIFT_THRESHOLD, PSI_FLOOR, drifted, mean_intensity, psi
+from cxr_spark.core.drift import DRIFT_THRESHOLD, PSI_FLOOR, drift_summary, drifted, mean_intensity, psi, sampling_noise
 from cxr_spark.core.labels import LABELS
 from cxr_spark.datasets.model_card import MODEL_CARD
 from cxr_spark.stages.batch_score.job import EXIT_DRIFTED, EXIT_SCORED, RUNS_DIR, batch_score
@@ -82,6 +82,26 @@ def test_psi_is_the_documented_formula_with_its_floor_for_empty_bins():
     assert psi([0, 0], [1, 2]) is None
     assert drifted({"Mass": DRIFT_THRESHOLD, "Edema": DRIFT_THRESHOLD + 1e-9}, 0.1) == ["Edema"]  # over, not at
     assert drifted({"Mass": 0.0}, 0.25) == ["input"]
+
+
+def test_sampling_noise_is_the_psi_chance_gives_two_samples_of_one_distribution():
+    """Against the chi-square approximation where bins are well filled, and against an independent simulation
+    (its own generator, 10x the draws) where sparse bins make the floor count; then which names are listed as
+    within noise."""
+    rng = np.random.default_rng(9)
+    filled = np.array([0.1, 0.3, 0.3, 0.2, 0.1, 0, 0, 0, 0, 0])
+    reference = rng.multinomial(20000, filled).tolist()
+    assert sampling_noise(reference, [2000]) == pytest.approx(4 * (1 / 20000 + 1 / 2000), rel=0.15)
+    sparse = np.array([0.05, 0.3, 0.3, 0.2, 0.1, 0.05, 0, 0, 0, 0])
+    reference = rng.multinomial(85, sparse).tolist()
+    shares = np.array(reference) / 85
+    simulated = np.mean([psi(rng.multinomial(85, shares).tolist(), rng.multinomial(50, shares).tolist())
+                         for _ in range(2000)])
+    assert sampling_noise(reference, [50]) == pytest.approx(simulated, rel=0.15)
+    record = drift_summary({"bins": 10, "images": 85, "probabilities": {"Mass": reference},
+                            "input_intensity": rng.multinomial(5000, filled).tolist()},
+                           {"Mass": rng.multinomial(50, sparse).tolist()}, rng.multinomial(5000, filled).tolist())
+    assert record["within_noise"] == ["Mass"] and record["sampling_noise"]["input"] < 0.01
 
 
 def test_mean_intensity_recovers_the_pixel_mean_from_the_normalised_input():
