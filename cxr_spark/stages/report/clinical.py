@@ -11,7 +11,8 @@ predictions joined to the scored images' attributes; only per-label, per-group o
   replicates where the finding has weighted positives and negatives, and the same percentiles of each
   replicate's mean AUROC for the macro interval.
 - **Subgroups.** Per attribute and group, per finding: exact AUROC (ties half), support, and sensitivity and
-  specificity at the model's tuned threshold (positive when p >= t, at the probabilities' own precision).
+  specificity at the model's tuned threshold (positive when p >= t, at the probabilities' own precision). A
+  finding's gap compares the groups with at least :data:`GAP_MIN_CASES` positives and negatives for it.
 - **Calibration.** The Brier score, mean (p - y)², and the expected calibration error over the 10 equal-width
   bins of :mod:`cxr_spark.core.histograms`: sum over bins of (n_bin / n) · |fraction positive - mean probability|.
 """
@@ -34,6 +35,7 @@ SUBGROUPS: dict[str, tuple[str, ...]] = {"sex": ("M", "F"), "view": ("PA", "AP")
 DEFAULT_REPLICATES = 1000
 DEFAULT_SEED = 0
 CONFIDENCE = 0.95
+GAP_MIN_CASES = 5  # positives and negatives a group needs for its AUROC to count in a subgroup gap
 
 
 def unit_column(frame: DataFrame) -> tuple[Column, str]:
@@ -176,20 +178,23 @@ def subgroups(frame: DataFrame, labels: list[str], thresholds: list[float], scor
     return result
 
 
-def subgroup_gaps(groups: dict, labels: list[str]) -> dict:
-    """Per attribute and finding, the largest AUROC difference between its groups (None with fewer than two
-    groups where the AUROC is defined)."""
+def subgroup_gaps(groups: dict, labels: list[str], min_cases: int = GAP_MIN_CASES) -> dict:
+    """Per attribute and finding, the largest AUROC difference between its groups with at least ``min_cases``
+    positives and as many negatives for the finding (a group of three images has an AUROC, but its gap to the
+    others says little); None with fewer than two such groups."""
     gaps: dict = {}
     for attribute, by_group in groups.items():
         gaps[attribute] = {}
         for name in labels:
-            aurocs = {group: row["per_label"][name]["auroc"] for group, row in by_group.items()
-                      if row["per_label"][name]["auroc"] is not None}
+            cells = {group: (row["per_label"][name], row["n_images"]) for group, row in by_group.items()}
+            aurocs = {group: cell["auroc"] for group, (cell, n_images) in cells.items()
+                      if cell["auroc"] is not None and min(cell["support"], n_images - cell["support"]) >= min_cases}
             if len(aurocs) < 2:
                 gaps[attribute][name] = None
                 continue
             highest, lowest = max(aurocs, key=aurocs.get), min(aurocs, key=aurocs.get)
-            gaps[attribute][name] = {"gap": aurocs[highest] - aurocs[lowest], "highest": highest, "lowest": lowest}
+            gaps[attribute][name] = {"gap": aurocs[highest] - aurocs[lowest], "highest": highest, "lowest": lowest,
+                                     "groups_compared": len(aurocs)}
     return gaps
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 
+from cxr_spark.stages.report.clinical import GAP_MIN_CASES
 from cxr_spark.stages.report.tables import NOT_AVAILABLE, Cell, Section, Table, fmt
 
 LARGEST_GAP = "largest-gap"  # CSS class of the gap cell that is its attribute's largest
@@ -177,9 +178,11 @@ def _subgroups_section(metrics: dict) -> Section:
         section.text.append("No subgroups: sex, view and age are unknown for the scored images.")
         return section
     section.text.append("Each group's AUROC, sensitivity and specificity are over that group's images only. The gap is "
-                        "the highest group's AUROC minus the lowest's, over the groups where AUROC is defined; the "
-                        f"largest gap of each attribute is highlighted (bold in report.md). {NOT_AVAILABLE}: "
-                        "undefined (no positives or no negatives in the group, or fewer than two groups to compare).")
+                        "the highest group's AUROC minus the lowest's, over the groups with at least "
+                        f"{GAP_MIN_CASES} positives and {GAP_MIN_CASES} negatives for the finding (a smaller group's "
+                        "AUROC is shown but says little about a gap); the largest gap of each attribute is "
+                        f"highlighted (bold in report.md). {NOT_AVAILABLE}: undefined (no positives or no negatives "
+                        "in the group, or fewer than two groups to compare).")
     all_gaps = metrics.get("subgroup_gaps") or {}
     for attribute, groups in subgroups.items():
         seen = {name: group for name, group in (groups or {}).items() if group.get("n_images")}
