@@ -65,23 +65,41 @@ def psi(reference: Sequence[int], observed: Sequence[int], floor: float = PSI_FL
 NOISE_DRAWS = 200  # pairs of samples drawn to estimate the PSI chance alone gives
 
 
-def sampling_noise(reference: Sequence[int], observed: Sequence[int], draws: int = NOISE_DRAWS,
-                   seed: int = 0) -> float | None:
-    """The PSI two samples of these sizes from one and the same distribution (the reference's shares) give on
-    average, by chance alone: the mean over ``draws`` seeded pairs of multinomial samples, floor included. For
-    well-filled bins it is close to ``(k - 1) (1/n_reference + 1/n_observed)``, ``k`` the bins filled; sparse
-    bins add more (the floor). A PSI near or below it says nothing. None when either has no values.
-
-    >>> round(sampling_noise([500, 500], [100, 0]), 2)  # about (2 - 1) * (1/1000 + 1/100)
-    0.01
-    """
+def chance_psis(reference: Sequence[int], observed: Sequence[int], draws: int = NOISE_DRAWS,
+                seed: int = 0) -> np.ndarray | None:
+    """The PSIs of ``draws`` seeded pairs of multinomial samples of the reference's shares at the two sizes
+    (floor included): what chance alone gives two samples of one and the same distribution. None when either
+    histogram has no values."""
     n_reference, n_observed = int(sum(reference)), int(sum(observed))
     if n_reference <= 0 or n_observed <= 0:
         return None
     shares = np.asarray(reference, np.float64) / n_reference
     rng = np.random.default_rng(seed)
-    return float(np.mean([psi(rng.multinomial(n_reference, shares).tolist(),
-                              rng.multinomial(n_observed, shares).tolist()) for _ in range(draws)]))
+    return np.array([psi(rng.multinomial(n_reference, shares).tolist(), rng.multinomial(n_observed, shares).tolist())
+                     for _ in range(draws)])
+
+
+def sampling_noise(reference: Sequence[int], observed: Sequence[int], draws: int = NOISE_DRAWS,
+                   seed: int = 0) -> float | None:
+    """The PSI chance alone gives on average (the mean of :func:`chance_psis`). For well-filled bins it is close to
+    ``(k - 1) (1/n_reference + 1/n_observed)``, ``k`` the bins filled; sparse bins add more (the floor).
+
+    >>> round(sampling_noise([500, 500], [100, 0]), 2)  # about (2 - 1) * (1/1000 + 1/100)
+    0.01
+    """
+    psis = chance_psis(reference, observed, draws, seed)
+    return None if psis is None else float(psis.mean())
+
+
+def within_chance(value: float | None, reference: Sequence[int], observed: Sequence[int]) -> bool:
+    """Whether a PSI of ``value`` is one chance alone gives often: at or below the 95th percentile of
+    :func:`chance_psis`.
+
+    >>> within_chance(0.02, [40, 60], [4, 6]), within_chance(5.0, [40, 60], [10, 0])
+    (True, False)
+    """
+    psis = chance_psis(reference, observed)
+    return value is not None and psis is not None and value <= float(np.percentile(psis, 95))
 
 
 def drifted(psi_per_finding: Mapping[str, float | None], input_psi: float | None,
@@ -111,12 +129,15 @@ def drift_summary(reference: Mapping, probabilities: Mapping[str, Sequence[int]]
             for name, counts in probabilities.items()}
     input_psi = psi(reference["input_intensity"], input_intensity)
     rounded = {name: _rounded(value) for name, value in psis.items()}
-    noise = {name: _rounded(sampling_noise(reference["probabilities"][name], counts))
-             for name, counts in probabilities.items() if name in reference["probabilities"]}
-    noise[INPUT] = _rounded(sampling_noise(reference["input_intensity"], input_intensity))
+    histograms = {name: (reference["probabilities"][name], counts) for name, counts in probabilities.items()
+                  if name in reference["probabilities"]}
+    histograms[INPUT] = (reference["input_intensity"], input_intensity)
+    noise = {name: _rounded(sampling_noise(*pair)) for name, pair in histograms.items()}
+    values = {**psis, INPUT: input_psi}
+    over = drifted(psis, input_psi, threshold)
     return {"status": "ok", "psi": rounded, "input_psi": _rounded(input_psi), "threshold": threshold,
-            "drifted": drifted(psis, input_psi, threshold), "floor": PSI_FLOOR, "sampling_noise": noise,
-            "within_noise": [name for name, value in noise.items() if value is not None and value > threshold / 2],
+            "drifted": over, "floor": PSI_FLOOR, "sampling_noise": noise,
+            "within_noise": [name for name in over if within_chance(values[name], *histograms[name])],
             "reference_images": int(reference.get("images", sum(reference["input_intensity"]))),
             "images": int(sum(input_intensity))}
 

@@ -10,7 +10,7 @@ import logging
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from cxr_spark.core.drift import DRIFT_THRESHOLD, PSI_FLOOR, drift_summary
+from cxr_spark.core.drift import DRIFT_THRESHOLD, INPUT, PSI_FLOOR, drift_summary
 from cxr_spark.core.histograms import BINS, INTENSITY_RANGE, PROBABILITY_RANGE
 from cxr_spark.datasets.predictions import bin_column
 
@@ -57,25 +57,33 @@ def _not_measured(status: str, reason: str) -> dict:
             "drifted": [], "floor": PSI_FLOOR}
 
 
-def drift_record(card: dict, scored: DataFrame | None, labels: list[str], run_id: str) -> dict:
+def drift_record(card: dict, scored: DataFrame | None, labels: list[str], run_id: str,
+                 fail_on_drift: bool = False) -> dict:
     """The run's ``drift``: PSI per finding and of the input against the reference, the threshold and what
     drifted (logged as a warning); or, with a ``status`` and a ``reason``, why nothing was measured (the model
     has no reference, no image was scored: ``scored`` is None). Never raises for a missing reference."""
     reference, why = usable_reference(card)
     if reference is None:
-        log.info("batch-score run %s: no drift measured: %s", run_id, why)
+        unchecked = ", so --fail-on-drift cannot fail it" if fail_on_drift else ""
+        (log.warning if fail_on_drift else log.info)("batch-score run %s: no drift measured%s: %s", run_id,
+                                                     unchecked, why)
         return _not_measured(NO_REFERENCE, why)
     if scored is None:
         return _not_measured(NOTHING_SCORED, "no image was scored in this run")
     probabilities, intensity = run_histograms(scored, labels)
     record = {**drift_summary(reference, probabilities, intensity),
               "histograms": {"probabilities": probabilities, "input_intensity": intensity}}
+    if (card.get("normalization") or {}).get("equalize"):
+        # equalisation gives every film a mean near 128: the input's intensity cannot show drift
+        record.update(input_psi=None, drifted=[name for name in record["drifted"] if name != INPUT],
+                      within_noise=[name for name in record["within_noise"] if name != INPUT],
+                      input_not_measured="the model equalises histograms, so every film's mean intensity is "
+                                         "about 128 whatever came in")
     if record["drifted"]:
         values = {**record["psi"], "input": record["input_psi"]}
-        small = [name for name in record["drifted"] if name in record["within_noise"]]
-        caveat = (f"; the samples are too small to tell {', '.join(small)} from chance (two samples of the same "
-                  f"films this size give a PSI over {DRIFT_THRESHOLD / 2} on average: more images decide)"
-                  if small else "")
+        small = record["within_noise"]
+        caveat = (f"; {', '.join(small)}: a PSI that two samples of the same films this small often give by chance "
+                  "(more images decide)" if small else "")
         log.warning("batch-score run %s drifted from the model's validation split: %s (PSI over %s)%s", run_id,
                     ", ".join(f"{name} {values[name]:.3f}" for name in record["drifted"]), DRIFT_THRESHOLD, caveat)
     return record

@@ -311,7 +311,7 @@ def _score_run(spark: SparkSession, images: str, model_url: str, store: str, sta
               "quarantined": n_quarantined, "flagged": {label: flagged[label] for label in labels}}
     if n_scored + n_quarantined != n_new:
         raise RuntimeError(f"batch-score counts do not reconcile: {n_new} new files, {counts}")
-    drift = drift_record(card, usable, labels, run_id)
+    drift = drift_record(card, usable, labels, run_id, fail_on_drift)
     counts["status"] = "scored" if n_new else "nothing_new"
     counts["drifted"] = drift["drifted"]
     counts["exit_code"] = exit_code(counts, fail_on_drift)

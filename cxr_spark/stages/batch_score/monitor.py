@@ -9,6 +9,7 @@ matplotlib (Agg) is imported only when the figures are drawn.
 from __future__ import annotations
 
 import html
+import re
 import logging
 import os
 
@@ -69,8 +70,21 @@ def monitor_rows(runs: list[dict]) -> tuple[list[dict], list[str]]:
                      "flagged_rate": {name: (count / scored if scored else None) for name, count in flagged.items()},
                      "psi": drift.get("psi") or {}, "input_psi": drift.get("input_psi"), "drift": drift_text,
                      "drifted": list(drift.get("drifted") or []),
-                     "error": run.get("error") or counts.get("error")})
+                     "error": without_paths(run.get("error") or counts.get("error"))})
     return rows, findings
+
+
+PATH_LIKE = re.compile(r"\S*/\S*")
+
+
+def without_paths(text: str | None) -> str | None:
+    """An error as the page shows it: every path-like word (one holding a ``/``) replaced by ``[path]``, since
+    folder and file names may carry patient names; ``_runs/<run_id>.json`` keeps the whole text.
+
+    >>> without_paths("--images /data/in/Doe_J: no such folder")
+    '--images [path] no such folder'
+    """
+    return None if text is None else PATH_LIKE.sub("[path]", text)
 
 
 def monitor_figures(rows: list[dict], findings: list[str]) -> dict[str, bytes]:
@@ -157,8 +171,8 @@ def _table(table_id: str, caption: str, header: list[str], rows: list[list], cla
     body = "".join(f"<tr class=\"{html.escape(css, quote=True)}\">"
                    + "".join(f"<td>{html.escape(_cell(cell))}</td>" for cell in row) + "</tr>"
                    for row, css in zip(rows, classes))
-    return (f"<div class=\"scroll\"><table id=\"{table_id}\"><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
-            f"<tbody>{body}</tbody></table></div>")
+    return (f"<div class=\"scroll\"><table id=\"{table_id}\"><caption>{html.escape(caption)}</caption>"
+            f"<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>")
 
 
 def _explanation(n_runs: int) -> str:
@@ -170,7 +184,7 @@ def _explanation(n_runs: int) -> str:
 
 def render_monitor(rows: list[dict], findings: list[str], figures: dict[str, bytes], store: str) -> str:
     """The page, from :func:`monitor_rows` and :func:`monitor_figures`."""
-    title = f"batch-score monitor: {store}"
+    title = "batch-score monitor"  # no path: folder names of a hospital's dumps and stores may carry names
     classes = ["refused" if row["status"] == "refused" else "drifted" if row["drifted"] else "" for row in rows]
     parts = [page_head(title, STYLE),
              f"<p>{html.escape(_explanation(len(rows)))}</p>"]

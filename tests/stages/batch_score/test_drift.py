@@ -98,9 +98,16 @@ def test_sampling_noise_is_the_psi_chance_gives_two_samples_of_one_distribution(
     simulated = np.mean([psi(rng.multinomial(85, shares).tolist(), rng.multinomial(50, shares).tolist())
                          for _ in range(2000)])
     assert sampling_noise(reference, [50]) == pytest.approx(simulated, rel=0.15)
-    record = drift_summary({"bins": 10, "images": 85, "probabilities": {"Mass": reference},
-                            "input_intensity": rng.multinomial(5000, filled).tolist()},
-                           {"Mass": rng.multinomial(50, sparse).tolist()}, rng.multinomial(5000, filled).tolist())
+    # a same-kind run of 50 that drifts by chance (PSI over 0.2, below the simulated 95th percentile) is within
+    # noise; a run with every image in the top bin is drifted and not within noise
+    chance = np.percentile([psi(rng.multinomial(85, shares).tolist(), rng.multinomial(50, shares).tolist())
+                            for _ in range(2000)], 95)
+    same_kind = next(sample for sample in (rng.multinomial(50, shares).tolist() for _ in range(1000))
+                     if 0.25 < psi(reference, sample) < 0.8 * chance)
+    model = {"bins": 10, "images": 85, "probabilities": {"Mass": reference, "Edema": reference},
+             "input_intensity": rng.multinomial(5000, filled).tolist()}
+    record = drift_summary(model, {"Mass": same_kind, "Edema": [0] * 9 + [50]}, rng.multinomial(5000, filled).tolist())
+    assert record["drifted"] == ["Mass", "Edema"] and record["psi"]["Edema"] > 5
     assert record["within_noise"] == ["Mass"] and record["sampling_noise"]["input"] < 0.01
 
 
