@@ -56,6 +56,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """An argparse ``type``: a whole number of at least 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> None:
     """Accept ``old`` as a deprecated spelling of ``new``, an option already added to ``parser`` (a flag that
     takes a value): same destination, type, choices and metavar; hidden from the help, which says ``new``

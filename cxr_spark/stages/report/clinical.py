@@ -6,10 +6,11 @@ predictions joined to the scored images' attributes; only per-label, per-group o
 - **Bootstrap.** Each replicate weighs every resampling unit (a patient; an image whose patient is unknown)
   by a Poisson(1) count, the usual large-sample stand-in for drawing units with replacement, drawn by numpy
   from (seed, replicate) over the units in the order of their keys: the same draw for every finding, whatever
-  the partitioning. One Spark task per finding computes that finding's replicate AUROCs (the weighted
-  Mann-Whitney statistic); Spark takes the 2.5th and 97.5th percentile (linear interpolation) over the
-  replicates where the finding has weighted positives and negatives, and the same percentiles of each
-  replicate's mean AUROC for the macro interval.
+  the partitioning. Spark tasks (the findings spread over them by label, all of a finding's rows in one)
+  compute each finding's replicate AUROCs (the weighted Mann-Whitney statistic); Spark takes the 2.5th and
+  97.5th percentile (linear interpolation) over the replicates where the finding has weighted positives and
+  negatives, and the same percentiles of each replicate's mean AUROC over the findings the macro averages,
+  in the replicates where all of them are defined; ``bootstrap.replicates_used`` counts both.
 - **Subgroups.** Per attribute and group, per finding: exact AUROC (ties half), support, and sensitivity and
   specificity at the model's tuned threshold (positive when p >= t, at the probabilities' own precision). A
   finding's gap compares the groups with at least :data:`GAP_MIN_CASES` positives and negatives for it.
@@ -68,11 +69,12 @@ def replicate_aurocs(units: np.ndarray, y: np.ndarray, p: np.ndarray, n_units: i
 
 
 def bootstrap(spark: SparkSession, frame: DataFrame, labels: list[str], replicates: int = DEFAULT_REPLICATES,
-              seed: int = DEFAULT_SEED) -> dict:
-    """Percentile intervals of each finding's AUROC and of the macro AUROC over ``replicates`` resamplings of
-    patients (:func:`unit_column`): ``{"per_label": {L: [lo, hi] | None}, "macro": [lo, hi] | None, "bootstrap":
-    {...}, "n_patients": int | None}``. One Spark task per finding computes its replicates
-    (:func:`replicate_aurocs`); the percentiles are taken by Spark."""
+              seed: int = DEFAULT_SEED, macro_of: list[str] | None = None) -> dict:
+    """Percentile intervals of each finding's AUROC and of the macro AUROC (the mean over ``macro_of``, by default
+    every finding, in the replicates where each of them is defined) over ``replicates`` resamplings of patients
+    (:func:`unit_column`): ``{"per_label": {L: [lo, hi] | None}, "macro": [lo, hi] | None, "bootstrap": {...,
+    "replicates_used": {L: n, "macro": n}}, "n_patients": int | None}``. Spark tasks, the findings spread over
+    them by label, compute each finding's replicates (:func:`replicate_aurocs`); Spark takes the percentiles."""
     unit, kind = unit_column(frame)
     patient = F.col("patient_id") if "patient_id" in frame.columns else F.lit(None).cast("int")
     counted = frame.agg(F.countDistinct(unit).alias("units"), F.countDistinct(patient).alias("patients")).first()
@@ -96,16 +98,20 @@ def bootstrap(spark: SparkSession, frame: DataFrame, labels: list[str], replicat
     low, high = (1 - CONFIDENCE) / 2, 1 - (1 - CONFIDENCE) / 2
     bounds = F.expr(f"percentile(auroc, array({low}, {high}))")
     try:
-        rows = per_replicate.groupBy("label").agg(bounds.alias("ci")).collect()
-        macro = (per_replicate.groupBy("replicate").agg(F.avg("auroc").alias("auroc"))
-                 .agg(bounds.alias("ci")).first())
+        rows = per_replicate.groupBy("label").agg(bounds.alias("ci"), F.count("*").alias("n")).collect()
+        members = [labels.index(name) for name in (labels if macro_of is None else macro_of)]
+        macro = (per_replicate.where(F.col("label").isin(members)).groupBy("replicate")
+                 .agg(F.avg("auroc").alias("auroc"), F.count("*").alias("n")).where(F.col("n") == len(members))
+                 .agg(bounds.alias("ci"), F.count("*").alias("n")).first()) if members else None
     finally:
         per_replicate.unpersist()
     intervals = {row["label"]: list(row["ci"]) if row["ci"] else None for row in rows}
+    used = {labels[row["label"]]: int(row["n"]) for row in rows}
     return {"per_label": {name: intervals.get(index) for index, name in enumerate(labels)},
             "macro": list(macro["ci"]) if macro and macro["ci"] else None,
             "bootstrap": {"replicates": replicates, "seed": seed, "unit": kind, "confidence": CONFIDENCE,
-                          "units": n_units},
+                          "units": n_units, "replicates_used": {**{name: used.get(name, 0) for name in labels},
+                                                                "macro": int(macro["n"]) if macro else 0}},
             "n_patients": int(counted["patients"]) if kind == "patient" else None}
 
 
@@ -198,8 +204,9 @@ def subgroup_gaps(groups: dict, labels: list[str], min_cases: int = GAP_MIN_CASE
     return gaps
 
 
-def summary(metrics: dict) -> dict:
-    """What the report opens with, from the metrics already computed (no Spark)."""
+def summary(metrics: dict, scored_data: str | None = None) -> dict:
+    """What the report opens with, from the metrics already computed (no Spark); ``scored_data``: what the
+    scored images were made from (synthetic, real), else the model's training data."""
     aurocs = {name: row["auroc"] for name, row in metrics["per_label"].items() if row["auroc"] is not None}
     eces = {name: row["calibration"]["ece"] for name, row in metrics["per_label"].items()
             if (row.get("calibration") or {}).get("ece") is not None}
@@ -210,7 +217,7 @@ def summary(metrics: dict) -> dict:
     worst = min(aurocs, key=aurocs.get) if aurocs else None
     worst_calibrated = max(eces, key=eces.get) if eces else None
     return {"model": f"{metrics['model']['name']} ({metrics['model']['version']})",
-            "data": metrics.get("data", "unknown"), "n_images": metrics["n_images"],
+            "data": scored_data or metrics.get("data", "unknown"), "n_images": metrics["n_images"],
             "n_patients": metrics.get("n_patients"), "macro_auroc": metrics["macro"]["auroc"],
             "macro_auroc_ci": metrics["macro"].get("auroc_ci"),
             "best_finding": {"name": best, "auroc": aurocs[best]} if best else None,

@@ -61,7 +61,7 @@ def summary_section(metrics: dict) -> Section:
         return section
     patients = summary.get("n_patients")
     section.tables.append(Table("The result in brief", ["", "value"], [
-        ["model", summary.get("model")], ["data", summary.get("data", "unknown")],
+        ["model", summary.get("model")], ["data scored", summary.get("data", "unknown")],
         ["images scored", summary.get("n_images")], ["patients scored", "unknown" if patients is None else patients],
         ["macro AUROC", fmt(summary.get("macro_auroc"))],
         [f"macro AUROC, {_level(metrics)} interval", _interval(summary.get("macro_auroc_ci"))],

@@ -21,7 +21,7 @@ from pyspark.errors import AnalysisException
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
 
-from cxr_spark.cli_flags import deprecated_alias, positive_int
+from cxr_spark.cli_flags import deprecated_alias, nonnegative_int, positive_int
 from cxr_spark.config import PipelineConfig
 from cxr_spark.core.guards import check_input, check_run
 from cxr_spark.core.metrics import AGE_BANDS, RANKING_NAMES, THRESHOLD_RATE_NAMES, UNKNOWN, macro_average
@@ -53,7 +53,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap-replicates", type=positive_int, default=clinical.DEFAULT_REPLICATES,
                         metavar="R", help="patient-bootstrap replicates of the 95%% AUROC intervals (default "
                                           f"{clinical.DEFAULT_REPLICATES})")
-    parser.add_argument("--bootstrap-seed", type=int, default=clinical.DEFAULT_SEED,
+    parser.add_argument("--bootstrap-seed", type=nonnegative_int, default=clinical.DEFAULT_SEED,
                         help=f"seed of the bootstrap's resampling (default {clinical.DEFAULT_SEED})")
     from cxr_spark.stages.report.gradcam import DEFAULT_MAX_BOXED, DEFAULT_TOP_K  # imports this module: not at the top
 
@@ -272,7 +272,8 @@ def _clinical(spark: SparkSession, frame: DataFrame, metrics: dict, thresholds: 
     """Add the bootstrap intervals, calibration, subgroups and their gaps to ``metrics``
     (:mod:`cxr_spark.stages.report.clinical`)."""
     labels, per_label = metrics["labels"], metrics["per_label"]
-    intervals = clinical.bootstrap(spark, frame, labels, resampling.replicates, resampling.seed)
+    intervals = clinical.bootstrap(spark, frame, labels, resampling.replicates, resampling.seed,
+                                   macro_of=[name for name in labels if per_label[name]["auroc"] is not None])
     for name, interval in intervals["per_label"].items():
         per_label[name]["auroc_ci"] = interval
     metrics["macro"]["auroc_ci"] = intervals["macro"]
@@ -334,7 +335,8 @@ def report(spark: SparkSession, predictions_url: str, out: str, baseline_url: st
     if history:
         metrics["model_card"] = history["card"]
         metrics["data"] = history["card"].get("data", "unknown")
-    metrics["summary"] = clinical.summary(metrics)
+    scored = (evaluation.manifest.get("inputs") or {}).get("images") or {}
+    metrics["summary"] = clinical.summary(metrics, scored.get("data") or evaluation.manifest.get("data"))
     with atomic_output(spark, out, "report") as tmp:
         write_json(spark, f"{tmp}/metrics.json", metrics)
         write_text(spark, f"{tmp}/report.md", render_markdown(metrics))
