@@ -264,3 +264,19 @@ def test_the_trained_reference_and_the_demos_kind_of_images_inverted_or_not(trai
 
 def _read_store_files(store: Path) -> list[Path]:
     return sorted(store.glob("scored_date=*/run_id=*/*.parquet"))
+
+
+def test_equalising_models_judge_the_findings_but_not_the_input(spark):
+    """Equalisation gives every film a mean near 128, so a dark dump looks like the reference: the run must not
+    claim the input is fine, nor flag it; the findings are judged as before."""
+    from cxr_spark.stages.batch_score.drift import drift_record
+
+    reference = {"bins": 10, "images": 100, "probabilities": {"Mass": [100] + [0] * 9},
+                 "input_intensity": [0] * 5 + [100] + [0] * 4}
+    rows = [([0.95], 20.0)] * 40  # every film dark and every probability high: both drifted
+    scored = spark.createDataFrame(rows, "probabilities array<float>, input_intensity double")
+    plain = drift_record({"drift_reference": reference, "normalization": {"equalize": False}}, scored, ["Mass"], "r1")
+    equalised = drift_record({"drift_reference": reference, "normalization": {"equalize": True}}, scored, ["Mass"],
+                             "r2")
+    assert plain["drifted"] == ["Mass", "input"] and plain["input_psi"] > 5
+    assert equalised["drifted"] == ["Mass"] and equalised["input_psi"] is None and equalised["input_not_measured"]
