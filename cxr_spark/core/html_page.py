@@ -28,7 +28,7 @@ def page_head(title: str, style: str = "") -> str:
 def figure(key: str, png: bytes, caption: str) -> str:
     """A ``<figure id="figure-KEY">`` holding the PNG inline and its caption.
 
-    >>> figure("roc", b"\\x89PNG", "ROC").startswith('<figure id="figure-roc"><img alt="ROC" src="data:image/png;base64,')
+    >>> figure("roc", b"\\x89PNG", "ROC").startswith('<figure id="figure-roc"><img alt="ROC" src="data:image/png')
     True
     """
     data = base64.b64encode(png).decode("ascii")
