@@ -41,6 +41,7 @@ class TrainConfig:
     weights: str
     seed: int
     shuffle_buffer: int
+    input_workers: int
     task: str
     binary_label: str
     normalization: str

@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from pyspark.sql import SparkSession
 
-from cxr_spark.cli_flags import conf_default, deprecated_alias
+from cxr_spark.cli_flags import conf_default, deprecated_alias, nonnegative_int
 from cxr_spark.config import PipelineConfig, TrackingConfig, TrainConfig, override
 from cxr_spark.core.guards import check_input, check_run
 from cxr_spark.core.histograms import BINS, INTENSITY_RANGE, PROBABILITY_RANGE
@@ -32,7 +32,7 @@ from cxr_spark.io.commit import atomic_output, settle
 from cxr_spark.io.storage import local_path, read_json, to_url, write_bytes, write_json
 from cxr_spark.io.tracking import finish_training_run, open_experiment, start_training_run, store_uri
 from cxr_spark.stages.train.worker import (CHECKPOINT_STATE, TENSORBOARD_DIR, _worker_errors, class_weights,
-                                           make_worker_fn)
+                                           device_plan, make_worker_fn)
 
 log = logging.getLogger(__name__)
 CURVES_FILE = "training_curves.png"
@@ -55,6 +55,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int,
                         help=f"maximum epochs; early stopping may end sooner {conf_default('train', 'epochs')}")
     parser.add_argument("--batch-size", type=int, help=f"batch size per process {conf_default('train', 'batch_size')}")
+    parser.add_argument("--input-workers", type=nonnegative_int, metavar="C",
+                        help="processes that decode and augment each Horovod process's input; 0: spark.task.cpus, "
+                             f"the cores of one task slot {conf_default('train', 'input_workers')}")
     parser.add_argument("--learning-rate", type=float, help="Adam learning rate per process, scaled by the processes "
                                                             f"{conf_default('train', 'learning_rate')}")
     parser.add_argument("--weights", help="local weights file to start from; nothing is downloaded "
@@ -90,6 +93,7 @@ def settings(args: argparse.Namespace, config: PipelineConfig) -> TrainConfig:
     """The run's settings: conf's [train] with the flags given (what ``--print-config`` shows)."""
     return override(config.train, model=args.model, task=args.task, binary_label=args.binary_label,
                     num_proc=args.num_proc, epochs=args.epochs, batch_size=args.batch_size,
+                    input_workers=args.input_workers,
                     learning_rate=args.learning_rate, weights=args.weights, normalization=args.normalization,
                     equalize=args.equalize, augment=args.augment, class_weighting=args.class_weighting)
 
@@ -169,6 +173,7 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
                          f"need one shard each; re-run preprocess with more files per split")
     if settings.task not in TASKS:
         raise ValueError(f"unknown task {settings.task!r}; known: {', '.join(TASKS)}")
+    device_plan([], 0, settings.mixed_precision)  # an unknown setting fails here, not in every rank
     if settings.task == "binary" and settings.binary_label not in LABELS:
         raise ValueError(f"--binary-label {settings.binary_label!r} is not a finding; known: {', '.join(LABELS)}")
     normalization = normalization_spec(settings.normalization, read_json(spark, f"{url}/{NORMALIZATION_FILE}"),
@@ -194,6 +199,7 @@ def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
         "model": settings.model, "seed": settings.seed, "normalization": normalization,
         "batch_size": settings.batch_size, "learning_rate": settings.learning_rate, "epochs": settings.epochs,
         "patience": settings.patience, "shuffle_buffer": settings.shuffle_buffer,
+        "input_workers": input_workers(spark, settings),
         "warmup_epochs": settings.warmup_epochs, "weights": settings.weights,
         "class_weighting": settings.class_weighting,
         "positive_weights": positive_weights, "negative_weights": negative_weights,
@@ -313,6 +319,13 @@ def _clear_checkpoints(folder: str, everything: bool) -> None:
         if name.endswith(".error") or (everything and ours):
             path = os.path.join(folder, name)
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def input_workers(spark: SparkSession, settings: TrainConfig) -> int:
+    """Input worker processes per rank: ``settings.input_workers``, or with 0 the cores of one task slot."""
+    if settings.input_workers < 0:
+        raise ValueError(f"input_workers {settings.input_workers}: expected 0 (the cores of one task slot) or more")
+    return settings.input_workers or int(spark.conf.get("spark.task.cpus", "1"))
 
 
 def _split_files(spark: SparkSession, dataset_url: str, split: str) -> int:

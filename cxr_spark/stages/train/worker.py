@@ -65,10 +65,29 @@ def weighted_binary_crossentropy(positive_weights: list[float], negative_weights
     return loss
 
 
+MIXED_PRECISION = ("auto", "on", "off")
+
+
+def device_plan(gpus: list, local_rank: int, mixed_precision: str) -> tuple[object | None, str]:
+    """The GPU a rank pins (by its local rank; None without GPUs) and its Keras precision policy: float16
+    compute with ``"on"``, or with ``"auto"`` when there is a GPU.
+
+    >>> device_plan([], 0, "auto")
+    (None, 'float32')
+    >>> device_plan(["gpu:0", "gpu:1"], 3, "auto")
+    ('gpu:1', 'mixed_float16')
+    """
+    if mixed_precision not in MIXED_PRECISION:
+        raise ValueError(f"mixed_precision {mixed_precision!r}: expected one of {', '.join(MIXED_PRECISION)}")
+    gpu = gpus[local_rank % len(gpus)] if gpus else None
+    use_float16 = mixed_precision == "on" or (mixed_precision == "auto" and gpu is not None)
+    return gpu, "mixed_float16" if use_float16 else "float32"
+
+
 def make_worker_fn(plain: dict):
     """Return the function each Horovod rank runs. ``plain`` holds only plain values (no session, no config)."""
 
-    def train_on_rank():
+    def train_on_rank(workers):
         import horovod.tensorflow as hvd_tf
         import horovod.tensorflow.keras as hvd
         import tensorflow as tf
@@ -81,12 +100,11 @@ def make_worker_fn(plain: dict):
 
         hvd.init()
         rank, size = hvd.rank(), hvd.size()
-        gpus = tf.config.list_physical_devices("GPU")
-        if gpus:  # one process per GPU, pinned by local rank
-            tf.config.experimental.set_memory_growth(gpus[hvd.local_rank() % len(gpus)], True)
-            tf.config.set_visible_devices(gpus[hvd.local_rank() % len(gpus)], "GPU")
-        if plain["mixed_precision"] == "on" or (plain["mixed_precision"] == "auto" and gpus):
-            tf.keras.mixed_precision.set_global_policy("mixed_float16")  # the sigmoid head stays float32
+        gpu, policy = device_plan(tf.config.list_physical_devices("GPU"), hvd.local_rank(), plain["mixed_precision"])
+        if gpu is not None:  # one process per GPU, pinned by local rank
+            tf.config.experimental.set_memory_growth(gpu, True)
+            tf.config.set_visible_devices(gpu, "GPU")
+        tf.keras.mixed_precision.set_global_policy(policy)  # with mixed_float16 the sigmoid head stays float32
         threads = max(1, (os.cpu_count() or 1) // hvd.local_size())
         tf.config.threading.set_intra_op_parallelism_threads(threads)
         tf.config.threading.set_inter_op_parallelism_threads(1)
@@ -109,11 +127,11 @@ def make_worker_fn(plain: dict):
         def train_epoch(epoch: int):
             return iterate_epoch(url, "train", rank, size, batch, steps, plain["seed"] * 1000 + epoch * size + rank,
                                  augmentation, plain["normalization"], label_index=label_index,
-                                 shuffle_buffer=plain["shuffle_buffer"])
+                                 shuffle_buffer=plain["shuffle_buffer"], workers=workers)
 
         def val_epoch(_epoch: int, rank_=val_rank, size_=val_size):
             return iterate_epoch(url, "val", rank_, size_, batch, None, plain["seed"], None, plain["normalization"],
-                                 label_index=label_index)
+                                 label_index=label_index, workers=workers)
 
         model = build_model(plain["model"], image_size, n_outputs, plain["seed"], plain["weights"] or None)
         scaled_lr = plain["learning_rate"] * size  # the global batch grows with the number of processes
@@ -224,7 +242,7 @@ def make_worker_fn(plain: dict):
         # split's histograms batch-score measures drift against.
         labels, scores, intensities = [], [], []
         for inputs, batch_labels in iterate_epoch(url, "val", None, None, batch, None, 0, None,
-                                                  plain["normalization"], label_index=label_index):
+                                                  plain["normalization"], label_index=label_index, workers=workers):
             labels.append(batch_labels)
             scores.append(model.predict_on_batch(inputs))
             intensities.append(mean_intensity(inputs, plain["normalization"]))
@@ -251,8 +269,11 @@ def make_worker_fn(plain: dict):
                 "steps_per_epoch": steps, "resumed": resumed, "train_seconds": round(seconds, 1)}
 
     def run_and_report():
+        from cxr_spark.stages.train.input_pipeline import InputWorkers
+
         try:
-            return train_on_rank()
+            with InputWorkers(plain["input_workers"]) as workers:  # this rank's decoding and augmenting processes
+                return train_on_rank(workers)
         except BaseException as error:
             # Horovod reports only that a process exited; leave its error where the driver can quote it
             if plain["checkpoint_dir"]:

@@ -9,8 +9,9 @@ from conftest import read_rows
 
 from cxr_spark.core.labels import LABELS
 from cxr_spark.core.normalization import IMAGENET_MEAN, normalization_spec, normalize
-from cxr_spark.stages.train.input_pipeline import (Augmentation, affine_matrix, augment_batch, epoch_dataset,
-                                                   iterate_epoch, random_warp, shard_size, steps_per_epoch)
+from cxr_spark.stages.train.input_pipeline import (Augmentation, InputWorkers, affine_matrix, augment_batch,
+                                                   epoch_dataset, iterate_epoch, random_warp, shard_size,
+                                                   steps_per_epoch)
 from cxr_spark.stages.train.worker import class_weights, weighted_binary_crossentropy
 
 NO_AUGMENT = None
@@ -23,10 +24,17 @@ def _url(path) -> str:
     return f"file://{path}"
 
 
+@pytest.fixture(scope="module", params=[1, 2], ids=["C=1", "C=2"])
+def input_workers(request):
+    """A rank's input workers: the rank's own process (C = 1), or 2 spawned processes."""
+    with InputWorkers(request.param) as workers:
+        yield workers
+
+
 @pytest.mark.in_process  # Spark only makes the dataset: the reader under test runs here
 @pytest.mark.parametrize("ranks,batch", [(2, 4), (3, 5)])
 def test_one_epoch_across_ranks_sees_each_training_image_at_most_once_and_all_but_the_remainder(
-        tiny_images, ranks, batch):
+        tiny_images, ranks, batch, input_workers):
     images, counts = tiny_images
     n_train = counts["splits"]["train"]
     train_ids = [row.image_id for row in read_rows(images, ["image_id"], filters=[("split", "=", "train")])]
@@ -45,12 +53,55 @@ def test_one_epoch_across_ranks_sees_each_training_image_at_most_once_and_all_bu
         for rank in range(ranks):
             batches = list(iterate_epoch(_url(images), "train", rank, ranks, batch, steps, seed=epoch * 10 + rank,
                                          augmentation=NO_AUGMENT, normalization=RESCALE,
-                                         fields=("image_id", "image", "labels")))
+                                         fields=("image_id", "image", "labels"), workers=input_workers))
             assert len(batches) == steps and all(len(b[0]) == batch for b in batches)  # equal steps on every rank
             seen += [image_id for b in batches for image_id in b[2]]
         assert len(seen) == len(set(seen)), "an image was seen twice in one epoch"
         assert set(seen) <= set(train_ids)
         assert len(set(train_ids) - set(seen)) == n_train - steps * batch * ranks  # the documented remainder
+
+
+def _epoch(images, rank, ranks, seed, workers, augmentation=Augmentation(), buffer=256) -> list[tuple]:
+    steps = steps_per_epoch([shard_size(_url(images), "train", r, ranks) for r in range(ranks)], 4) if ranks else None
+    return list(iterate_epoch(_url(images), "train", rank, ranks, 4, steps, seed, augmentation, RESCALE,
+                              fields=("image_id", "image", "labels"), shuffle_buffer=buffer, workers=workers))
+
+
+@pytest.mark.in_process  # Spark only makes the dataset: the reader under test runs here
+def test_the_same_seed_gives_the_same_augmented_batches_with_one_input_worker_or_two(tiny_images):
+    images, _ = tiny_images
+    with InputWorkers(1) as one, InputWorkers(2) as two:
+        for rank, ranks in ((0, 2), (1, 2), (None, None)):
+            by_one, by_two = _epoch(images, rank, ranks, 7, one), _epoch(images, rank, ranks, 7, two)
+            assert len(by_one) == len(by_two) > 1
+            for (x1, y1, ids1), (x2, y2, ids2) in zip(by_one, by_two):
+                assert list(ids1) == list(ids2) and np.array_equal(y1, y2) and np.array_equal(x1, x2)
+        other_seed = _epoch(images, None, None, 8, two)
+        assert [list(b[2]) for b in other_seed] != [list(b[2]) for b in by_two]  # the seed does change the epoch
+
+
+@pytest.mark.in_process  # Spark only makes the dataset: the reader under test runs here
+def test_an_images_augmentation_follows_the_epoch_seed_and_the_image_not_its_batch_or_shard(tiny_images):
+    images, _ = tiny_images
+    stored = {r.image_id: r.image for r in read_rows(images, ["image_id", "image"], filters=[("split", "=", "train")])}
+    flip_only = Augmentation(rotation_deg=0, shift_x=0, shift_y=0, shear_deg=0, zoom=0, horizontal_flip=True)
+
+    def pixels(rank, ranks, seed, buffer):  # image id -> the pixels it was trained on (RESCALE: inputs x 255)
+        return {i: np.rint(x[..., 0] * 255) for x, _, ids in _epoch(images, rank, ranks, seed, None, flip_only, buffer)
+                for i, x in zip(ids, x)}
+
+    def mirrored(epoch: dict) -> set:  # each image is itself or its mirror: which were mirrored
+        assert all(np.array_equal(x, stored[i]) != np.array_equal(x, stored[i][:, ::-1]) for i, x in epoch.items())
+        return {i for i, x in epoch.items() if np.array_equal(x, stored[i][:, ::-1])}
+
+    unsharded = pixels(None, None, 3, buffer=256)
+    sharded = {**pixels(0, 2, 3, buffer=5), **pixels(1, 2, 3, buffer=5)}  # other batches, other order
+    common = set(unsharded) & set(sharded)
+    assert len(common) > len(stored) // 2
+    assert mirrored({i: unsharded[i] for i in common}) == mirrored({i: sharded[i] for i in common})
+    flipped = mirrored(unsharded)
+    assert 0.25 < len(flipped) / len(unsharded) < 0.75  # a fair coin per image, not one for all (seeded)
+    assert mirrored(pixels(None, None, 4, buffer=256)) != flipped  # and a new coin each epoch
 
 
 @pytest.mark.in_process  # Spark only makes the dataset: the reader under test runs here
