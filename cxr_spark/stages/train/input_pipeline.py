@@ -145,8 +145,8 @@ def _start_worker() -> None:
 
 
 def _load_to_file(task: tuple, folder: str) -> dict:
-    """:func:`load_row_group` in a worker, its images handed back in a file of ``folder``: through the pool's
-    pipe they cost the rank's process a fifth more CPU per image (measured at 224 px, 2 workers)."""
+    """:func:`load_row_group` in a worker, its images handed back in a file of ``folder``, not through the
+    pool's pipe, which cost the rank's process more CPU per image (docs/benchmarks.md)."""
     loaded = load_row_group(task)
     if "image" in loaded:
         handle = tempfile.NamedTemporaryFile(dir=folder, suffix=".u8", delete=False)
