@@ -3,11 +3,13 @@ field's codec (what Petastorm stores in Parquet, and back), and writing a datase
 """
 from __future__ import annotations
 
+import json
+import os
+import pickle
 from contextlib import contextmanager
 
 import numpy as np
 from petastorm.codecs import ScalarCodec
-from petastorm.etl.dataset_metadata import materialize_dataset
 from petastorm.unischema import Unischema, UnischemaField
 
 
@@ -27,7 +29,8 @@ def decode_column(schema: Unischema, name: str, values) -> list:
     return [field.codec.decode(field, v) for v in values]
 
 
-#: The session's Hadoop settings petastorm 0.13.1's ``materialize_dataset`` changes while a dataset is written.
+#: The session's Hadoop settings a Petastorm dataset is written under (those petastorm 0.13.1's
+#: ``materialize_dataset`` sets): no Parquet summary files, row groups of the dataset's size.
 PETASTORM_HADOOP_KEYS = ("parquet.summary.metadata.level", "parquet.enable.summary-metadata",
                          "parquet.summary.metadata.propagate-errors", "parquet.block.size.row.check.min",
                          "parquet.row-group.size.row.check.min", "parquet.block.size")
@@ -35,17 +38,48 @@ PETASTORM_HADOOP_KEYS = ("parquet.summary.metadata.level", "parquet.enable.summa
 
 @contextmanager
 def petastorm_dataset(spark, url: str, schema: Unischema, row_group_size_mb: int):
-    """Write a Petastorm dataset at ``url`` inside the block (``materialize_dataset``), and give the session
-    back its Hadoop settings however the block ends: petastorm restores them only after a write that
-    succeeded, so a failed one would leave its row-group size in every later job of the session."""
+    """Write a Petastorm dataset at ``url`` inside the block, then give it Petastorm's metadata: what
+    ``materialize_dataset`` writes (the pickled Unischema and the row groups of each file, in
+    ``_common_metadata``), with the row groups counted from the files' footers here on the driver, not by
+    a Spark task per file (about 50 ms each). The session gets its Hadoop settings back however the block
+    ends (petastorm restores them only after a write that succeeded)."""
     conf = spark.sparkContext._jsc.hadoopConfiguration()
     saved = {key: conf.get(key) for key in PETASTORM_HADOOP_KEYS}
     try:
-        with materialize_dataset(spark, url, schema, row_group_size_mb):
-            yield
+        conf.set("parquet.summary.metadata.level", "NONE")
+        conf.setBoolean("parquet.summary.metadata.propagate-errors", True)
+        conf.setInt("parquet.block.size.row.check.min", 3)
+        conf.setInt("parquet.row-group.size.row.check.min", 3)
+        conf.setInt("parquet.block.size", row_group_size_mb * 2**20)
+        yield
+        write_petastorm_metadata(url, schema)
     finally:
         for key, value in saved.items():
             if value is None:
                 conf.unset(key)
             else:
                 conf.set(key, value)
+
+
+def write_petastorm_metadata(url: str, schema: Unischema) -> None:
+    """Petastorm's metadata for the Parquet files at ``url``, written as ``materialize_dataset`` writes it;
+    fails (PetastormMetadataError) unless Petastorm can then list the dataset's row groups."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import pyarrow.parquet as pq
+    from petastorm.etl.dataset_metadata import ROW_GROUPS_PER_FILE_KEY, UNISCHEMA_KEY, load_row_groups
+    from petastorm.fs_utils import get_filesystem_and_path_or_paths
+    from petastorm.utils import add_to_dataset_metadata
+
+    filesystem, path = get_filesystem_and_path_or_paths(url)
+
+    def row_groups(piece_path: str) -> tuple[str, int]:
+        with filesystem.open(piece_path, "rb") as handle:
+            return os.path.relpath(piece_path, path), pq.ParquetFile(handle).metadata.num_row_groups
+
+    dataset = pq.ParquetDataset(path, filesystem=filesystem, validate_schema=False)
+    add_to_dataset_metadata(dataset, UNISCHEMA_KEY, pickle.dumps(schema))
+    with ThreadPoolExecutor(8) as pool:  # footers: a round trip each on a remote filesystem
+        counts = dict(pool.map(row_groups, [piece.path for piece in dataset.pieces]))
+    add_to_dataset_metadata(dataset, ROW_GROUPS_PER_FILE_KEY, json.dumps(counts))
+    load_row_groups(pq.ParquetDataset(path, filesystem=filesystem, validate_schema=False))
