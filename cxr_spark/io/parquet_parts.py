@@ -262,6 +262,17 @@ def parquet_parts(folder: str | None) -> list[str]:
     return found
 
 
+def written_rows(spark, url: str) -> int:
+    """Rows of the Parquet dataset just written at ``url``: summed from its files' footers when it is local
+    (no Spark job), else counted by Spark."""
+    from cxr_spark.io.storage import local_path
+
+    folder = local_path(url)
+    if folder is None:
+        return spark.read.parquet(url).count()
+    return sum(pq.read_metadata(path).num_rows for path in parquet_parts(folder))
+
+
 def move_parquet_parts(parts: str, folder: str) -> int:
     """Move the Parquet files under the local ``parts`` (:func:`parquet_parts`) to the same places under
     ``folder``; returns how many. A hidden file (a failed task attempt's) stays behind."""

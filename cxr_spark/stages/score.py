@@ -27,6 +27,7 @@ from cxr_spark.datasets.manifest import finish_manifest, input_version
 from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE, load_model_card, loaded_model, predict_probabilities
 from cxr_spark.datasets.predictions import PREDICTIONS_DDL
 from cxr_spark.io.commit import atomic_output, settle
+from cxr_spark.io.parquet_parts import written_rows
 from cxr_spark.io.storage import read_bytes, read_json, to_url
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ def score(spark: SparkSession, input_url: str, model_dir: str, out: str, split: 
                    .withColumn("scored_at", F.lit(scored_at).cast("timestamp")))
     with atomic_output(spark, out, "score") as tmp:
         predictions.write.parquet(tmp)
-        n_scored = spark.read.parquet(tmp).count()
+        n_scored = written_rows(spark, tmp)
         if n_scored == 0 and not allow_empty:
             raise UsageError(f"no image of split {split!r} in {url}: nothing to score; --out is left as it was "
                              f"(--allow-empty writes empty predictions)")

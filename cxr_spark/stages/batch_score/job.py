@@ -52,6 +52,7 @@ from cxr_spark.datasets.manifest import code_version, finish_manifest, input_ver
 from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE, load_model_card
 from cxr_spark.datasets.quarantine import QUARANTINE_DIR
 from cxr_spark.io.commit import DEFAULT_LOCK_STALE_AFTER_S, EXIT_LOCKED, RunLock, step
+from cxr_spark.io.parquet_parts import written_rows
 from cxr_spark.io.storage import FileSystem, content_sha256, listed_files, local_path, read_bytes, to_url, write_text
 from cxr_spark.io.tracking import check_registered_model, download_registered_model, is_registry_uri
 from cxr_spark.stages.batch_score.drift import drift_record
@@ -271,7 +272,9 @@ def _score_run(spark: SparkSession, images: str, model_url: str, store: str, sta
                        "content_sha256", "left_anti")
     first_copy = Window.partitionBy("content_sha256").orderBy("source_path")
     new = fresh.withColumn("copy", F.row_number().over(first_copy)).where("copy = 1").drop("copy").cache()
-    n_listed, n_fresh, n_new = index.count(), fresh.count(), new.count()
+    n_listed = index.count()
+    # the files not known, and how many contents among them: new keeps the first copy of each (one job)
+    n_fresh, n_new = fresh.agg(F.count("*"), F.countDistinct(F.coalesce("content_sha256", F.lit("")))).first()
     labels = plain["labels"]
     flagged = dict.fromkeys(labels, 0)
     n_scored = n_quarantined = 0
@@ -337,8 +340,10 @@ def _rewrite_monitor(spark: SparkSession, store: str) -> None:
 
 
 def _write_nonempty(frame: DataFrame, url: str) -> int:
-    """Write ``frame`` to ``url`` if it has rows (no empty run folders in the store); return its row count."""
-    n_rows = frame.count()
-    if n_rows:
-        frame.write.parquet(url)
+    """Write ``frame`` to ``url`` and return its row count, removing what was written when it has none (no
+    empty run folders in the store)."""
+    frame.write.parquet(url)
+    n_rows = written_rows(frame.sparkSession, url)
+    if not n_rows:
+        FileSystem(frame.sparkSession, url).delete(url)
     return n_rows
