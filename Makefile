@@ -7,6 +7,9 @@ STAMP := $(VENV)/.cxr-spark-installed
 RUN_DIR ?= runs/demo
 # Defined before any rule: make expands prerequisites as it reads each rule.
 BENCH_ARGS ?=
+# make bench: its images and outputs (reused by the next run), and the figures as JSON
+BENCH_DIR ?= runs/bench
+BENCH_JSON ?= $(BENCH_DIR)/bench.json
 # make scale: images in the synthetic dump (every row of NIH's metadata at 112120), their side, where it all goes
 SCALE_N ?= 112120
 SCALE_SIZE ?= 512
@@ -39,8 +42,8 @@ test-fast: install  ## the tests that need no Horovod run
 cluster-test: install $(ENV_ARCHIVE)  ## a Spark standalone master + 2 workers on 127.0.0.1: the pipeline via spark-submit, a killed executor, the shipped environment
 	$(BIN)/python -m pytest -q -m cluster tests/cluster
 
-bench: install  ## ingest, training input vs model + Horovod scaling, and scoring throughput as ratios, measured side by side (no timed tests)
-	PYTHONPATH=$(CURDIR) $(BIN)/python -m benchmarks.bench $(BENCH_ARGS)  # PYTHONPATH: Spark's and Horovod's workers import it too
+bench: install  ## ingest, training input vs model, input workers, Horovod scaling, scoring and batch-score, fixed costs: ratios measured side by side (no timed tests), figures in BENCH_JSON
+	PYTHONPATH=$(CURDIR) $(BIN)/python -m benchmarks.bench --keep $(BENCH_DIR) --json $(BENCH_JSON) $(BENCH_ARGS)  # PYTHONPATH: Spark's and Horovod's workers import it too
 
 scale: install  ## every stage as its own cxr-spark command on SCALE_N synthetic images with NIH's real metadata, 2 GB driver: time, CPU, memory, sizes per stage, one JSON line (the longest run: docs/scale.md; not in CI)
 	PYTHONPATH=$(CURDIR) $(BIN)/python -m benchmarks.scale --n-images $(SCALE_N) --size $(SCALE_SIZE) --dir $(SCALE_DIR) $(SCALE_ARGS)

@@ -1,12 +1,14 @@
 """``make bench``: ingest + preprocess throughput against the PNG-decoding limit, the training input
-pipeline against the model's step rate and Horovod's scaling (:mod:`benchmarks.bench_train`), and the
-Spark scoring job against N x one process predicting in memory (:mod:`benchmarks.bench_score`),
-measured side by side.
+pipeline against the model's step rate and Horovod's scaling (:mod:`benchmarks.bench_train`), one rank's
+input rate with 1 and 2 input workers (:mod:`benchmarks.bench_input`), and the Spark scoring job against
+N x one process predicting in memory, with a 50-file batch-score (:mod:`benchmarks.bench_score`),
+measured side by side; each stage's fixed cost (the intercept of time against images).
 
 Everything is measured in one run: the ingest part on synthetic 1024×1024 PNGs, the training and
 scoring parts on one ``images_<size>`` dataset of their own (synthetic films ingested and preprocessed
 first, untimed). Repeated measurements are summarised by their median, and goals are stated as ratios,
-never as absolute times (machines here are shared and noisy).
+never as absolute times (machines here are shared and noisy). ``--json`` writes the figures a program
+compares (``ingest.plain_ratio``, ``input.scaling_c2_224``, ...; :func:`summary_figures`) and all the rest.
 """
 from __future__ import annotations
 
@@ -31,6 +33,8 @@ log = logging.getLogger(__name__)
 NIH_IMAGES = 112_120
 PARTS = ("ingest", "train", "score")
 MODEL_DUMP_SIZE = 256  # side of the synthetic films behind the training and scoring dataset
+INPUT_SIZES = (128, 224)  # the input part: one rank's input pipeline at these sides
+DECODER_IMAGES = 500  # files the single-process decoder rates are timed on
 
 
 def _median_rate(work, n_images: int, repeats: int) -> float:
@@ -265,7 +269,8 @@ def ingest_figures(base: Path, n_images: int, size: int, repeats: int) -> dict:
     n_small = max(1, len(paths) // 4)
     dumps = {"small": subset_dump(dump, base / f"dump_first_{n_small}", n_small), "full": dump}
     log.info("bench: %d PNGs of 1024x1024 in %s (and the first %d of them)", len(paths), dump, n_small)
-    single = decoder_rates(paths, size, repeats, base / "one_pass_work")
+    # a rate per image: the first DECODER_IMAGES files are enough (all 2,000, five ways, took minutes)
+    single = decoder_rates(paths[:DECODER_IMAGES], size, repeats, base / "one_pass_work")
     decoders, work = single["decoders"], single["one_pass_work_images_per_s"]
     spark = spark_rates(dumps, base / "work", size, repeats)
     keras = keras_flow_rate(dump, size, repeats)
@@ -285,6 +290,8 @@ def ingest_figures(base: Path, n_images: int, size: int, repeats: int) -> dict:
             "marginal_ratio_to_n_x_limit": marginal["total"] / (slots * limit),
             "plain_images_per_s": plain, "plain_ratio_to_n_x_limit": plain / (slots * limit),
             "fixed_seconds_per_run": seconds["full"]["total"] - n_full / marginal["total"],
+            # each stage's intercept of time against images
+            "fixed_seconds_by_stage": {stage: seconds["full"][stage] - n_full / marginal[stage] for stage in marginal},
             "projected_full_nih_hours_per_core": NIH_IMAGES / (marginal["total"] / slots) / 3600,
         }
     ours = figures["one pass"]["plain_images_per_s"]
@@ -329,6 +336,7 @@ def model_dataset(spark, base: Path, n_images: int, size: int) -> str:
 def model_figures(base: Path, parts: set[str], n_images: int, size: int, steps: int, repeats: int,
                   score_batch_size: int) -> dict:
     """The training and scoring parts, in one Spark session, on one dataset."""
+    from benchmarks.bench_input import run_input_bench
     from benchmarks.bench_score import run_scoring_bench
     from benchmarks.bench_train import run_training_bench
     from cxr_spark.io.session import build_session
@@ -341,6 +349,10 @@ def model_figures(base: Path, parts: set[str], n_images: int, size: int, steps: 
             load_before = _load_average()
             result["training"] = run_training_bench(spark, images, steps, repeats)
             result["training"]["load_average_1min"] = [load_before, _load_average()]
+            load_before = _load_average()
+            result["input"] = run_input_bench(spark, str(base / "model_work" / "raw"), base / "model_work",
+                                              INPUT_SIZES, repeats)
+            result["input"]["load_average_1min"] = [load_before, _load_average()]
         if "score" in parts:
             load_before = _load_average()
             result["scoring"] = run_scoring_bench(spark, images, base / "model_work", repeats, score_batch_size)
@@ -371,6 +383,7 @@ def _load_line(load: list[float]) -> str:
 
 
 def format_report(result: dict) -> str:
+    from benchmarks.bench_input import format_input_report
     from benchmarks.bench_score import format_scoring_report
     from benchmarks.bench_train import format_training_report
 
@@ -379,7 +392,7 @@ def format_report(result: dict) -> str:
         n, small, slots = result["images"], result["small_images"], result["spark_slots"]
         lines = [f"Ingest + preprocess benchmark: {n} synthetic 1024x1024 PNGs -> {result['size']}px, "
                  f"median of {result['repeats']} runs, {slots} Spark slots on {result['cores']} cores", "",
-                 "1. single-process decode + resize (images/s on one core):"]
+                 f"1. single-process decode + resize (images/s on one core, the first {min(n, DECODER_IMAGES)} files):"]
         lines += [f"     {rate['images_per_s']:8.1f}  {name}  (mean |diff| from one INTER_AREA step: "
                   f"{rate['mean_abs_diff']:.2f} gray levels)" for name, rate in result["single_process_rates"].items()]
         lines += [f"   limit = the fastest: {result['limit_images_per_s_per_core']:.1f} images/s per core",
@@ -419,16 +432,56 @@ def format_report(result: dict) -> str:
     if "training" in result:
         sections.append(format_training_report(result["training"]) + "\n" +
                         _load_line(result["training"]["load_average_1min"]))
+    if "input" in result:
+        sections.append(format_input_report(result["input"]) + "\n" + _load_line(result["input"]["load_average_1min"]))
     if "scoring" in result:
         sections.append(format_scoring_report(result["scoring"]) + "\n" +
                         _load_line(result["scoring"]["load_average_1min"]))
+    summary = summary_figures(result)
+    fixed = {key.split(".")[0]: value for key, value in summary.items() if key.endswith(".fixed_seconds")}
+    if fixed:
+        sections.append("Fixed cost per stage run (the intercept of time against images; goal <= 3 s each): " +
+                        ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in fixed.items()))
     return "\n\n".join(sections)
+
+
+def summary_figures(result: dict) -> dict:
+    """The figures a program compares between runs (``bench.json``'s keys), those this run measured."""
+    figures = {}
+    if "images" in result:
+        one_pass, two_stages = result["spark_paths"]["one pass"], result["spark_paths"]["two stages"]
+        figures.update({
+            "ingest.limit_per_core": result["limit_images_per_s_per_core"],
+            "ingest.own_work_ratio": result["one_pass_work_ratio_to_limit"],
+            "ingest.marginal_over_own_work": result["one_pass_marginal_ratio_to_n_x_work"],
+            "ingest.plain_ratio": one_pass["plain_ratio_to_n_x_limit"],
+            "ingest.fixed_seconds": one_pass["fixed_seconds_per_run"],
+            "preprocess.fixed_seconds": two_stages["fixed_seconds_by_stage"]["preprocess"],
+            "n_images": result["images"]})
+    if "input" in result:
+        by_size = result["input"]["by_size"]
+        for size, sized in by_size.items():
+            figures[f"input.rate_per_core_{size}"] = sized["rate_per_core"]
+            figures[f"input.scaling_c2_{size}"] = sized["scaling_c2"]
+    if "horovod_scaling_efficiency" in result.get("training", {}):
+        figures["horovod.scaling"] = result["training"]["horovod_scaling_efficiency"]
+    if "scoring" in result:
+        scoring = result["scoring"]
+        figures["score.whole_job_ratio"] = scoring["ratio_to_n_x_single"]
+        if "spark_fixed_seconds" in scoring:
+            figures["score.fixed_seconds"] = scoring["spark_fixed_seconds"]
+        figures["batch_score.seconds_50_files"] = scoring["batch_score"]["seconds"]
+    loads = [load for part in result.values() if isinstance(part, dict) for load in part.get("load_average_1min", [])]
+    loads += result.get("load_average_1min", [])
+    if loads:
+        figures["load_average"] = statistics.mean(loads)
+    return figures
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--n-images", type=int, default=800,
-                        help="synthetic 1024x1024 PNGs (default 800); the marginal rate also times the first quarter")
+    parser.add_argument("--n-images", type=int, default=2000,
+                        help="synthetic 1024x1024 PNGs (default 2000); the marginal rate also times the first quarter")
     parser.add_argument("--size", type=int, default=224, help="resize target (default 224)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement; the median is shown")
     parser.add_argument("--skip", action="append", choices=PARTS, default=[],
@@ -443,7 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--score-batch-size", type=int,
                         help="images per model call when scoring (default from conf [score])")
     parser.add_argument("--keep", help="keep the images and outputs in this folder (reused on the next run)")
-    parser.add_argument("--json", help="also write the figures as JSON here")
+    parser.add_argument("--json", help="also write the figures as JSON here: the keys a program compares, and every "
+                                       "figure under 'details'")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
@@ -459,7 +513,9 @@ def main(argv: list[str] | None = None) -> int:
                  args.train_size, args.train_steps, score_batch_size)
     print(format_report(result))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({**summary_figures(result), "details": result}, indent=2))
+        log.info("bench: figures in %s", args.json)
     return 0
 
 
