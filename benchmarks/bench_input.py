@@ -26,15 +26,16 @@ WORKERS = (1, 2)
 
 
 def images_at(spark, raw: str, base: Path, size: int) -> str:
-    """``images_<size>`` preprocessed from the bench's ``raw`` dataset (reused when already there)."""
+    """``images_<size>`` preprocessed from the bench's ``raw`` dataset (reused when made from the same rows)."""
     import json
 
     from cxr_spark.config import load_config, override
     from cxr_spark.stages.preprocess import preprocess
 
     out = base / f"images_{size}"
-    manifest = out / "_manifest.json"
-    if manifest.exists() and json.loads(manifest.read_text())["counts"]["size"] == size:
+    manifest, raw_manifest = out / "_manifest.json", Path(raw) / "_manifest.json"
+    if manifest.exists() and json.loads(manifest.read_text())["counts"]["raw_rows"] == \
+            json.loads(raw_manifest.read_text())["counts"]["ingested"]:
         return str(out)
     preprocess(spark, raw, str(out), override(load_config().preprocess, size=size))
     return str(out)

@@ -41,7 +41,7 @@ def petastorm_dataset(spark, url: str, schema: Unischema, row_group_size_mb: int
     """Write a Petastorm dataset at ``url`` inside the block, then give it Petastorm's metadata: what
     ``materialize_dataset`` writes (the pickled Unischema and the row groups of each file, in
     ``_common_metadata``), with the row groups counted from the files' footers here on the driver, not by
-    a Spark task per file (about 50 ms each). The session gets its Hadoop settings back however the block
+    a Spark task per file (about 50 ms each; docs/benchmarks.md). The session gets its Hadoop settings back however the block
     ends (petastorm restores them only after a write that succeeded)."""
     conf = spark.sparkContext._jsc.hadoopConfiguration()
     saved = {key: conf.get(key) for key in PETASTORM_HADOOP_KEYS}
@@ -52,7 +52,7 @@ def petastorm_dataset(spark, url: str, schema: Unischema, row_group_size_mb: int
         conf.setInt("parquet.row-group.size.row.check.min", 3)
         conf.setInt("parquet.block.size", row_group_size_mb * 2**20)
         yield
-        write_petastorm_metadata(url, schema)
+        write_petastorm_metadata(spark, url, schema)
     finally:
         for key, value in saved.items():
             if value is None:
@@ -61,25 +61,27 @@ def petastorm_dataset(spark, url: str, schema: Unischema, row_group_size_mb: int
                 conf.set(key, value)
 
 
-def write_petastorm_metadata(url: str, schema: Unischema) -> None:
-    """Petastorm's metadata for the Parquet files at ``url``, written as ``materialize_dataset`` writes it;
-    fails (PetastormMetadataError) unless Petastorm can then list the dataset's row groups."""
-    from concurrent.futures import ThreadPoolExecutor
-
+def write_petastorm_metadata(spark, url: str, schema: Unischema) -> None:
+    """Petastorm's metadata for the Parquet files at ``url``, written as ``materialize_dataset`` writes it (on
+    the filesystem it resolves from the session's Hadoop settings and user); fails (PetastormMetadataError)
+    unless Petastorm can then list the dataset's row groups."""
     import pyarrow.parquet as pq
     from petastorm.etl.dataset_metadata import ROW_GROUPS_PER_FILE_KEY, UNISCHEMA_KEY, load_row_groups
-    from petastorm.fs_utils import get_filesystem_and_path_or_paths
+    from petastorm.fs_utils import FilesystemResolver
     from petastorm.utils import add_to_dataset_metadata
 
-    filesystem, path = get_filesystem_and_path_or_paths(url)
+    resolver = FilesystemResolver(url, spark.sparkContext._jsc.hadoopConfiguration(),
+                                  user=spark.sparkContext.sparkUser())
+    filesystem, path = resolver.filesystem_factory()(), resolver.get_dataset_path()
 
-    def row_groups(piece_path: str) -> tuple[str, int]:
-        with filesystem.open(piece_path, "rb") as handle:
-            return os.path.relpath(piece_path, path), pq.ParquetFile(handle).metadata.num_row_groups
+    def dataset():
+        return pq.ParquetDataset(path, filesystem=filesystem, validate_schema=False)
 
-    dataset = pq.ParquetDataset(path, filesystem=filesystem, validate_schema=False)
-    add_to_dataset_metadata(dataset, UNISCHEMA_KEY, pickle.dumps(schema))
-    with ThreadPoolExecutor(8) as pool:  # footers: a round trip each on a remote filesystem
-        counts = dict(pool.map(row_groups, [piece.path for piece in dataset.pieces]))
-    add_to_dataset_metadata(dataset, ROW_GROUPS_PER_FILE_KEY, json.dumps(counts))
-    load_row_groups(pq.ParquetDataset(path, filesystem=filesystem, validate_schema=False))
+    pieces = dataset().pieces
+    add_to_dataset_metadata(dataset(), UNISCHEMA_KEY, pickle.dumps(schema))
+    counts = {}
+    for piece in pieces:  # a footer each: milliseconds on a local disk, a round trip on HDFS
+        with filesystem.open(piece.path, "rb") as handle:
+            counts[os.path.relpath(piece.path, path)] = pq.ParquetFile(handle).metadata.num_row_groups
+    add_to_dataset_metadata(dataset(), ROW_GROUPS_PER_FILE_KEY, json.dumps(counts))
+    load_row_groups(dataset())

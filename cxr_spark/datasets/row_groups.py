@@ -76,6 +76,7 @@ def read_row_group(url: str, group: RowGroup, fields: tuple[str, ...]) -> dict[s
     """The ``fields`` of one row group, each decoded by its field's codec, as lists in stored row order."""
     filesystem, _ = _filesystem(url)
     with filesystem.open(group.path, "rb") as handle:
-        table = pq.ParquetFile(handle).read_row_group(group.index, columns=list(fields))
+        # one thread: an input worker is one core (and the rank's own process, with one worker)
+        table = pq.ParquetFile(handle).read_row_group(group.index, columns=list(fields), use_threads=False)
     schema = stored_schema(url)
     return {name: decode_column(schema, name, table.column(name).to_pylist()) for name in fields}

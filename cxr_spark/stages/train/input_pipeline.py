@@ -128,7 +128,7 @@ def load_row_group(task: tuple) -> dict[str, np.ndarray]:
     ids = columns["image_id"]
     out = {"image_id": np.array(ids, dtype=object)}
     if "labels" in columns:
-        out["labels"] = np.array(columns["labels"], dtype=np.float32).reshape(len(ids), -1)
+        out["labels"] = (np.stack(columns["labels"]).astype(np.float32) if ids else np.empty((0, 0), np.float32))
     if "image" in columns:
         images = columns["image"]
         if augmentation is not None and augmentation.enabled:
@@ -170,8 +170,9 @@ class InputWorkers:
     row groups ahead of the reader, so what a rank trains on does not depend on ``count`` (tested).
 
     Spawned, not forked: the rank's process runs TensorFlow, whose threads a fork would copy mid-state.
-    Open once per training run (the processes start in about a second) and close it after, or use ``with``:
-    closing stops the processes and removes the folder their images pass through.
+    A worker that dies (killed, out of memory) fails the epoch with ``BrokenProcessPool`` rather than
+    leaving the rank waiting. Open once per training run (the processes start in about a second) and close
+    it after, or use ``with``: closing stops the processes and removes the folder their images pass through.
     """
 
     def __init__(self, count: int):
@@ -181,9 +182,11 @@ class InputWorkers:
         self._pool = self._folder = None
         if count > 1:
             import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
 
             self._folder = tempfile.mkdtemp(prefix="cxr-input-")
-            self._pool = multiprocessing.get_context("spawn").Pool(count, initializer=_start_worker)
+            self._pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_start_worker)
 
     def load(self, tasks: list[tuple]) -> Iterator[dict]:
         """:func:`load_row_group` of each task, in order."""
@@ -193,22 +196,22 @@ class InputWorkers:
         pending: deque = deque()
         try:
             for task in tasks:
-                pending.append(self._pool.apply_async(_load_to_file, (task, self._folder)))
+                pending.append(self._pool.submit(_load_to_file, task, self._folder))
                 if len(pending) >= 2 * self.count:
-                    yield _from_file(pending.popleft().get())
+                    yield _from_file(pending.popleft().result())
             while pending:
-                yield _from_file(pending.popleft().get())
-        finally:  # an epoch that stops early (``steps``): the row groups loaded ahead are not needed
-            for result in pending:
-                with contextlib.suppress(Exception):
-                    _from_file(result.get())
+                yield _from_file(pending.popleft().result())
+        finally:  # an epoch that stops early (``steps``) or fails: the row groups loaded ahead are not needed
+            for future in pending:
+                if not future.cancel() and self._pool is not None:
+                    with contextlib.suppress(Exception):  # a broken or closed pool raises at once
+                        _from_file(future.result())
 
     def close(self) -> None:
         if self._pool is not None:
-            self._pool.terminate()
-            self._pool.join()
+            pool, self._pool = self._pool, None
+            pool.shutdown(wait=True, cancel_futures=True)
             shutil.rmtree(self._folder, ignore_errors=True)
-            self._pool = None
 
     def __enter__(self) -> "InputWorkers":
         return self

@@ -45,6 +45,13 @@ def test_one_epoch_across_ranks_sees_each_training_image_at_most_once_and_all_bu
     assert sum(expected_sizes) == n_train
     sizes = [shard_size(_url(images), "train", r, ranks) for r in range(ranks)]
     assert sizes == expected_sizes
+    for rank in range(ranks):  # the rows themselves: each rank reads petastorm's shard, not just as many rows
+        expected_ids = [row.image_id for row in read_rows(images, ["image_id"], filters=[("split", "=", "train")],
+                                                           cur_shard=rank, shard_count=ranks)]
+        whole_epoch = [i for b in iterate_epoch(_url(images), "train", rank, ranks, batch, None, 0, NO_AUGMENT, RESCALE,
+                                                fields=("image_id", "image", "labels"), workers=input_workers)
+                       for i in b[2]]
+        assert sorted(whole_epoch) == sorted(expected_ids)
     steps = steps_per_epoch(sizes, batch)
     assert steps == min(expected_sizes) // batch > 0
 
@@ -78,6 +85,38 @@ def test_the_same_seed_gives_the_same_augmented_batches_with_one_input_worker_or
                 assert list(ids1) == list(ids2) and np.array_equal(y1, y2) and np.array_equal(x1, x2)
         other_seed = _epoch(images, None, None, 8, two)
         assert [list(b[2]) for b in other_seed] != [list(b[2]) for b in by_two]  # the seed does change the epoch
+
+
+@pytest.mark.in_process  # Spark only makes the dataset: the reader under test runs here
+def test_a_killed_input_worker_fails_the_epoch_instead_of_leaving_the_rank_waiting(tiny_images):
+    import signal
+    from concurrent.futures.process import BrokenProcessPool
+
+    import psutil
+
+    images, _ = tiny_images
+
+    def give_up(*_):
+        raise TimeoutError("the epoch waited for a dead worker")
+
+    previous = signal.signal(signal.SIGALRM, give_up)
+    signal.alarm(120)
+    try:
+        def spawned() -> set:  # this process's spawned children (not the Spark JVM, also a child of the tests)
+            return {child for child in psutil.Process().children() if "spawn_main" in " ".join(child.cmdline())}
+
+        others = spawned()  # another test's workers
+        with InputWorkers(2) as workers:
+            assert len(_epoch(images, None, None, 1, workers)) > 1  # the workers are up
+            workers_of_this_process = sorted(spawned() - others, key=lambda child: child.pid)
+            assert len(workers_of_this_process) == 2
+            workers_of_this_process[0].kill()
+            workers_of_this_process[0].wait(30)
+            with pytest.raises(BrokenProcessPool):
+                _epoch(images, None, None, 2, workers)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.mark.in_process  # Spark only makes the dataset: the reader under test runs here
