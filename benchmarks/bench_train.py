@@ -1,7 +1,7 @@
 """``make bench`` (training part): does the input pipeline feed the model, and how do 2 Horovod
 processes scale over 1? Measured side by side in one run on the same ``images_<size>`` dataset; medians.
 
-1. the Petastorm reader + augmentation + normalisation rate of one process on one core (images/s),
+1. the input pipeline's rate (row groups read, augmented, normalised) in one process on one core (images/s),
    exactly as a training epoch reads (:func:`cxr_spark.stages.train.input_pipeline.iterate_epoch`);
 2. the training step rate of the demo model in one process on one core (images/s), compiled as
    :mod:`cxr_spark.stages.train.job` compiles it (class-weighted loss, AUROC metric);
@@ -195,7 +195,7 @@ def run_training_bench(spark, images_url: str, steps: int, repeats: int) -> dict
 def format_training_report(result: dict) -> str:
     lines = [f"Training benchmark: {result['model']} at {result['size']}px, batch {result['batch_per_process']} per "
              f"process, {result['train_images']} train images, one core per process, medians",
-             f"1. Petastorm reader + augmentation + normalisation, one process: "
+             f"1. input pipeline (row groups, augmentation, normalisation; C = 1), one process: "
              f"{result['input_pipeline_images_per_s']:.1f} images/s "
              f"(whole epochs, {result['input_images_per_measurement']} images a measurement)",
              f"2. training steps, one process: {result['train_step_images_per_s']:.1f} images/s "
