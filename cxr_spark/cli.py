@@ -24,7 +24,8 @@ import textwrap
 from types import ModuleType
 
 from cxr_spark import __version__
-from cxr_spark.cli_flags import conf_default, deprecated_alias, deprecation_warnings, relax_required, settings_toml
+from cxr_spark.cli_flags import (OneLineParser, conf_default, deprecated_alias, deprecation_warnings, relax_required,
+                                settings_toml)
 from cxr_spark.config import PipelineConfig, load_config, override
 from cxr_spark.core.guards import UsageError
 from cxr_spark.io.session import build_session
@@ -130,7 +131,7 @@ def _with_example(parser: argparse.ArgumentParser, command: str) -> None:
 
 def args_parser(strict: bool = True) -> argparse.ArgumentParser:
     """The ``cxr-spark`` parser; not ``strict``: no option is required (``--print-config`` needs no paths)."""
-    parser = argparse.ArgumentParser(prog="cxr-spark", description=(
+    parser = OneLineParser(prog="cxr-spark", description=(
         "A Spark pipeline for chest X-rays (NIH ChestX-ray14): synth -> ingest -> preprocess -> train "
         "(Horovod-on-Spark) -> score -> report. Each stage can also run as spark-submit spark_jobs/<stage>.py."))
     parser.add_argument("--version", action="version", version=f"cxr-spark {__version__}")

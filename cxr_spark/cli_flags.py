@@ -64,6 +64,19 @@ def nonnegative_int(text: str) -> int:
     return value
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a mistake on the command line as one line naming the flag (argparse prints its whole
+    usage block first); ``--help`` still shows the usage. Its subcommands' parsers are of this class too.
+
+    >>> OneLineParser(prog="cxr-spark train").error("argument --epochs: invalid int value: 'x'")
+    Traceback (most recent call last):
+    SystemExit: 2
+    """
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
+
+
 def deprecated_alias(parser: argparse.ArgumentParser, old: str, new: str) -> None:
     """Accept ``old`` as a deprecated spelling of ``new``, an option already added to ``parser`` (a flag that
     takes a value): same destination, type, choices and metavar; hidden from the help, which says ``new``

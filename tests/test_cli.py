@@ -23,7 +23,8 @@ CONF_FLAGS = [("ingest", "--val-fraction", "ingest", "val_fraction"),
               ("features", "--reg-param", "features", "reg_param"), ("score", "--split", "score", "split"),
               ("batch-score", "--batch-size", "score", "batch_size"), ("demo", "--epochs", "train", "epochs"),
               ("demo", "--num-proc", "train", "num_proc"), ("train", "--arch", "train", "model"),
-              ("train", "--epochs", "train", "epochs"), ("train", "--learning-rate", "train", "learning_rate")]
+              ("train", "--epochs", "train", "epochs"), ("train", "--learning-rate", "train", "learning_rate"),
+              ("train", "--input-workers", "train", "input_workers")]
 
 
 @pytest.fixture(scope="module")

@@ -240,3 +240,17 @@ def test_a_refused_batch_score_run_writes_nothing_where_the_store_may_not_be(run
     line = _refused(["batch-score", "--images", "missing", "--model", "model", "--out", "predictions"], runs)
     assert "is not a batch-score store" in line
     assert _listing(runs) == before
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["train", "--in", "images_32", "--out", "model2", "--input-workers", "-1"],
+     "cxr-spark train: error: argument --input-workers: must be 0 or more, not -1"),
+    (["train", "--in", "images_32", "--out", "model2", "--epochs", "many"],
+     "cxr-spark train: error: argument --epochs: invalid int value: 'many'"),
+    (["report", "--predictions", "predictions", "--out", "report", "--bootstrap-seed", "-1"],
+     "cxr-spark report: error: argument --bootstrap-seed: must be 0 or more, not -1"),
+    (["score", "--in", "images_32", "--model", "model"],
+     "cxr-spark score: error: the following arguments are required: --out")])
+def test_a_value_argparse_rejects_is_one_line_naming_the_flag_not_the_usage_block(runs, args, expected):
+    line = _refused(args, runs)
+    assert line == expected + " (--help for usage)"
