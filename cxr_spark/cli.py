@@ -25,7 +25,7 @@ from types import ModuleType
 
 from cxr_spark import __version__
 from cxr_spark.cli_flags import (OneLineParser, conf_default, deprecated_alias, deprecation_warnings, relax_required,
-                                settings_toml)
+                                 settings_toml)
 from cxr_spark.config import PipelineConfig, load_config, override
 from cxr_spark.core.guards import UsageError
 from cxr_spark.io.session import build_session
