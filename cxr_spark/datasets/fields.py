@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import warnings
 from contextlib import contextmanager
 
 import numpy as np
@@ -77,11 +78,13 @@ def write_petastorm_metadata(spark, url: str, schema: Unischema) -> None:
     def dataset():
         return pq.ParquetDataset(path, filesystem=filesystem, validate_schema=False)
 
-    pieces = dataset().pieces
-    add_to_dataset_metadata(dataset(), UNISCHEMA_KEY, pickle.dumps(schema))
-    counts = {}
-    for piece in pieces:  # a footer each: milliseconds on a local disk, a round trip on HDFS
-        with filesystem.open(piece.path, "rb") as handle:
-            counts[os.path.relpath(piece.path, path)] = pq.ParquetFile(handle).metadata.num_row_groups
-    add_to_dataset_metadata(dataset(), ROW_GROUPS_PER_FILE_KEY, json.dumps(counts))
-    load_row_groups(dataset())
+    with warnings.catch_warnings():  # petastorm 0.13.1 works with pyarrow's legacy dataset, which says so
+        warnings.simplefilter("ignore", FutureWarning)
+        pieces = dataset().pieces
+        add_to_dataset_metadata(dataset(), UNISCHEMA_KEY, pickle.dumps(schema))
+        counts = {}
+        for piece in pieces:  # a footer each: milliseconds on a local disk, a round trip on HDFS
+            with filesystem.open(piece.path, "rb") as handle:
+                counts[os.path.relpath(piece.path, path)] = pq.ParquetFile(handle).metadata.num_row_groups
+        add_to_dataset_metadata(dataset(), ROW_GROUPS_PER_FILE_KEY, json.dumps(counts))
+        load_row_groups(dataset())

@@ -9,6 +9,7 @@ so a row group can be loaded in another process (the training input's workers).
 """
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -37,7 +38,9 @@ def stored_schema(url: str):
     """The Unischema a Petastorm dataset stores in its metadata."""
     from petastorm.etl.dataset_metadata import get_schema_from_dataset_url
 
-    return get_schema_from_dataset_url(url)
+    with warnings.catch_warnings():  # pyarrow's legacy dataset under petastorm 0.13.1
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_schema_from_dataset_url(url)
 
 
 def split_row_groups(url: str, split: str) -> list[RowGroup]:
@@ -45,8 +48,11 @@ def split_row_groups(url: str, split: str) -> list[RowGroup]:
     from petastorm.etl.dataset_metadata import load_row_groups
 
     filesystem, path = _filesystem(url)
-    dataset = pq.ParquetDataset(path, filesystem=filesystem, validate_schema=False, filters=[("split", "=", split)])
-    return [RowGroup(piece.path, piece.row_group) for piece in load_row_groups(dataset)]
+    with warnings.catch_warnings():  # petastorm 0.13.1 works with pyarrow's legacy dataset, which says so
+        warnings.simplefilter("ignore", FutureWarning)
+        dataset = pq.ParquetDataset(path, filesystem=filesystem, validate_schema=False,
+                                    filters=[("split", "=", split)])
+        return [RowGroup(piece.path, piece.row_group) for piece in load_row_groups(dataset)]
 
 
 def shard(groups: list[RowGroup], rank: int | None, size: int | None) -> list[RowGroup]:
