@@ -32,8 +32,25 @@ def skip_static_zip_rereads() -> None:
     zipimport.zipimporter.invalidate_caches = invalidate_caches
 
 
+#: What every Python task of ours imports, imported once in the daemon: each worker it forks starts with them.
+#: Not TensorFlow, whose runtime is not safe to fork.
+PRELOADED = ("numpy", "pandas", "pyarrow", "pyarrow.parquet", "cv2", "pyspark.worker", "pyspark.sql.pandas.serializers")
+
+
+def preload() -> None:
+    import importlib
+
+    for name in PRELOADED:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # a worker without it imports nothing more than before
+            pass
+
+
 if __name__ == "__main__":
     skip_static_zip_rereads()
+    if os.environ.get("CXR_DAEMON_PRELOAD", "1") != "0":
+        preload()
     from pyspark.daemon import manager
 
     manager()
