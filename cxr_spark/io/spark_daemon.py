@@ -8,6 +8,9 @@ each worker, the cost of decoding ten radiographs. This daemon skips that re-rea
 the archives that were on the path when it started (Spark's own, which do not change while a worker
 lives); archives added later (``--py-files``, ``addPyFile``) are refreshed as before.
 
+It also imports what every task of ours needs (:data:`PRELOADED`) before forking its workers, so each
+starts with them (``CXR_DAEMON_PRELOAD=0`` in the environment switches that off).
+
 Selected by ``spark.python.daemon.module cxr_spark.io.spark_daemon`` in ``conf/spark/*.conf``.
 """
 from __future__ import annotations
