@@ -104,7 +104,7 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
                 # no row, so no split folder: one empty file gives readers (and Petastorm) the schema
                 spark.createDataFrame([], images_schema(size).as_spark_schema()).coalesce(1).write.mode(
                     "append").parquet(tmp)
-        written = spark.read.parquet(tmp)
+        written = spark.read.schema(images_schema(size).as_spark_schema()).parquet(tmp)  # no job to infer it
         # rows per split and the train split's pixel moments, in one job
         per_split = {r["split"]: r for r in written.groupBy("split").agg(
             F.count("*").alias("n"), F.avg("pixel_mean").alias("mean"),

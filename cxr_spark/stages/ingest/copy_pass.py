@@ -16,9 +16,10 @@ from cxr_spark.datasets.images import PNG_BYTES_PER_PIXEL, images_schema, write_
 from cxr_spark.datasets.manifest import input_version
 from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA
 from cxr_spark.datasets.raw import RawSchema, metadata_columns
+from cxr_spark.io.parquet_parts import written_rows
 from cxr_spark.io.session import max_partition_bytes
 from cxr_spark.io.storage import FileSystem, local_path, read_json, to_url
-from cxr_spark.stages.ingest.files import dicom_as_png
+from cxr_spark.stages.ingest.files import IMAGE_OUT, dicom_as_png
 from cxr_spark.stages.ingest.pass1 import raw_arrow_schema, raw_part_writer
 
 
@@ -46,10 +47,16 @@ def write_images_beside(spark: SparkSession, out: str, raw_tmp: str, images_out:
     """``images_<size>`` (into ``images_tmp``, committed with raw) from the images pass 1 resized: the rows its
     tasks wrote themselves, and the others (DICOM) from its index rows joined to the metadata of the raw
     rows just written to ``raw_tmp``, which becomes ``out``."""
-    raw = spark.read.parquet(raw_tmp)
+    # every file read here was written by this run: read with the schemas it was written with (no Spark job
+    # to infer one), and nothing of it is read unless write_images needs rows beyond pass 1's own files
+    raw = spark.read.schema(RawSchema.as_spark_schema()).parquet(raw_tmp)
     columns = [field.name for field in images_schema(images_settings.size).fields.values()]
-    pass1_images = (spark.read.parquet(f"{stage}/index").select("path", "image", "pixel_mean", "pixel_std")
-               .join(spark.read.parquet(f"{stage}/accepted"), "path").drop("path"))
+    index = spark.read.schema(f"path string, {IMAGE_OUT}").parquet(f"{stage}/index")
+    if FileSystem(spark, stage).exists(f"{stage}/accepted"):
+        accepted = spark.read.schema("path string, image_id string").parquet(f"{stage}/accepted")
+    else:  # pass 1 wrote the images_<size> row of every file it accepted
+        accepted = spark.createDataFrame([], "path string, image_id string")
+    pass1_images = index.join(accepted, "path").drop("path")
     rows = raw.select(*metadata_columns()).join(pass1_images, "image_id").select(*columns)
     if previous is not None:
         rows = previous[0].select(*columns).unionByName(rows)
@@ -58,7 +65,7 @@ def write_images_beside(spark: SparkSession, out: str, raw_tmp: str, images_out:
         return previous[1] if previous is not None else spark.createDataFrame([], QUARANTINE_SCHEMA)
 
     made_from = {**input_version(spark, raw_tmp), "url": to_url(out)}  # the raw run committed with it
-    return write_images(spark, rows, images_out, images_settings, n_rows=raw.count(), quarantine=quarantine,
+    return write_images(spark, rows, images_out, images_settings, n_rows=written_rows(spark, raw_tmp), quarantine=quarantine,
                         started=started, inputs={"raw": made_from}, extra={"written_by": "ingest --images-out", "data": data},
                         parts=local_path(f"{stage}/images"), into=images_tmp, allow_empty=allow_empty)
 

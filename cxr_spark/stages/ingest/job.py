@@ -27,7 +27,7 @@ from cxr_spark.datasets.manifest import finish_manifest
 from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA, check_reasons
 from cxr_spark.datasets.raw import RawSchema
 from cxr_spark.io.commit import OutputRun
-from cxr_spark.io.parquet_parts import image_rows_writer, move_parquet_parts
+from cxr_spark.io.parquet_parts import image_rows_writer, move_parquet_parts, written_rows
 from cxr_spark.io.storage import local_path, to_url
 from cxr_spark.stages.ingest.copy_pass import (copy_in_spark, copy_in_workers, previous_images, schema_columns,
                                                write_images_beside)
@@ -194,7 +194,9 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
     decided = decide_fates(index, first_meta, layout, existing).cache()
     fates = list_fates(decided)
 
-    if size:  # which pass-1 index rows become images_<size> rows, for write_images_beside
+    pending = sum(fate["count"] for fate in fates if fate["accepted"] and not fate["skipped"]
+                  and not (image_parts and fate["raw_written"]))
+    if size and pending:  # which pass-1 index rows become images_<size> rows, for write_images_beside
         (decided.where("reason IS NULL AND NOT skipped" + (" AND NOT raw_written" if image_parts else ""))
          .select("path", "image_id").write.parquet(f"{stage}/accepted"))
     accepted = decided.where("reason IS NULL AND NOT skipped")
@@ -253,7 +255,7 @@ def _count(spark: SparkSession, tmp: str, fates: list[dict], decided: DataFrame,
            boxes: DataFrame | None, existing: DataFrame | None) -> dict:
     """Counts from what was written, so they reconcile with the outputs themselves (the files listed and
     their fates, from :func:`list_fates`, are what pass 1 and the decisions made of them)."""
-    raw = spark.read.parquet(tmp)
+    raw = spark.read.schema("split string").parquet(tmp)  # written just now, with RawSchema's split column
     quarantine = spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{tmp}/{QUARANTINE_DIR}")
     by_kind, by_reason = {}, {}
     for row in quarantine.groupBy("kind", "reason").count().collect():
@@ -290,7 +292,7 @@ def _count(spark: SparkSession, tmp: str, fates: list[dict], decided: DataFrame,
         counts.update(skipped_existing=sum(f["count"] for f in used if f["skipped"]),
                       previous_rows=previous, rows=total)
     if boxes is not None:
-        counts.update(bbox_rows=boxes.count(), bbox_written=spark.read.parquet(f"{tmp}/{BBOX_DIR}").count(),
+        counts.update(bbox_rows=boxes.count(), bbox_written=written_rows(spark, f"{tmp}/{BBOX_DIR}"),
                       bbox_quarantined=by_kind.get("bbox", 0))
     problems = []
     if counts["files_listed"] != counts["ingested"] + counts.get("skipped_existing", 0) + counts["quarantined"]:

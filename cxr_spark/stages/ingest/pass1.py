@@ -209,8 +209,12 @@ def index_files(spark: SparkSession, files: DataFrame, layout: str, stage: str, 
         source = files.select("path", "length") if read_files else files.select("path", "length", "content")
         index = source.mapInPandas(_index_partition(size, read_files), out)
     (image_rows_writer(index.write, "image") if size else index.write).parquet(stage)
-    read = spark.read.parquet(stage).select("path", "length", "content_sha256", *INSPECT_COLUMNS,
-                                            "raw_written" if plan is not None else F.lit(False).alias("raw_written"))
+    # read back with the schema it was written with: no Spark job to infer it from a footer
+    small = "path string, length long, content_sha256 string, " + INSPECT_OUT + (
+        ", raw_written boolean" if plan is not None else "")
+    read = spark.read.schema(small).parquet(stage).select(
+        "path", "length", "content_sha256", *INSPECT_COLUMNS,
+        "raw_written" if plan is not None else F.lit(False).alias("raw_written"))
     if plan is None:
         empty = listed_files(spark, files).join(read.select("path"), "path", "left_anti").select(
             "path", F.lit(0).cast("long").alias("length"), F.lit(None).cast("string").alias("content_sha256"),
