@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
+from typing import Callable
 
 import numpy as np
 from pyspark.sql import SparkSession
@@ -39,14 +41,47 @@ def load_model_bytes(model_bytes: bytes):
 
 
 def loaded_model(version: str, model_bytes: bytes):
-    """Deserialise a model at most once per Python worker process."""
+    """Deserialise a model at most once per Python worker process (waiting for :func:`start_loading`'s load of
+    it when one is under way)."""
+    loading = _LOADING.pop(version, None)
+    if loading is not None:
+        loading.join()
     if version not in _LOADED_MODELS:
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(1)  # one Spark task slot, one core
-        _LOADED_MODELS[version] = load_model_bytes(model_bytes)
-        log.info("worker %d loaded model %s", os.getpid(), version)
+        _load(version, model_bytes)
     return _LOADED_MODELS[version]
+
+
+def _load(version: str, model_bytes: bytes) -> None:
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(1)  # one Spark task slot, one core
+    except RuntimeError:  # TensorFlow already ran in this process, with the threads it was given then
+        pass
+    _LOADED_MODELS[version] = load_model_bytes(model_bytes)
+    log.info("worker %d loaded model %s", os.getpid(), version)
+
+
+_LOADING: dict[str, threading.Thread] = {}  # per Python worker: model_version -> its load under way
+
+
+def start_loading(version: str, model_bytes: Callable[[], bytes]) -> None:
+    """Begin :func:`loaded_model`'s load in a background thread of this worker, so that its TensorFlow import
+    (about 2 s of CPU) overlaps the job's other work. ``model_bytes`` (e.g. a broadcast's ``.value``, which only
+    a task's own thread may read) is called here, and only when the model is neither loaded nor loading. A
+    load that fails leaves it to :func:`loaded_model`, which tries again and raises."""
+    if version in _LOADED_MODELS or version in _LOADING:
+        return
+    model_bytes = model_bytes()
+
+    def load() -> None:
+        try:
+            _load(version, model_bytes)
+        except Exception:  # noqa: BLE001 - loaded_model, called for the scoring, raises it
+            log.warning("worker %d: loading model %s ahead of scoring failed", os.getpid(), version, exc_info=True)
+
+    _LOADING[version] = thread = threading.Thread(target=load, name=f"load {version}", daemon=True)
+    thread.start()
 
 
 def predict_probabilities(model, inputs: np.ndarray, batch_size: int, n_outputs: int) -> np.ndarray:

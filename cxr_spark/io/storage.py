@@ -12,9 +12,7 @@ import os
 import re
 from urllib.parse import unquote, urlparse
 
-import pandas as pd
-from pyspark.sql import Column, DataFrame, SparkSession
-from pyspark.sql import functions as F
+from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
 
@@ -121,20 +119,6 @@ def read_local_file(path: str) -> bytes:
 def sha256_hex(data: bytes | None) -> str | None:
     """SHA-256 (hex) of a file's bytes, by OpenSSL; None for a null."""
     return None if data is None else hashlib.sha256(data).hexdigest()
-
-
-def _sha256_hex(content: pd.Series) -> pd.Series:
-    return content.map(sha256_hex)
-
-
-def content_sha256(content: Column) -> Column:
-    """SHA-256 (hex) of a binary column, taken in the Python workers (OpenSSL).
-
-    Spark's ``sha2`` runs Java's ``MessageDigest``, as fast only once the JVM's optimising compiler has
-    compiled it: with the quick compiler alone, which ``conf/spark/local.conf`` selects, it is an order
-    of magnitude slower.
-    """
-    return F.pandas_udf(_sha256_hex, "string")(content)
 
 
 def read_json(spark: SparkSession, url: str) -> dict:

@@ -3,9 +3,10 @@
 Made to run from cron. Each run:
 
 1. takes the store's lock (``<store>/_lock``, created atomically; a stale one is broken with a log line);
-2. lists the dump and hashes every file (:func:`cxr_spark.io.storage.content_sha256`), then drops, with a Spark ``left_anti``
-   join, every content hash this model version already scored or quarantined; identical files within
-   the dump are scored once;
+2. lists the dump and hashes every file in the Python workers (:func:`cxr_spark.io.storage.sha256_hex`;
+   meanwhile each worker starts loading the model), then drops, with a Spark ``left_anti`` join, every
+   content hash this model version already scored or quarantined; identical files within the dump are
+   scored once;
 3. decodes, resizes and normalises the new files with the model's own ``model.json`` settings and
    scores them in ``mapInPandas`` (one model load per Python worker, as in ``score``); files that
    cannot be used become quarantine rows;
@@ -40,7 +41,7 @@ import os
 import shutil
 import time
 
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cxr_spark.cli_flags import conf_default
@@ -53,11 +54,11 @@ from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE, load_model_car
 from cxr_spark.datasets.quarantine import QUARANTINE_DIR
 from cxr_spark.io.commit import DEFAULT_LOCK_STALE_AFTER_S, EXIT_LOCKED, RunLock, step
 from cxr_spark.io.parquet_parts import written_rows
-from cxr_spark.io.storage import FileSystem, content_sha256, listed_files, local_path, read_bytes, to_url, write_text
+from cxr_spark.io.storage import FileSystem, listed_files, local_path, read_bytes, to_url, write_text
 from cxr_spark.io.tracking import check_registered_model, download_registered_model, is_registry_uri
 from cxr_spark.stages.batch_score.drift import drift_record
-from cxr_spark.stages.batch_score.monitor import MONITOR_FILE, write_monitor
-from cxr_spark.stages.batch_score.scoring import SCORED_DDL, card_settings, score_files
+from cxr_spark.stages.batch_score.monitor import MONITOR_FILE, start_importing_plots, write_monitor
+from cxr_spark.stages.batch_score.scoring import HASHED_DDL, SCORED_DDL, card_settings, hash_files, score_files
 from cxr_spark.stages.batch_score.store import COMMIT_SUFFIX, LOCK_FILE, RUNS_DIR, STAGING_DIR, check_store
 from cxr_spark.stages.batch_score.store import commit_moves as _commit
 from cxr_spark.stages.batch_score.store import delete_if_empty, new_run_id, recover_staged_runs, write_refused_run
@@ -181,30 +182,41 @@ def exit_code(counts: dict, fail_on_drift: bool = False) -> int:
 # the job
 
 
-def list_dump(spark: SparkSession, images: str) -> tuple[DataFrame, DataFrame]:
-    """The dump's files as ``binaryFile`` rows, and an index of every listed file with its content hash.
+def list_dump(spark: SparkSession, images: str, hash_function) -> tuple[DataFrame, DataFrame, int]:
+    """The dump's files as ``binaryFile`` rows, an index of every listed file with its content hash, and how many
+    files were listed.
 
-    The hash is taken in the Python workers (:func:`cxr_spark.io.storage.content_sha256`); only the files
-    it shows to be new are decoded and scored. Spark makes no row for a 0-byte file; its path still comes
-    from the file index and gets the empty content's hash.
+    The hash is taken in the Python workers by ``hash_function`` (a mapInPandas function,
+    :func:`~cxr_spark.stages.batch_score.scoring.hash_files`); only the files it shows to be new are decoded and
+    scored. Spark makes no row for a 0-byte file; its path still comes from the file index and gets the empty
+    content's hash.
     """
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
              .option("pathGlobFilter", IMAGE_GLOB).load(to_url(images)))
-    hashed = files.select(F.col("path").alias("source_path"), content_sha256(F.col("content")).alias("content_sha256"))
-    empty = listed_files(spark, files, "source_path").join(hashed, "source_path", "left_anti").withColumn("content_sha256", F.lit(EMPTY_SHA256))
-    return files, hashed.unionByName(empty)
+    hashed = files.select("path", "content").mapInPandas(hash_function, HASHED_DDL)
+    listed = listed_files(spark, files, "source_path")
+    empty = listed.join(hashed, "source_path", "left_anti").withColumn("content_sha256", F.lit(EMPTY_SHA256))
+    return files, hashed.unionByName(empty), len(files.inputFiles())
 
 
-def known_hashes(spark: SparkSession, store: str, model_version: str, include_quarantine: bool) -> DataFrame:
-    """Content hashes this model version already scored (and, unless retrying, quarantined) in ``store``."""
+def known_hashes(spark: SparkSession, store: str, model_version: str, include_quarantine: bool) -> DataFrame | None:
+    """Content hashes this model version already scored (and, unless retrying, quarantined) in ``store``; None
+    when the store holds no predictions or quarantine rows yet."""
     fs = FileSystem(spark, store)
     folders = [store] + ([f"{store}/{QUARANTINE_DIR}"] if include_quarantine else [])
-    known = spark.createDataFrame([], "content_sha256 string")
-    for folder in folders:
-        if fs.exists(folder):
-            known = known.unionByName(spark.read.schema(STORE_KEY_DDL).parquet(folder)
-                                      .where(F.col("model_version") == model_version).select("content_sha256"))
-    return known.distinct()
+    known = [spark.read.schema(STORE_KEY_DDL).parquet(folder).where(F.col("model_version") == model_version)
+             .select("content_sha256") for folder in folders if _holds_rows(fs, folder)]
+    if not known:
+        return None
+    for more in known[1:]:
+        known[0] = known[0].unionByName(more)
+    return known[0].distinct()
+
+
+def _holds_rows(fs: FileSystem, folder: str) -> bool:
+    """Whether a store folder has any partition folder (``scored_date=...``): a new store has only ``_``
+    folders (its lock, staging, runs of nothing new) and no rows to skip."""
+    return any(not name.startswith(("_", ".")) for name in fs.names(folder) or [])
 
 
 def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, batch_size: int = 64,
@@ -238,8 +250,13 @@ def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, ba
     try:
         recover_staged_runs(spark, fs, store)
         log.info("batch-score run %s: %s with model %s into %s", run_id, images, plain["model_version"], store)
-        summary = _score_run(spark, images, model_url, store, staging, plain, model_bytes, batch_size,
-                             scored_at, run_id, retry_quarantined, started, card, fail_on_drift)
+        start_importing_plots()  # for the monitor page, written after the commit
+        model_broadcast = spark.sparkContext.broadcast(model_bytes)  # the workers load it while hashing
+        try:
+            summary = _score_run(spark, images, model_url, store, staging, plain, model_broadcast, batch_size,
+                                 scored_at, run_id, retry_quarantined, started, card, fail_on_drift)
+        finally:
+            model_broadcast.unpersist()
         # The summary first: a reader never sees a row whose run has no summary, even after a kill.
         moves = [(f"{staging}/_manifest.json", f"{store}/{RUNS_DIR}/{run_id}.json"),
                  (f"{staging}/quarantine", f"{store}/{QUARANTINE_DIR}/scored_date={scored_date}/run_id={run_id}"),
@@ -263,37 +280,35 @@ def batch_score(spark: SparkSession, images: str, model_dir: str, store: str, ba
 
 
 def _score_run(spark: SparkSession, images: str, model_url: str, store: str, staging: str, plain: dict,
-               model_bytes: bytes, batch_size: int, scored_at: dt.datetime, run_id: str,
+               model_broadcast, batch_size: int, scored_at: dt.datetime, run_id: str,
                retry_quarantined: bool, started: float, card: dict, fail_on_drift: bool) -> dict:
-    """Everything of one run that writes only into ``staging``; returns the summary."""
-    files, index = list_dump(spark, images)
-    index = index.cache()
-    fresh = index.join(known_hashes(spark, store, plain["model_version"], not retry_quarantined),
-                       "content_sha256", "left_anti")
-    first_copy = Window.partitionBy("content_sha256").orderBy("source_path")
-    new = fresh.withColumn("copy", F.row_number().over(first_copy)).where("copy = 1").drop("copy").cache()
-    n_listed = index.count()
-    # the files not known, and how many contents among them: new keeps the first copy of each (one job)
-    n_fresh, n_new = fresh.agg(F.count("*"), F.countDistinct(F.coalesce("content_sha256", F.lit("")))).first()
+    """Everything of one run that writes only into ``staging``; returns the summary. ``model_broadcast`` holds
+    the bytes of ``model.keras``."""
+    files, index, n_listed = list_dump(spark, images, hash_files(plain["model_version"], model_broadcast))
+    known = known_hashes(spark, store, plain["model_version"], not retry_quarantined)
+    fresh = index if known is None else index.join(known, "content_sha256", "left_anti")
+    # the files not known, one row each, on the driver: the scoring's broadcast join below holds them all anyway
+    fresh_rows = [(row["source_path"], row["content_sha256"]) for row in fresh.collect()]
+    n_fresh = len(fresh_rows)
+    new_rows = first_copies(fresh_rows)
+    n_new = len(new_rows)
+    new = spark.createDataFrame(new_rows, "source_path string, content_sha256 string")
     labels = plain["labels"]
     flagged = dict.fromkeys(labels, 0)
     n_scored = n_quarantined = 0
     usable = None  # the rows scored, with their input intensity, for the drift histograms
     if n_new:
-        model_broadcast = spark.sparkContext.broadcast(model_bytes)
-        try:
-            # 0-byte files have no binaryFile row; they join the batches as empty content (-> empty_file)
-            empty = new.where(F.col("content_sha256") == EMPTY_SHA256).select(
-                "source_path", F.lit("").cast("binary").alias("content"))
-            contents = files.select(F.col("path").alias("source_path"), "content").unionByName(empty)
-            scored = (contents.join(F.broadcast(new), "source_path")
-                      .mapInPandas(score_files(plain, model_broadcast, batch_size), SCORED_DDL))
-            (scored.withColumn("model_version", F.lit(plain["model_version"]))
-             .withColumn("scored_at", F.lit(scored_at).cast("timestamp"))
-             .write.parquet(f"{staging}/all"))
-        finally:
-            model_broadcast.unpersist()
-        every = spark.read.parquet(f"{staging}/all")
+        # 0-byte files have no binaryFile row; they join the batches as empty content (-> empty_file)
+        empty = new.where(F.col("content_sha256") == EMPTY_SHA256).select(
+            "source_path", F.lit("").cast("binary").alias("content"))
+        contents = files.select(F.col("path").alias("source_path"), "content").unionByName(empty)
+        scored = (contents.join(F.broadcast(new), "source_path")
+                  .mapInPandas(score_files(plain, model_broadcast, batch_size), SCORED_DDL))
+        (scored.withColumn("model_version", F.lit(plain["model_version"]))
+         .withColumn("scored_at", F.lit(scored_at).cast("timestamp"))
+         .write.parquet(f"{staging}/all"))
+        every = spark.read.schema(f"{SCORED_DDL}, model_version string, scored_at timestamp").parquet(
+            f"{staging}/all")  # as written just now: no job to infer the schema
         predictions = every.where("reason IS NULL").select(
             "image_id", F.lit("unlabeled").alias("split"), F.lit(None).cast("array<smallint>").alias("labels"),
             "probabilities", "flagged", "model_version", "scored_at", "content_sha256", "source_path", "image_format")
@@ -304,11 +319,9 @@ def _score_run(spark: SparkSession, images: str, model_url: str, store: str, sta
             _write_nonempty(quarantine.coalesce(1), f"{staging}/quarantine")
         if n_scored:
             usable = every.where("reason IS NULL")
-            written = spark.read.parquet(f"{staging}/predictions")
+            written = spark.read.schema("flagged array<string>").parquet(f"{staging}/predictions")
             flagged.update({row["finding"]: row["count"] for row in
                             written.select(F.explode("flagged").alias("finding")).groupBy("finding").count().collect()})
-    index.unpersist()
-    new.unpersist()
     counts = {"files_listed": n_listed, "scored": n_scored, "skipped": n_listed - n_new,
               "skipped_known": n_listed - n_fresh, "skipped_duplicate_content": n_fresh - n_new,
               "quarantined": n_quarantined, "flagged": {label: flagged[label] for label in labels}}
@@ -328,6 +341,19 @@ def _score_run(spark: SparkSession, images: str, model_url: str, store: str, sta
                     extra={"run_id": run_id, "model_version": plain["model_version"], "store": store,
                            "drift": drift})
     return counts
+
+
+def first_copies(files: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """Of ``(path, content hash)`` pairs, the first path (in sorted order) of each content: identical files are
+    scored once, and the same one whichever order they were listed in.
+
+    >>> first_copies([("b/2.png", "h1"), ("a/1.png", "h1"), ("c/3.png", "h2")])
+    [('a/1.png', 'h1'), ('c/3.png', 'h2')]
+    """
+    first: dict[str, str] = {}
+    for path, digest in sorted(files):
+        first.setdefault(digest, path)
+    return sorted((path, digest) for digest, path in first.items())
 
 
 def _rewrite_monitor(spark: SparkSession, store: str) -> None:

@@ -4,14 +4,16 @@
 Plots (images scored and quarantined, the flagged rate per finding, PSI per finding and of the input against
 the drift threshold) and the same numbers as tables, in one self-contained page like ``report.html``: figures
 embedded as base64 PNG, no external CSS, scripts or fonts, every piece of text through :func:`html.escape`.
-matplotlib (Agg) is imported only when the figures are drawn.
+matplotlib (Agg) is imported only when the figures are drawn, or ahead of that by :func:`start_importing_plots`.
 """
 from __future__ import annotations
 
 import html
-import re
+import importlib
 import logging
 import os
+import re
+import threading
 
 from pyspark.sql import SparkSession
 
@@ -85,6 +87,13 @@ def without_paths(text: str | None) -> str | None:
     '--images [path] no such folder'
     """
     return None if text is None else PATH_LIKE.sub("[path]", text)
+
+
+def start_importing_plots() -> None:
+    """Import matplotlib (about 0.7 s on the driver) in a background thread while a run's Spark jobs keep the
+    driver waiting, so that :func:`write_monitor` finds it imported."""
+    threading.Thread(target=importlib.import_module, args=("cxr_spark.core.plots",), name="import matplotlib",
+                     daemon=True).start()
 
 
 def monitor_figures(rows: list[dict], findings: list[str]) -> dict[str, bytes]:

@@ -14,13 +14,33 @@ from cxr_spark.core.identity import stored_identity
 from cxr_spark.core.image_codec import decode_resized
 from cxr_spark.core.image_formats import ImageError, sniff_format
 from cxr_spark.core.normalization import model_inputs
-from cxr_spark.datasets.model_card import loaded_model, predict_probabilities
+from cxr_spark.datasets.model_card import loaded_model, predict_probabilities, start_loading
+from cxr_spark.io.storage import sha256_hex
 
 #: One row per file. ``input_intensity`` (the mean of the model input on the 0-255 scale) feeds the run's drift
 #: histograms and stays in the run's staging folder: the predictions store's schema does not change.
 SCORED_DDL = ("image_id string, source_path string, content_sha256 string, image_format string, "
               "probabilities array<float>, flagged array<string>, input_intensity double, reason string, "
               "detail string")
+
+
+#: The dump's index: one row per file read.
+HASHED_DDL = "source_path string, content_sha256 string"
+
+
+def hash_files(version: str, model_broadcast):
+    """The mapInPandas function of the dump's listing: ``binaryFile`` rows in, each file's SHA-256 out.
+
+    Each Python worker also starts loading the model in the background (:func:`start_loading`) at its first
+    task, so that the TensorFlow import of every worker (about 2 s of CPU) overlaps the run's planning and
+    small jobs, not its scoring; a run that finds nothing new pays it in the workers, not in its wall time.
+    """
+    def hash_batches(batches: Iterator[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+        start_loading(version, lambda: model_broadcast.value)
+        for frame in batches:
+            yield pd.DataFrame({"source_path": frame["path"], "content_sha256": frame["content"].map(sha256_hex)})
+
+    return hash_batches
 
 
 def flag_findings(probabilities: np.ndarray, thresholds: np.ndarray, labels: list[str]) -> list[list[str]]:
