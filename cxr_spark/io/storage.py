@@ -93,11 +93,16 @@ class FileSystem:
 
 
 def listed_files(spark: SparkSession, files: DataFrame, column: str = "path") -> DataFrame:
+    """Every file in the file index of ``files`` (a ``binaryFile`` DataFrame) as a one-column DataFrame: see
+    :func:`listed_paths`."""
+    return spark.createDataFrame([(path,) for path in listed_paths(files)], f"{column} string")
+
+
+def listed_paths(files: DataFrame) -> list[str]:
     """Every file in the file index of ``files`` (a ``binaryFile`` DataFrame), 0-byte files included (Spark
     makes no row for them), spelled as its rows spell ``path``: the index gives URIs (``file:///a%20b.png``),
     the rows Hadoop paths (``file:/a b.png``)."""
-    paths = [re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*):///", r"\1:/", unquote(uri)) for uri in files.inputFiles()]
-    return spark.createDataFrame([(path,) for path in paths], f"{column} string")
+    return [re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*):///", r"\1:/", unquote(uri)) for uri in files.inputFiles()]
 
 
 def local_file_path(path: str) -> str:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -54,7 +55,7 @@ from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE, load_model_car
 from cxr_spark.datasets.quarantine import QUARANTINE_DIR
 from cxr_spark.io.commit import DEFAULT_LOCK_STALE_AFTER_S, EXIT_LOCKED, RunLock, step
 from cxr_spark.io.parquet_parts import written_rows
-from cxr_spark.io.storage import FileSystem, listed_files, local_path, read_bytes, to_url, write_text
+from cxr_spark.io.storage import FileSystem, listed_paths, local_path, read_bytes, to_url, write_text
 from cxr_spark.io.tracking import check_registered_model, download_registered_model, is_registry_uri
 from cxr_spark.stages.batch_score.drift import drift_record
 from cxr_spark.stages.batch_score.monitor import MONITOR_FILE, start_importing_plots, write_monitor
@@ -194,9 +195,10 @@ def list_dump(spark: SparkSession, images: str, hash_function) -> tuple[DataFram
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
              .option("pathGlobFilter", IMAGE_GLOB).load(to_url(images)))
     hashed = files.select("path", "content").mapInPandas(hash_function, HASHED_DDL)
-    listed = listed_files(spark, files, "source_path")
+    paths = listed_paths(files)
+    listed = spark.createDataFrame([(path,) for path in paths], "source_path string")
     empty = listed.join(hashed, "source_path", "left_anti").withColumn("content_sha256", F.lit(EMPTY_SHA256))
-    return files, hashed.unionByName(empty), len(files.inputFiles())
+    return files, hashed.unionByName(empty), len(paths)
 
 
 def known_hashes(spark: SparkSession, store: str, model_version: str, include_quarantine: bool) -> DataFrame | None:
@@ -206,11 +208,7 @@ def known_hashes(spark: SparkSession, store: str, model_version: str, include_qu
     folders = [store] + ([f"{store}/{QUARANTINE_DIR}"] if include_quarantine else [])
     known = [spark.read.schema(STORE_KEY_DDL).parquet(folder).where(F.col("model_version") == model_version)
              .select("content_sha256") for folder in folders if _holds_rows(fs, folder)]
-    if not known:
-        return None
-    for more in known[1:]:
-        known[0] = known[0].unionByName(more)
-    return known[0].distinct()
+    return functools.reduce(DataFrame.unionByName, known).distinct() if known else None
 
 
 def _holds_rows(fs: FileSystem, folder: str) -> bool:

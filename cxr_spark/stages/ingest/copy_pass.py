@@ -65,9 +65,10 @@ def write_images_beside(spark: SparkSession, out: str, raw_tmp: str, images_out:
         return previous[1] if previous is not None else spark.createDataFrame([], QUARANTINE_SCHEMA)
 
     made_from = {**input_version(spark, raw_tmp), "url": to_url(out)}  # the raw run committed with it
-    return write_images(spark, rows, images_out, images_settings, n_rows=written_rows(spark, raw_tmp), quarantine=quarantine,
-                        started=started, inputs={"raw": made_from}, extra={"written_by": "ingest --images-out", "data": data},
-                        parts=local_path(f"{stage}/images"), into=images_tmp, allow_empty=allow_empty)
+    return write_images(spark, rows, images_out, images_settings, n_rows=written_rows(spark, raw_tmp),
+                        quarantine=quarantine, started=started, inputs={"raw": made_from},
+                        extra={"written_by": "ingest --images-out", "data": data}, parts=local_path(f"{stage}/images"),
+                        into=images_tmp, allow_empty=allow_empty)
 
 
 def schema_columns(frame: DataFrame, names=tuple(RawSchema.fields), *others: str) -> DataFrame:

@@ -210,9 +210,9 @@ def index_files(spark: SparkSession, files: DataFrame, layout: str, stage: str, 
         index = source.mapInPandas(_index_partition(size, read_files), out)
     (image_rows_writer(index.write, "image") if size else index.write).parquet(stage)
     # read back with the schema it was written with: no Spark job to infer it from a footer
-    small = "path string, length long, content_sha256 string, " + INSPECT_OUT + (
+    written_columns = "path string, length long, content_sha256 string, " + INSPECT_OUT + (
         ", raw_written boolean" if plan is not None else "")
-    read = spark.read.schema(small).parquet(stage).select(
+    read = spark.read.schema(written_columns).parquet(stage).select(
         "path", "length", "content_sha256", *INSPECT_COLUMNS,
         "raw_written" if plan is not None else F.lit(False).alias("raw_written"))
     if plan is None:
