@@ -23,7 +23,7 @@ from cxr_spark.core.guards import UsageError
 from cxr_spark.core.image_codec import decode_resized, encode_png
 from cxr_spark.datasets.fields import petastorm_dataset, scalar_field
 from cxr_spark.datasets.manifest import finish_manifest
-from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA, check_reasons
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR, write_counted
 from cxr_spark.datasets.raw import METADATA_FIELDS
 from cxr_spark.io.commit import atomic_output
 from cxr_spark.io.parquet_parts import image_rows_writer, move_parquet_parts, parquet_parts
@@ -113,10 +113,10 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
         if not by_split and not allow_empty:
             raise UsageError(f"{to_url(out)}: no usable image among the {n_rows} rows of the input; nothing is "
                              f"replaced (--allow-empty writes an empty dataset)")
-        quarantine(written, sum(by_split.values())).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
-        quarantined = spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{tmp}/{QUARANTINE_DIR}")
-        reasons = {r["reason"]: r["count"] for r in quarantined.groupBy("reason").count().collect()}
-        check_reasons(reasons, "images")
+        reasons = {}
+        for (_, reason), n in write_counted(quarantine(written, sum(by_split.values())), f"{tmp}/{QUARANTINE_DIR}",
+                                            "images").items():
+            reasons[reason] = reasons.get(reason, 0) + n
         stats = per_split.get("train", {"n": 0})
         normalization = {"split": "train", "n_images": stats["n"], "scale": "uint8 0-255"}
         if stats["n"]:
@@ -127,9 +127,8 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
         counts = {"raw_rows": n_rows, "images": sum(by_split.values()), "quarantined": sum(reasons.values()),
                   "quarantine_reasons": dict(sorted(reasons.items(), key=str)), "splits": dict(sorted(by_split.items())),
                   "files_per_split": _files_per_split(written), "size": size}
-        if counts["raw_rows"] != counts["images"] + counts["quarantined"] or None in reasons:
-            raise RuntimeError(f"preprocess counts do not reconcile (raw_rows != images + quarantined, or a "
-                               f"quarantined row decodes): {counts}")
+        if counts["raw_rows"] != counts["images"] + counts["quarantined"]:  # (a row with no reason: write_counted)
+            raise RuntimeError(f"preprocess counts do not reconcile (raw_rows != images + quarantined): {counts}")
         finish_manifest(spark, tmp, "preprocess", started, config=settings, inputs=inputs, counts=counts,
                         extra={"normalization": normalization, **(extra or {})})
     return {**counts, "normalization": normalization}

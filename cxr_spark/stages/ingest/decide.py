@@ -84,7 +84,8 @@ def decide_fates(index: DataFrame, meta: DataFrame | None, layout: str, existing
 
     Precedence: the file's own problem, a repeated image id, a clash with the existing dataset,
     then metadata problems. ``skipped`` marks files already in the existing dataset (append-new), with the
-    same content; ``in_existing`` files whose id is there at all.
+    same content; ``in_existing`` files whose id is there at all; ``has_metadata`` files whose id has a row in
+    ``meta`` (always true without metadata: the folders or nothing label them).
     """
     if layout == "kaggle":
         labelled, has_meta = _kaggle_labels(index), F.lit(True)
@@ -127,6 +128,7 @@ def decide_fates(index: DataFrame, meta: DataFrame | None, layout: str, existing
             .withColumn("in_existing", in_existing)
             .withColumns({"reason": reason, "detail": detail})
             .withColumn("kind", F.lit("file"))
+            .withColumn("has_metadata", has_meta)
             .drop("meta_reason", "meta_detail", "_has_meta", "_existing_sha"))
 
 
@@ -157,12 +159,14 @@ def ingest_quarantine(decided: DataFrame, meta: DataFrame | None, boxes: DataFra
 
 
 def list_fates(decided: DataFrame) -> list[dict]:
-    """Files by fate (accepted, skipped, written by pass 1, format, conversion): how many and their bytes, in
-    one Spark job over the cached decisions (pass 2 sizes its tasks by the bytes; the run's counts use
-    both). A file pass 1 wrote into ``raw`` that the decisions do not accept is a bug: RuntimeError."""
+    """Files by fate (accepted, skipped, written by pass 1, format, conversion, split, and whether theirs is
+    the first path of an image id with metadata): how many and their bytes, in one Spark job over the cached
+    decisions (pass 2 sizes its tasks by the bytes; the run's counts use both). A file pass 1 wrote into
+    ``raw`` that the decisions do not accept is a bug: RuntimeError."""
+    first_with_metadata = (F.col("duplicate_rank") == 1) & F.col("has_metadata")
     fates = [row.asDict() for row in
-              decided.groupBy(F.col("reason").isNull().alias("accepted"), "skipped", "raw_written", "format",
-                             "conversion")
+             decided.groupBy(F.col("reason").isNull().alias("accepted"), "skipped", "raw_written", "format",
+                             "conversion", "split", first_with_metadata.alias("first_with_metadata"))
              .agg(F.count("*").alias("count"), F.coalesce(F.sum("length"), F.lit(0)).alias("bytes")).collect()]
     wrong = sum(fate["count"] for fate in fates
                 if fate["raw_written"] and not (fate["accepted"] and not fate["skipped"]))

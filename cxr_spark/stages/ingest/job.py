@@ -24,7 +24,7 @@ from cxr_spark.core.metadata import dump_data_kind
 from cxr_spark.datasets.bbox import BBOX_DIR, read_bbox
 from cxr_spark.datasets.fields import petastorm_dataset
 from cxr_spark.datasets.manifest import finish_manifest
-from cxr_spark.datasets.quarantine import QUARANTINE_DIR, QUARANTINE_SCHEMA, check_reasons
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR, write_counted
 from cxr_spark.datasets.raw import RawSchema
 from cxr_spark.io.commit import OutputRun
 from cxr_spark.io.parquet_parts import image_rows_writer, move_parquet_parts, written_rows
@@ -214,11 +214,11 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
             if existing is not None:
                 raw = schema_columns(existing).unionByName(raw)
             image_rows_writer(raw.write, "png").parquet(tmp)
-    ingest_quarantine(decided, meta, boxes).coalesce(1).write.parquet(f"{tmp}/{QUARANTINE_DIR}")
+    quarantined = write_counted(ingest_quarantine(decided, meta, boxes), f"{tmp}/{QUARANTINE_DIR}", "raw")
     if boxes is not None:
         (boxes.where("reason IS NULL").select("image_id", "finding", "x", "y", "w", "h")
          .coalesce(1).write.parquet(f"{tmp}/{BBOX_DIR}"))
-    counts = _count(spark, tmp, fates, decided, meta, boxes, existing)
+    counts = _count(spark, tmp, fates, quarantined, meta, boxes, existing)
     _refuse_if_empty(counts, metadata, allow_empty)
     extra = {"task": "multilabel", "labels": list(LABELS), "layout": layout, "mode": mode,
              "data": dump_data_kind(local_path(to_url(images)))}
@@ -251,28 +251,28 @@ def _refuse_if_empty(counts: dict, metadata: str | None, allow_empty: bool) -> N
                          f"(--allow-empty to write an empty dataset)")
 
 
-def _count(spark: SparkSession, tmp: str, fates: list[dict], decided: DataFrame, meta: DataFrame | None,
-           boxes: DataFrame | None, existing: DataFrame | None) -> dict:
-    """Counts from what was written, so they reconcile with the outputs themselves (the files listed and
-    their fates, from :func:`list_fates`, are what pass 1 and the decisions made of them)."""
-    raw = spark.read.schema("split string").parquet(tmp)  # written just now, with RawSchema's split column
-    quarantine = spark.read.schema(QUARANTINE_SCHEMA).parquet(f"{tmp}/{QUARANTINE_DIR}")
+def _count(spark: SparkSession, tmp: str, fates: list[dict], quarantined: dict[tuple[str, str], int],
+           meta: DataFrame | None, boxes: DataFrame | None, existing: DataFrame | None) -> dict:
+    """The run's counts, and the checks that they reconcile. The files listed and their fates come from
+    :func:`list_fates` (what pass 1 and the decisions made of them), the quarantine's rows by kind and reason
+    from the job that wrote it; the rows in ``raw`` are summed from what was written and must be the accepted
+    files (and the existing rows) the fates name."""
     by_kind, by_reason = {}, {}
-    for row in quarantine.groupBy("kind", "reason").count().collect():
-        by_kind[row["kind"]] = by_kind.get(row["kind"], 0) + row["count"]
-        by_reason[row["reason"]] = by_reason.get(row["reason"], 0) + row["count"]
-    by_split = {row["split"]: row["count"] for row in raw.groupBy("split").count().collect()}
+    for (kind, reason), n in quarantined.items():
+        by_kind[kind] = by_kind.get(kind, 0) + n
+        by_reason[reason] = by_reason.get(reason, 0) + n
     used = [fate for fate in fates if fate["accepted"]]
-    previous = existing.count() if existing is not None else 0
-    total = sum(by_split.values())
+    by_split = {row["split"]: row["count"] for row in existing.groupBy("split").count().collect()} if (
+        existing is not None) else {}
+    previous = sum(by_split.values())
+    for fate in used:
+        if not fate["skipped"]:
+            by_split[fate["split"]] = by_split.get(fate["split"], 0) + fate["count"]
+    total = written_rows(spark, tmp)
     metadata_rows = metadata_matched = 0
     if meta is not None:  # a metadata row is matched when it is the first for an image id that was listed
-        listed = decided.select("image_id").distinct().withColumn("_listed", F.lit(True))
-        tally = (meta.join(listed, "image_id", "left")
-                 .agg(F.count("*").alias("rows"),
-                      F.count(F.when((F.col("meta_rank") == 1) & F.col("_listed"), True)).alias("matched"))
-                 .first())
-        metadata_rows, metadata_matched = tally["rows"], tally["matched"]
+        metadata_rows = meta.count()
+        metadata_matched = sum(fate["count"] for fate in fates if fate["first_with_metadata"])
     counts = {
         "files_listed": sum(fate["count"] for fate in fates),
         "ingested": total - previous,
@@ -295,13 +295,15 @@ def _count(spark: SparkSession, tmp: str, fates: list[dict], decided: DataFrame,
         counts.update(bbox_rows=boxes.count(), bbox_written=written_rows(spark, f"{tmp}/{BBOX_DIR}"),
                       bbox_quarantined=by_kind.get("bbox", 0))
     problems = []
+    if total != sum(by_split.values()):
+        problems.append(f"raw has {total} rows, not the {sum(by_split.values())} the decisions accepted"
+                        + (" and the existing dataset had" if existing is not None else ""))
     if counts["files_listed"] != counts["ingested"] + counts.get("skipped_existing", 0) + counts["quarantined"]:
         problems.append("files_listed != ingested + skipped_existing + quarantined")
     if counts["metadata_rows"] != counts["metadata_matched"] + counts["metadata_quarantined"]:
         problems.append("metadata_rows != metadata_matched + metadata_quarantined")
     if boxes is not None and counts["bbox_rows"] != counts["bbox_written"] + counts["bbox_quarantined"]:
         problems.append("bbox_rows != bbox_written + bbox_quarantined")
-    check_reasons(by_reason, "raw")
     if problems:
         raise RuntimeError(f"ingest counts do not reconcile ({'; '.join(problems)}): {counts}")
     return counts
