@@ -113,10 +113,7 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
         if not by_split and not allow_empty:
             raise UsageError(f"{to_url(out)}: no usable image among the {n_rows} rows of the input; nothing is "
                              f"replaced (--allow-empty writes an empty dataset)")
-        reasons = {}
-        for (_, reason), n in write_counted(quarantine(written, sum(by_split.values())), f"{tmp}/{QUARANTINE_DIR}",
-                                            "images").items():
-            reasons[reason] = reasons.get(reason, 0) + n
+        _, reasons = write_counted(quarantine(written, sum(by_split.values())), f"{tmp}/{QUARANTINE_DIR}", "images")
         stats = per_split.get("train", {"n": 0})
         normalization = {"split": "train", "n_images": stats["n"], "scale": "uint8 0-255"}
         if stats["n"]:

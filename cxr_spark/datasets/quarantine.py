@@ -3,6 +3,11 @@ kept inside the dataset it belongs to (``<raw>/_quarantine``, ``<images>/_quaran
 """
 from __future__ import annotations
 
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
+
+from cxr_spark.io.counting import observe_counts
+
 #: The quarantine dataset, inside the dataset it belongs to (``raw`` or ``images_<size>``): replaced
 #: atomically with it, and skipped by Spark and Petastorm (names starting with ``_``).
 QUARANTINE_DIR = "_quarantine"
@@ -27,25 +32,24 @@ def check_reasons(counts_by_reason: dict, dataset: str) -> None:
 KINDS = ("file", "metadata", "bbox")
 
 
-def write_counted(rows, path: str, dataset: str) -> dict[tuple[str, str], int]:
+def write_counted(rows: DataFrame, path: str, dataset: str) -> tuple[dict[str, int], dict[str, int]]:
     """Write quarantine ``rows`` (:data:`QUARANTINE_SCHEMA`) as one Parquet file at ``path`` and return how many
-    there are of each (kind, reason), counted by the job that writes them (a Spark ``Observation``), not by
-    another job over what was written. Rows of a kind outside :data:`KINDS` or a reason outside :data:`REASONS`
-    fail the run (:func:`check_reasons`) before anything is committed."""
-    from pyspark.sql import Observation
-    from pyspark.sql import functions as F
-
-    kind, reason = F.col("kind"), F.col("reason")
-    pairs = [(k, r) for k in KINDS for r in REASONS]
-    unknown = ~kind.isin(*KINDS) | kind.isNull() | ~reason.isin(*REASONS) | reason.isNull()
-    named = F.concat_ws(", ", F.coalesce(reason, F.lit("None")), F.coalesce(kind, F.lit("None")))
-    observation = Observation()
-    (rows.observe(observation, *[F.count(F.when((kind == k) & (reason == r), True)).alias(f"{k}/{r}")
-                                 for k, r in pairs],
-                  F.concat_ws("; ", F.array_sort(F.collect_set(F.when(unknown, named)))).alias("unknown"))
-     .coalesce(1).write.parquet(path))
-    counts = observation.get
-    if counts["unknown"]:
-        check_reasons({pair.split(", ")[0]: None for pair in counts["unknown"].split("; ")}, dataset)
-        raise RuntimeError(f"{dataset} quarantine has rows of a kind outside {KINDS}: {counts['unknown']}")
-    return {(k, r): counts[f"{k}/{r}"] for k, r in pairs if counts[f"{k}/{r}"]}
+    there are of each kind and of each reason, counted by the job that writes them (:func:`observe_counts`),
+    not by another job over what was written. Rows of a kind outside :data:`KINDS` or a reason outside
+    :data:`REASONS` fail the run (:func:`check_reasons`) before anything is committed."""
+    conditions = {**{f"kind/{kind}": f"kind = '{kind}'" for kind in KINDS},
+                  **{f"reason/{reason}": f"reason = '{reason}'" for reason in REASONS}}
+    counted, counts = observe_counts(rows, {**conditions, "all": "true"})
+    counted.coalesce(1).write.parquet(path)
+    found = counts()
+    by_kind = {kind: found[f"kind/{kind}"] for kind in KINDS if found[f"kind/{kind}"]}
+    by_reason = {reason: found[f"reason/{reason}"] for reason in REASONS if found[f"reason/{reason}"]}
+    if not found["all"] == sum(by_kind.values()) == sum(by_reason.values()):
+        # a bug upstream: name the words, reading back what was written
+        written = rows.sparkSession.read.schema(QUARANTINE_SCHEMA).parquet(path)
+        outside = written.where(~F.col("kind").isin(*KINDS) | F.col("kind").isNull() | ~F.col("reason").isin(*REASONS)
+                                | F.col("reason").isNull()).select("reason", "kind").distinct().collect()
+        check_reasons(dict.fromkeys(row["reason"] for row in outside), dataset)
+        raise RuntimeError(f"{dataset} quarantine has rows of a kind outside {KINDS}: "
+                           f"{'; '.join(sorted(f'{row.reason}, {row.kind}' for row in outside))}")
+    return by_kind, by_reason

@@ -218,7 +218,7 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
     if boxes is not None:
         (boxes.where("reason IS NULL").select("image_id", "finding", "x", "y", "w", "h")
          .coalesce(1).write.parquet(f"{tmp}/{BBOX_DIR}"))
-    counts = _count(spark, tmp, fates, quarantined, meta, boxes, existing)
+    counts = _count(spark, tmp, fates, *quarantined, meta, boxes, existing)
     _refuse_if_empty(counts, metadata, allow_empty)
     extra = {"task": "multilabel", "labels": list(LABELS), "layout": layout, "mode": mode,
              "data": dump_data_kind(local_path(to_url(images)))}
@@ -251,16 +251,12 @@ def _refuse_if_empty(counts: dict, metadata: str | None, allow_empty: bool) -> N
                          f"(--allow-empty to write an empty dataset)")
 
 
-def _count(spark: SparkSession, tmp: str, fates: list[dict], quarantined: dict[tuple[str, str], int],
+def _count(spark: SparkSession, tmp: str, fates: list[dict], by_kind: dict[str, int], by_reason: dict[str, int],
            meta: DataFrame | None, boxes: DataFrame | None, existing: DataFrame | None) -> dict:
     """The run's counts, and the checks that they reconcile. The files listed and their fates come from
-    :func:`list_fates` (what pass 1 and the decisions made of them), the quarantine's rows by kind and reason
+    :func:`list_fates` (what pass 1 and the decisions made of them), the quarantine's rows by kind and by reason
     from the job that wrote it; the rows in ``raw`` are summed from what was written and must be the accepted
     files (and the existing rows) the fates name."""
-    by_kind, by_reason = {}, {}
-    for (kind, reason), n in quarantined.items():
-        by_kind[kind] = by_kind.get(kind, 0) + n
-        by_reason[reason] = by_reason.get(reason, 0) + n
     used = [fate for fate in fates if fate["accepted"]]
     by_split = {row["split"]: row["count"] for row in existing.groupBy("split").count().collect()} if (
         existing is not None) else {}
