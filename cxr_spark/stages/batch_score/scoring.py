@@ -27,6 +27,22 @@ SCORED_DDL = ("image_id string, source_path string, content_sha256 string, image
 #: The dump's index: one row per file read.
 HASHED_DDL = "source_path string, content_sha256 string"
 
+#: Files a task takes at least. Each Python worker that hashes or scores starts the model once: TensorFlow's
+#: import, the model's load and its first call cost about 3.3 s of CPU; a file costs about 17 ms (decoding a
+#: 1024 px PNG 8.8 ms, small_cnn at 128 px 8.4 ms, one core), so 256 files are worth one more start
+#: (docs/benchmarks.md).
+MIN_FILES_PER_TASK = 256
+
+
+def tasks_for(n_files: int, slots: int) -> int:
+    """Tasks to hash or score ``n_files`` in: one per :data:`MIN_FILES_PER_TASK` files, at most one per task slot,
+    at least one.
+
+    >>> tasks_for(50, 2), tasks_for(300, 2), tasks_for(100_000, 16), tasks_for(0, 4)
+    (1, 2, 16, 1)
+    """
+    return max(1, min(slots, -(-n_files // MIN_FILES_PER_TASK)))
+
 
 def hash_files(version: str, model_broadcast):
     """The mapInPandas function of the dump's listing: ``binaryFile`` rows in, each file's SHA-256 out.

@@ -290,6 +290,27 @@ def test_runs_score_only_new_images_and_summaries_match_the_store(spark, dump, m
                                 for i, label in enumerate(LABELS)}
 
 
+def test_a_dump_split_over_several_tasks_is_scored_as_in_one(spark, dump, model, tmp_path, monkeypatch):
+    """A dump of fewer than MIN_FILES_PER_TASK files is hashed and scored by one task (one model start); with the
+    bound lowered the same dump takes two tasks, and nothing it gives changes: each file scored once, as Keras
+    predicts it, the bad ones quarantined."""
+    from cxr_spark.stages.batch_score import scoring
+
+    monkeypatch.setattr(scoring, "MIN_FILES_PER_TASK", 4)
+    assert scoring.tasks_for(len(_image_files(dump)), spark.sparkContext.defaultParallelism) == 2
+    model_dir, _ = model
+    summary = batch_score(spark, str(dump), str(model_dir), str(tmp_path / "store"))
+    listed = _image_files(dump)
+    good = [p for p in listed if p.stat().st_size > 100]
+    expected = _expected_probabilities(model_dir, good)
+    stored = _read_store(spark, tmp_path / "store")
+    assert sorted(stored["content_sha256"]) == sorted(expected) and summary["scored"] == len(expected)
+    for digest, vector in zip(stored["content_sha256"], stored["probabilities"]):
+        np.testing.assert_allclose(vector, expected[digest], rtol=1e-4, atol=1e-5)
+    quarantine = spark.read.parquet(f"file://{tmp_path / 'store'}/{QUARANTINE_DIR}").toPandas()
+    assert sorted(quarantine["image_id"]) == sorted(p.name for p in listed if p.stat().st_size <= 100)
+
+
 def test_a_failed_run_leaves_the_store_byte_for_byte_as_it_was(spark, dump, model, tmp_path):
     model_dir, _ = model
     store = tmp_path / "store"
