@@ -157,28 +157,38 @@ def run_scoring_bench(spark, images_url: str, work: Path, repeats: int, batch_si
 def batch_score_seconds(model_dir: Path, work: Path, repeats: int, n_files: int = 50) -> dict:
     """Wall seconds of :func:`cxr_spark.stages.batch_score.job.batch_score` on a dump of ``n_files`` synthetic
     1024x1024 PNGs into a store it has not seen, each run in a fresh process and Spark session, timed from
-    the session's start (what a nightly run pays after ``spark-submit`` has started it); medians."""
+    the session's start (what a nightly run pays after ``spark-submit`` has started it), and the session's start;
+    with the driver JVM's class-data archive (:mod:`cxr_spark.io.jvm_archive`; as every local session starts
+    when ``make install`` made one) and without, interleaved; medians."""
     import json
+    import os
     import shutil
     import subprocess
     import sys
 
+    from cxr_spark.io.jvm_archive import SWITCH_ENV, java_options
     from cxr_spark.synth import SynthSpec, generate_or_reuse
 
     dump = work / f"batch_dump_{n_files}"
     generate_or_reuse(SynthSpec(out=str(dump), n_images=n_files, size=1024, seed=31))
     folder = next(path.parent for path in sorted(dump.rglob("*.png")))
-    runs = []
+    ways = {"": "1", "_without_archive": "0"} if java_options() else {"": "0"}
+    runs: dict[str, list[dict]] = {way: [] for way in ways}
     for _ in range(repeats):
-        store = work / "batch_store"
-        shutil.rmtree(store, ignore_errors=True)
-        done = subprocess.run([sys.executable, "-m", "benchmarks.bench_score", str(folder), str(model_dir), str(store)],
-                              check=True, capture_output=True, text=True)
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        if runs[-1]["scored"] != n_files:
-            raise RuntimeError(f"bench: batch-score scored {runs[-1]['scored']} of {n_files} files")
-    return {"files": n_files, "seconds": statistics.median(run["seconds"] for run in runs),
-            "session_start_seconds": statistics.median(run["session_start_seconds"] for run in runs)}
+        for way, switch in ways.items():
+            store = work / "batch_store"
+            shutil.rmtree(store, ignore_errors=True)
+            done = subprocess.run([sys.executable, "-m", "benchmarks.bench_score", str(folder), str(model_dir),
+                                   str(store)], check=True, capture_output=True, text=True,
+                                  env={**os.environ, SWITCH_ENV: switch})
+            runs[way].append(json.loads(done.stdout.strip().splitlines()[-1]))
+            if runs[way][-1]["scored"] != n_files:
+                raise RuntimeError(f"bench: batch-score scored {runs[way][-1]['scored']} of {n_files} files")
+    result = {"files": n_files, "jvm_archive": bool(java_options())}
+    for way, done_runs in runs.items():
+        result[f"seconds{way}"] = statistics.median(run["seconds"] for run in done_runs)
+        result[f"session_start_seconds{way}"] = statistics.median(run["session_start_seconds"] for run in done_runs)
+    return result
 
 
 def _batch_score_once(folder: str, model_dir: str, store: str) -> dict:
@@ -224,6 +234,11 @@ def format_scoring_report(result: dict) -> str:
     lines.append(f"5. batch-score of a {batch['files']}-file dump (1024 px PNGs) into a new store, in a fresh process: "
                  f"{batch['seconds']:.1f} s after the Spark session started ({batch['session_start_seconds']:.1f} s)  "
                  f"(goal < 10 s)")
+    if "seconds_without_archive" in batch:
+        lines.append(f"   without the driver JVM's class-data archive: {batch['seconds_without_archive']:.1f} s after the "
+                     f"session started ({batch['session_start_seconds_without_archive']:.1f} s)")
+    else:
+        lines.append("   (no class-data archive for this JVM and Spark: `python -m cxr_spark.io.jvm_archive` makes one)")
     return "\n".join(lines)
 
 

@@ -48,6 +48,10 @@ if [ "$EDITABLE" = 1 ]; then
 else
   "${PIP[@]}" install -q --no-deps --force-reinstall .
 fi
+if [ "$EDITABLE" = 1 ]; then  # not in `make package`'s environment archive: clusters start their JVMs themselves
+  echo "install: Spark's classes archived for the local driver JVM (cxr_spark/io/jvm_archive.py; once, about a minute)"
+  "$VENV/bin/python" -m cxr_spark.io.jvm_archive
+fi
 "$VENV/bin/python" - <<'PY'
 import numpy, pyarrow, pyspark, tensorflow, petastorm, horovod
 print(f"install: ok: numpy {numpy.__version__}, pyarrow {pyarrow.__version__}, pyspark {pyspark.__version__}, "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from pyspark.sql import SparkSession
 
+from cxr_spark.io import jvm_archive
 from cxr_spark.io.console import LOG_FILE_ENV, spark_started
 
 log = logging.getLogger(__name__)
@@ -36,18 +37,24 @@ def under_spark_submit() -> bool:
     return "PYSPARK_GATEWAY_PORT" in os.environ
 
 
-def build_session(app_name: str, properties_file: str | Path | None = None) -> SparkSession:
-    """Create the session; outside ``spark-submit`` apply ``properties_file`` (default: local.conf)."""
+def build_session(app_name: str, properties_file: str | Path | None = None,
+                  java_options: str | None = None) -> SparkSession:
+    """Create the session; outside ``spark-submit`` apply ``properties_file`` (default: local.conf), and start the
+    driver JVM with the class-data archive when there is one (:mod:`cxr_spark.io.jvm_archive`) or with
+    ``java_options`` instead."""
     builder = SparkSession.builder.appName(app_name)
     if not under_spark_submit():
         properties_file = properties_file or CONF_DIR / "spark" / "local.conf"
         properties = read_properties(properties_file)
         log_file = os.environ.get(LOG_FILE_ENV)
-        if log_file:  # the run's log: the JVM's INFO there, only actionable warnings on the console
-            properties["spark.driver.extraJavaOptions"] = " ".join(filter(None, [
-                properties.get("spark.driver.extraJavaOptions"),
-                f"-Dlog4j2.configurationFile=file:{CONF_DIR / 'spark' / 'log4j2.properties'}",
-                f"-Dcxr.log.file={log_file}"]))
+        options = " ".join(filter(None, [
+            properties.get("spark.driver.extraJavaOptions"),
+            java_options if java_options is not None else jvm_archive.java_options(),
+            # the run's log: the JVM's INFO there, only actionable warnings on the console
+            *([f"-Dlog4j2.configurationFile=file:{CONF_DIR / 'spark' / 'log4j2.properties'}",
+               f"-Dcxr.log.file={log_file}"] if log_file else [])]))
+        if options:
+            properties["spark.driver.extraJavaOptions"] = options
         for key, value in properties.items():
             builder = builder.config(key, value)
         # Python workers must run this interpreter (the one with cxr_spark installed), not `python3`.
