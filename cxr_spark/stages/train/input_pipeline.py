@@ -156,6 +156,22 @@ def _load_to_file(task: tuple, folder: str) -> dict:
     return loaded
 
 
+#: Memory-backed files (/dev/shm) hand images back when it has this much room: the row groups in flight, 2 per
+#: worker, at most a few hundred MB. Files on a disk-backed TMPDIR cost the workers more CPU per image
+#: (docs/benchmarks.md); a small /dev/shm (Docker's default is 64 MB) is left alone.
+SHM_FOLDER, SHM_MIN_FREE = "/dev/shm", 2**30
+
+
+def _hand_back_folder() -> str | None:
+    """Where the input workers' hand-back folder goes: :data:`SHM_FOLDER` when it has :data:`SHM_MIN_FREE` bytes
+    free, else the default temporary folder (None)."""
+    try:
+        usage = os.statvfs(SHM_FOLDER)
+    except OSError:  # no /dev/shm (macOS, some containers)
+        return None
+    return SHM_FOLDER if usage.f_bavail * usage.f_frsize >= SHM_MIN_FREE and os.access(SHM_FOLDER, os.W_OK) else None
+
+
 def _from_file(loaded: dict) -> dict:
     if "image" in loaded:
         path, shape = loaded["image"]
@@ -184,7 +200,7 @@ class InputWorkers:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self._folder = tempfile.mkdtemp(prefix="cxr-input-")
+            self._folder = tempfile.mkdtemp(prefix="cxr-input-", dir=_hand_back_folder())
             self._pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_start_worker)
 

@@ -2,6 +2,9 @@
 normalisation modes, and the weighted loss, each against an independent computation."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 import cv2
 import numpy as np
 import pytest
@@ -85,6 +88,25 @@ def test_the_same_seed_gives_the_same_augmented_batches_with_one_input_worker_or
                 assert list(ids1) == list(ids2) and np.array_equal(y1, y2) and np.array_equal(x1, x2)
         other_seed = _epoch(images, None, None, 8, two)
         assert [list(b[2]) for b in other_seed] != [list(b[2]) for b in by_two]  # the seed does change the epoch
+
+
+def test_images_come_back_through_memory_backed_files_when_dev_shm_has_room_and_the_same_either_way(tiny_images,
+                                                                                                   monkeypatch):
+    from cxr_spark.stages.train import input_pipeline
+
+    images, _ = tiny_images
+    shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
+    roomy = shm is not None and shm.f_bavail * shm.f_frsize >= input_pipeline.SHM_MIN_FREE
+    with InputWorkers(2) as workers:
+        assert os.path.dirname(workers._folder) == ("/dev/shm" if roomy else tempfile.gettempdir())
+        by_shm = _epoch(images, None, None, 3, workers)
+    monkeypatch.setattr(input_pipeline, "SHM_MIN_FREE", 2**62)  # more than any /dev/shm has
+    with InputWorkers(2) as workers:
+        assert os.path.dirname(workers._folder) == tempfile.gettempdir()
+        by_disk = _epoch(images, None, None, 3, workers)
+    assert len(by_shm) == len(by_disk) > 1
+    for (x1, y1, ids1), (x2, y2, ids2) in zip(by_shm, by_disk):
+        assert list(ids1) == list(ids2) and np.array_equal(y1, y2) and np.array_equal(x1, x2)
 
 
 @pytest.mark.in_process  # Spark only makes the dataset: the reader under test runs here
