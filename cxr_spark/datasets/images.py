@@ -23,11 +23,11 @@ from cxr_spark.core.guards import UsageError
 from cxr_spark.core.image_codec import decode_resized, encode_png
 from cxr_spark.datasets.fields import petastorm_dataset, scalar_field
 from cxr_spark.datasets.manifest import finish_manifest
-from cxr_spark.datasets.quarantine import QUARANTINE_DIR, write_counted
+from cxr_spark.datasets.quarantine import QUARANTINE_DIR, write_counted, write_empty
 from cxr_spark.datasets.raw import METADATA_FIELDS
 from cxr_spark.io.commit import atomic_output
 from cxr_spark.io.parquet_parts import image_rows_writer, move_parquet_parts, parquet_parts
-from cxr_spark.io.storage import FileSystem, local_path, to_url, write_json
+from cxr_spark.io.storage import FileSystem, input_files, local_path, to_url, write_json
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def encode_resized(pixels: np.ndarray) -> tuple[bytes, float, float]:
 
 def _files_per_split(written: DataFrame) -> dict:
     """How many data files each split of a written images dataset has."""
-    files = [url.rsplit("/", 2)[-2] for url in written.inputFiles()]
+    files = [url.rsplit("/", 2)[-2] for url in input_files(written)]
     return {name.split("=", 1)[1]: files.count(name) for name in sorted(set(files)) if name.startswith("split=")}
 
 
@@ -78,8 +78,8 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
 
     ``parts``, a local folder, may hold rows of the dataset already written as Parquet files in its layout
     (``split=<split>/*.parquet``, as ``ingest --images-out``'s pass 1 writes them); they are moved in beside
-    ``images``, which are then the other rows. ``quarantine(written, n_images)`` gives the quarantine rows
-    once the images are written; the run fails unless ``n_rows`` (the raw rows the images come from) =
+    ``images``, which are then the other rows. ``quarantine(written, n_images)`` gives the quarantine rows once
+    the images are written (None when there are none); the run fails unless ``n_rows`` (the raw rows the images come from) =
     images + quarantined. With ``into`` the dataset is written there as it is, for a caller that commits it
     together with another (:class:`cxr_spark.io.commit.OutputRun`). A run with no image fails
     (:class:`~cxr_spark.core.guards.UsageError`) unless ``allow_empty``, so ``out`` stays as it was.
@@ -113,7 +113,12 @@ def write_images(spark: SparkSession, images: DataFrame, out: str, settings: Pre
         if not by_split and not allow_empty:
             raise UsageError(f"{to_url(out)}: no usable image among the {n_rows} rows of the input; nothing is "
                              f"replaced (--allow-empty writes an empty dataset)")
-        _, reasons = write_counted(quarantine(written, sum(by_split.values())), f"{tmp}/{QUARANTINE_DIR}", "images")
+        rows = quarantine(written, sum(by_split.values()))
+        if rows is None:  # nothing to quarantine
+            write_empty(spark, f"{tmp}/{QUARANTINE_DIR}")
+            reasons = {}
+        else:
+            _, reasons = write_counted(rows, f"{tmp}/{QUARANTINE_DIR}", "images")
         stats = per_split.get("train", {"n": 0})
         normalization = {"split": "train", "n_images": stats["n"], "scale": "uint8 0-255"}
         if stats["n"]:

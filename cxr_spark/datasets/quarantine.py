@@ -3,10 +3,13 @@ kept inside the dataset it belongs to (``<raw>/_quarantine``, ``<images>/_quaran
 """
 from __future__ import annotations
 
-from pyspark.sql import DataFrame
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from cxr_spark.io.counting import observe_counts
+from cxr_spark.io.storage import FileSystem
 
 #: The quarantine dataset, inside the dataset it belongs to (``raw`` or ``images_<size>``): replaced
 #: atomically with it, and skipped by Spark and Petastorm (names starting with ``_``).
@@ -53,3 +56,12 @@ def write_counted(rows: DataFrame, path: str, dataset: str) -> tuple[dict[str, i
         raise RuntimeError(f"{dataset} quarantine has rows of a kind outside {KINDS}: "
                            f"{'; '.join(sorted(f'{row.reason}, {row.kind}' for row in outside))}")
     return by_kind, by_reason
+
+
+def write_empty(spark: SparkSession, path: str) -> None:
+    """A quarantine with no row at ``path`` (a folder of one Parquet file of :data:`QUARANTINE_SCHEMA`), written
+    from the driver: no Spark job for what a stage knows to be empty."""
+    schema = pa.schema([pa.field(field.split()[0], pa.string()) for field in QUARANTINE_SCHEMA.split(", ")])
+    sink = pa.BufferOutputStream()
+    pq.write_table(schema.empty_table(), sink)
+    FileSystem(spark, path).write_bytes(f"{path}/part-00000-empty.parquet", sink.getvalue().to_pybytes())

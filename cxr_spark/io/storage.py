@@ -85,24 +85,35 @@ class FileSystem:
                    if status.isFile() and status.getPath().getName().endswith(suffix))
 
     def write_text(self, url: str, text: str) -> None:
+        self.write_bytes(url, text.encode("utf-8"))
+
+    def write_bytes(self, url: str, data: bytes) -> None:
+        """Write the (small) file ``url``, replacing it."""
         stream = self._fs.create(self._Path(url), True)
         try:
-            stream.write(bytearray(text.encode("utf-8")))
+            stream.write(bytearray(data))
         finally:
             stream.close()
 
 
-def listed_files(spark: SparkSession, files: DataFrame, column: str = "path") -> DataFrame:
-    """Every file in the file index of ``files`` (a ``binaryFile`` DataFrame) as a one-column DataFrame: see
-    :func:`listed_paths`."""
-    return spark.createDataFrame([(path,) for path in listed_paths(files)], f"{column} string")
+def listed_files(spark: SparkSession, paths: list[str], column: str = "path") -> DataFrame:
+    """``paths`` (:func:`listed_paths`) as a one-column DataFrame."""
+    return spark.createDataFrame([(path,) for path in paths], f"{column} string")
+
+
+def input_files(frame: DataFrame) -> list[str]:
+    """``frame.inputFiles()`` (URIs) in one call into the JVM: PySpark's fetches the array an element at a time,
+    a call per file (0.2 s for 800 files; NIH's 112,120 would take half a minute)."""
+    jvm = frame.sparkSession._jvm
+    joined = jvm.org.apache.hadoop.util.StringUtils.join("\n", frame._jdf.inputFiles())  # no URI holds a newline
+    return joined.split("\n") if joined else []
 
 
 def listed_paths(files: DataFrame) -> list[str]:
     """Every file in the file index of ``files`` (a ``binaryFile`` DataFrame), 0-byte files included (Spark
     makes no row for them), spelled as its rows spell ``path``: the index gives URIs (``file:///a%20b.png``),
     the rows Hadoop paths (``file:/a b.png``)."""
-    return [re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*):///", r"\1:/", unquote(uri)) for uri in files.inputFiles()]
+    return [re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*):///", r"\1:/", unquote(uri)) for uri in input_files(files)]
 
 
 def local_file_path(path: str) -> str:

@@ -104,9 +104,10 @@ def _decode_failures(batches):
 
 
 def _undecodable_rows(spark: SparkSession, raw, written, n_rows: int, n_images: int):
-    """Raw rows missing from the written images, each with the reason it could not be decoded."""
+    """Raw rows missing from the written images, each with the reason it could not be decoded (None when none
+    is missing)."""
     if n_images == n_rows:
-        return spark.createDataFrame([], QUARANTINE_SCHEMA)
+        return None
     missing = raw.join(written.select("image_id"), "image_id", "left_anti")
     return missing.mapInPandas(_decode_failures, QUARANTINE_SCHEMA)
 

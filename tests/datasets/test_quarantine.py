@@ -38,3 +38,14 @@ def test_write_counted_counts_what_it_wrote_by_kind_and_reason_and_refuses_words
                        (("/d/x", "x", None, "?", "file"), "reasons outside .*: None")):
         with pytest.raises(RuntimeError, match=match):
             write_counted(spark.createDataFrame(rows + [bad], QUARANTINE_SCHEMA), str(tmp_path / f"q_{bad[2]}"), "raw")
+
+
+def test_an_empty_quarantine_written_from_the_driver_reads_back_as_one_with_no_row(spark, tmp_path):
+    from cxr_spark.datasets.quarantine import write_empty
+
+    write_empty(spark, f"file://{tmp_path}/q")
+    read = spark.read.schema(QUARANTINE_SCHEMA).parquet(f"file://{tmp_path}/q")
+    assert read.count() == 0
+    names = [field.split()[0] for field in QUARANTINE_SCHEMA.split(", ")]
+    assert pq.read_schema(next((tmp_path / "q").glob("*.parquet"))).names == names
+    assert spark.read.parquet(f"file://{tmp_path}/q").dtypes == [(name, "string") for name in names]  # no schema given

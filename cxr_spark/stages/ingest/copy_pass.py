@@ -61,8 +61,8 @@ def write_images_beside(spark: SparkSession, out: str, raw_tmp: str, images_out:
     if previous is not None:
         rows = previous[0].select(*columns).unionByName(rows)
 
-    def quarantine(written, n_images):
-        return previous[1] if previous is not None else spark.createDataFrame([], QUARANTINE_SCHEMA)
+    def quarantine(written, n_images):  # pass 1 quarantined what did not decode in raw's own quarantine
+        return previous[1] if previous is not None else None
 
     made_from = {**input_version(spark, raw_tmp), "url": to_url(out)}  # the raw run committed with it
     return write_images(spark, rows, images_out, images_settings, n_rows=written_rows(spark, raw_tmp),

@@ -21,18 +21,19 @@ from cxr_spark.stages.ingest.pass1 import FROM_FILE, KAGGLE_CLASSES, KAGGLE_PATH
 log = logging.getLogger(__name__)
 
 
-def plan_writes(spark: SparkSession, files: DataFrame, layout: str, meta: DataFrame | None,
-          existing: DataFrame | None, images_settings: PreprocessConfig | None = None) -> DataFrame:
-    """Pass 1's input when it writes ``raw`` itself: every listed file (0-byte ones included) with the raw
-    columns that do not depend on its content, and ``writable``: what :func:`decide_fates` will say from the
-    path, the metadata and the existing ids alone lets the file into ``raw`` if its own checks pass.
+def plan_writes(spark: SparkSession, files: DataFrame, paths: list[str], layout: str, meta: DataFrame | None,
+                existing: DataFrame | None, images_settings: PreprocessConfig | None = None) -> DataFrame:
+    """Pass 1's input when it writes ``raw`` itself: every listed file (``paths``, the file index of ``files``:
+    0-byte ones included) with the raw columns that do not depend on its content, and ``writable``: what
+    :func:`decide_fates` will say from the path, the metadata and the existing ids alone lets the file into
+    ``raw`` if its own checks pass.
 
     Decided by name, a file is never let in wrongly: its id there is its name, and only DICOM (left to
     pass 2) gets another id, from its content. Tasks hold about ``spark.sql.files.maxPartitionBytes`` of
     files each (the file index knows their total without reading them), or, when pass 1 writes the images
     dataset too (``resize``, its settings), about one row group of its images each (:func:`image_tasks`).
     """
-    listed = listed_files(spark, files).select(
+    listed = listed_files(spark, paths).select(
         "path", *[F.lit(None).cast(dtype).alias(name) for name, dtype in
                   (field.split() for field in ("length long, content_sha256 string, " + INSPECT_OUT).split(", "))])
     planned = decide_fates(identify(listed, layout), meta, layout, existing)
@@ -46,7 +47,7 @@ def plan_writes(spark: SparkSession, files: DataFrame, layout: str, meta: DataFr
     name = F.regexp_extract("path", r"([^/]*)$", 1)
     return (schema_columns(planned.withColumn("labels", encode_labels("labels")), columns, "path",
                             writable.alias("writable"))
-            .repartition(image_tasks(spark, len(files.inputFiles()), images_settings) if images_settings
+            .repartition(image_tasks(spark, len(paths), images_settings) if images_settings
                          else tasks_for(spark, total_bytes), name)
             .sortWithinPartitions(name, "path"))
 

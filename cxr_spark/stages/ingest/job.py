@@ -28,7 +28,7 @@ from cxr_spark.datasets.quarantine import QUARANTINE_DIR, write_counted
 from cxr_spark.datasets.raw import RawSchema
 from cxr_spark.io.commit import OutputRun
 from cxr_spark.io.parquet_parts import image_rows_writer, move_parquet_parts, written_rows
-from cxr_spark.io.storage import local_path, to_url
+from cxr_spark.io.storage import listed_paths, local_path, to_url
 from cxr_spark.stages.ingest.copy_pass import (copy_in_spark, copy_in_workers, previous_images, schema_columns,
                                                write_images_beside)
 from cxr_spark.stages.ingest.decide import decide_fates, existing_dataset, ingest_quarantine, list_fates, plan_writes
@@ -167,7 +167,8 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
             stage: str, images_out: str | None, images_settings: PreprocessConfig | None, started: float, tmp: str,
             allow_empty: bool) -> dict:
     files = list_files(spark, images)  # listed once: pass 1 (index) and pass 2 (copy) share the file index
-    if not allow_empty and not files.inputFiles():
+    paths = listed_paths(files)
+    if not allow_empty and not paths:
         raise UsageError(f"--images {images}: no image file in it (*.png, *.jpg, *.jpeg, *.dcm, *.dicom in any "
                          f"case, searched recursively); nothing is replaced (--allow-empty to write an empty dataset)")
     read_files = local_path(to_url(images)) is not None
@@ -187,10 +188,10 @@ def _ingest(spark: SparkSession, images: str, out: str, metadata: str | None, sp
     # (each task one file per split).
     image_parts = ((local_path(f"{stage}/images"), images_settings.row_group_size_mb * 2**20)
                    if in_workers and size and local_path(to_url(images_out)) is not None else None)
-    plan = (plan_writes(spark, files, layout, first_meta, existing, images_settings if image_parts else None)
+    plan = (plan_writes(spark, files, paths, layout, first_meta, existing, images_settings if image_parts else None)
             if in_workers else None)
-    index = index_files(spark, files, layout, f"{stage}/index", size, read_files, plan, f"{stage}/raw",
-                         settings.row_group_size_mb * 2**20, image_parts).cache()  # no image bytes
+    index = index_files(spark, files, paths, layout, f"{stage}/index", size, read_files, plan, f"{stage}/raw",
+                        settings.row_group_size_mb * 2**20, image_parts).cache()  # no image bytes
     decided = decide_fates(index, first_meta, layout, existing).cache()
     fates = list_fates(decided)
 

@@ -187,9 +187,9 @@ def _opaque_id(digest: Column) -> Column:
     return F.concat(F.substring(digest, 1, DICOM_ID_HEX), F.lit(".dcm"))
 
 
-def index_files(spark: SparkSession, files: DataFrame, layout: str, stage: str, size: int | None,
-                 read_files: bool, plan: DataFrame | None = None, raw_parts: str | None = None,
-                 row_group_bytes: int = 0, image_parts: tuple[str, int] | None = None) -> DataFrame:
+def index_files(spark: SparkSession, files: DataFrame, paths: list[str], layout: str, stage: str, size: int | None,
+                read_files: bool, plan: DataFrame | None = None, raw_parts: str | None = None,
+                row_group_bytes: int = 0, image_parts: tuple[str, int] | None = None) -> DataFrame:
     """One row per listed file: path, id, size, SHA-256, header facts and check (a quarantine reason or null).
 
     Pass 1 writes its rows to ``stage`` (Parquet; with ``size`` they carry the resized image too) and the
@@ -197,8 +197,8 @@ def index_files(spark: SparkSession, files: DataFrame, layout: str, stage: str, 
     writes the raw rows it can into ``raw_parts`` (``raw_written``), and with ``image_parts`` their
     images_<size> rows too (:func:`_index_and_write_partition`). Without one, it runs over the
     ``binaryFile`` rows, and as Spark's file sources make no split for a 0-byte file, such files yield no
-    row there; the listing itself (the driver's file index) still names them, and they are added back
-    as ``empty_file``.
+    row there; the listing itself (``paths``, :func:`~cxr_spark.io.storage.listed_paths` of ``files``) still
+    names them, and they are added back as ``empty_file``.
     """
     out = "path string, length long, content_sha256 string, " + INSPECT_OUT + (", " + IMAGE_OUT if size else "")
     if plan is not None:
@@ -216,7 +216,7 @@ def index_files(spark: SparkSession, files: DataFrame, layout: str, stage: str, 
         "path", "length", "content_sha256", *INSPECT_COLUMNS,
         "raw_written" if plan is not None else F.lit(False).alias("raw_written"))
     if plan is None:
-        empty = listed_files(spark, files).join(read.select("path"), "path", "left_anti").select(
+        empty = listed_files(spark, paths).join(read.select("path"), "path", "left_anti").select(
             "path", F.lit(0).cast("long").alias("length"), F.lit(None).cast("string").alias("content_sha256"),
             *[F.lit(None).cast(dtype).alias(name) for name, dtype in
               (field.split() for field in INSPECT_OUT.split(", ")[:-2])],
