@@ -238,7 +238,7 @@ def format_scoring_report(result: dict) -> str:
         lines.append(f"   without the driver JVM's class-data archive: {batch['seconds_without_archive']:.1f} s after the "
                      f"session started ({batch['session_start_seconds_without_archive']:.1f} s)")
     else:
-        lines.append("   (no class-data archive for this JVM and Spark: `python -m cxr_spark.io.jvm_archive` makes one)")
+        lines.append("   (no class-data archive for this JVM and Spark: `python -m cxr_spark.make_jvm_archive` makes one)")
     return "\n".join(lines)
 
 

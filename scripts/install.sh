@@ -50,7 +50,7 @@ else
 fi
 if [ "$EDITABLE" = 1 ]; then  # not in `make package`'s environment archive: clusters start their JVMs themselves
   echo "install: Spark's classes archived for the local driver JVM (cxr_spark/io/jvm_archive.py; once, about a minute)"
-  "$VENV/bin/python" -m cxr_spark.io.jvm_archive
+  "$VENV/bin/python" -m cxr_spark.make_jvm_archive
 fi
 "$VENV/bin/python" - <<'PY'
 import numpy, pyarrow, pyspark, tensorflow, petastorm, horovod

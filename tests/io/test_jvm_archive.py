@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from cxr_spark.io import jvm_archive
+from cxr_spark.make_jvm_archive import make_archive
 
 _SESSION_JVM = """
 import json
@@ -29,7 +30,7 @@ def _session_jvm(**env) -> dict:
 
 
 def test_a_local_session_starts_its_jvm_with_the_archive_made_for_it_and_the_jvm_can_map_it():
-    path = jvm_archive.make_archive()  # `make install` made it already; otherwise made here (about a minute)
+    path = make_archive()  # `make install` made it already; otherwise made here (about a minute)
     assert path is not None and path == jvm_archive.archive_path() and path.is_file()
     jvm = _session_jvm()
     assert f"-XX:SharedArchiveFile={path}" in jvm["arguments"] and jvm_archive.QUIET in jvm["arguments"]
