@@ -19,7 +19,7 @@ PACK_ENV := build/pack-env
 ENV_ARCHIVE := dist/cxr-spark-env.tar.gz
 export PYTHONHASHSEED := 0
 
-.PHONY: install demo test test-fast cluster-test package bench scale mutate clean help
+.PHONY: install jvm-archive demo test test-fast cluster-test package bench scale mutate clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -30,22 +30,25 @@ $(STAMP): pyproject.toml constraints.txt scripts/install.sh
 	VENV=$(VENV) PYTHON=$(PYTHON) bash scripts/install.sh
 	@touch $@
 
-demo: install  ## synthetic NIH dump -> ingest -> preprocess -> Horovod training -> scoring -> report
+demo: install jvm-archive  ## synthetic NIH dump -> ingest -> preprocess -> Horovod training -> scoring -> report
 	$(BIN)/cxr-spark demo --run-dir $(RUN_DIR)
 
-test: install  ## the test suite, including a real 2-process Horovod run (not the cluster tests)
+test: install jvm-archive  ## the test suite, including a real 2-process Horovod run (not the cluster tests)
 	$(BIN)/python -m pytest -q -m "not cluster" --doctest-modules cxr_spark tests
 
-test-fast: install  ## the tests that need no Horovod run
+test-fast: install jvm-archive  ## the tests that need no Horovod run
 	$(BIN)/python -m pytest -q -m "not slow and not cluster" --doctest-modules cxr_spark tests
+
+jvm-archive: install  ## the local driver JVM's class-data archive, made again when Java or Spark changed (a check otherwise)
+	@$(BIN)/python -m cxr_spark.make_jvm_archive
 
 cluster-test: install $(ENV_ARCHIVE)  ## a Spark standalone master + 2 workers on 127.0.0.1: the pipeline via spark-submit, a killed executor, the shipped environment
 	$(BIN)/python -m pytest -q -m cluster tests/cluster
 
-bench: install  ## ingest, training input vs model, input workers, Horovod scaling, scoring and batch-score, fixed costs: ratios measured side by side (no timed tests), figures in BENCH_JSON
+bench: install jvm-archive  ## ingest, training input vs model, input workers, Horovod scaling, scoring and batch-score, fixed costs: ratios measured side by side (no timed tests), figures in BENCH_JSON
 	PYTHONPATH=$(CURDIR) $(BIN)/python -m benchmarks.bench --keep $(BENCH_DIR) --json $(BENCH_JSON) $(BENCH_ARGS)  # PYTHONPATH: Spark's and Horovod's workers import it too
 
-scale: install  ## every stage as its own cxr-spark command on SCALE_N synthetic images with NIH's real metadata, 2 GB driver: time, CPU, memory, sizes per stage, one JSON line (the longest run: docs/scale.md; not in CI)
+scale: install jvm-archive  ## every stage as its own cxr-spark command on SCALE_N synthetic images with NIH's real metadata, 2 GB driver: time, CPU, memory, sizes per stage, one JSON line (the longest run: docs/scale.md; not in CI)
 	PYTHONPATH=$(CURDIR) $(BIN)/python -m benchmarks.scale --n-images $(SCALE_N) --size $(SCALE_SIZE) --dir $(SCALE_DIR) $(SCALE_ARGS)
 
 mutate: install  ## mutation score of the pure modules against the tests that need no Spark (minutes; not in CI)

@@ -11,12 +11,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from cxr_spark.config import load_config, override
+from cxr_spark.core.guards import process_alive
 from cxr_spark.io import jvm_archive
-from cxr_spark.io.session import build_session
-from cxr_spark.stages.ingest.job import ingest
-from cxr_spark.stages.preprocess import preprocess
-from cxr_spark.synth import SynthSpec, generate
 
 log = logging.getLogger(__name__)
 
@@ -35,17 +31,19 @@ def make_archive() -> Path | None:
     if path.is_file():
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
+    for left in path.parent.glob(".spark-driver-*.jsa.*"):  # of a maker killed before it finished
+        if left.suffix[1:].isdigit() and not process_alive(int(left.suffix[1:])):
+            left.unlink(missing_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}")
-    env = {**os.environ, jvm_archive.SWITCH_ENV: "0", _ARCHIVE_TO: str(partial)}
-    done = subprocess.run([sys.executable, "-m", "cxr_spark.make_jvm_archive", "--workload"], env=env,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "cxr_spark.make_jvm_archive", "--workload"],
+                          env={**os.environ, _ARCHIVE_TO: str(partial)}, capture_output=True, text=True)
     if done.returncode != 0 or not partial.is_file():
         partial.unlink(missing_ok=True)
-        log.warning("no class-data archive made (the JVM could not write one): %s",
-                    (done.stderr or done.stdout).strip().splitlines()[-1:])
+        output = "\n".join(f"{done.stdout}\n{done.stderr}".strip().splitlines()[-12:])
+        log.warning("no class-data archive made; sessions start without one. The JVM and the run said:\n%s", output)
         return None
     os.replace(partial, path)
-    for stale in path.parent.glob("spark-driver-*.jsa"):  # of a JVM or Spark no longer installed
+    for stale in path.parent.glob("spark-driver-*.jsa"):  # of a JVM or Spark install no longer in use here
         if stale != path:
             stale.unlink(missing_ok=True)
     return path
@@ -54,13 +52,19 @@ def make_archive() -> Path | None:
 def _workload() -> None:
     """What the archive is made from: a local session (dumping its classes at exit) that runs ingest with
     ``--images-out`` and preprocess on a few synthetic films with their metadata and split lists."""
+    from cxr_spark.config import load_config, override  # here: checking for the archive starts no Spark
+    from cxr_spark.io.session import build_session
+    from cxr_spark.stages.ingest.job import ingest
+    from cxr_spark.stages.preprocess import preprocess
+    from cxr_spark.synth import SynthSpec, generate
+
     target = os.environ[_ARCHIVE_TO]
     with tempfile.TemporaryDirectory(prefix="cxr-jvm-archive-") as folder:
         dump = os.path.join(folder, "dump")
         generate(SynthSpec(out=dump, n_images=12, size=128, seed=0))
         config = load_config()
-        spark = build_session("cxr-spark class-data archive",
-                              java_options=f"-XX:ArchiveClassesAtExit={target} {jvm_archive.QUIET}")
+        # the JVM's CDS messages left on: the maker shows them when no archive comes of it
+        spark = build_session("cxr-spark class-data archive", java_options=f"-XX:ArchiveClassesAtExit={target}")
         try:
             ingest(spark, dump, os.path.join(folder, "raw"), os.path.join(dump, "Data_Entry_2017.csv"), dump,
                    config.ingest, images_out=os.path.join(folder, "images_64"),

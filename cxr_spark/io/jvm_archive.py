@@ -2,10 +2,11 @@
 every later session maps them in instead of loading and verifying them again from Spark's jars.
 
 A fresh ``cxr-spark`` process spends seconds of its start and of its first queries loading Spark's classes.
-``make install`` writes the archive once (:mod:`cxr_spark.make_jvm_archive`, by running a small ingest and
-preprocess with ``-XX:ArchiveClassesAtExit``); :func:`java_options` gives every later local session the option
-to use it. It is named after the JVM and Spark's jars it was made with, so another JVM or Spark install finds
-no archive and starts as before; a JVM that cannot use an archive ignores it (its messages are switched off).
+``make`` writes the archive (:mod:`cxr_spark.make_jvm_archive`, ``make jvm-archive``: a small ingest and
+preprocess run with ``-XX:ArchiveClassesAtExit``), once, and again after Java or Spark changed, keeping only the
+one in use; :func:`java_options` gives every later local session the option to use it. It is named after the
+JVM and Spark's jars it was made with, so another JVM or Spark install finds no archive and starts as before; a
+JVM that cannot use an archive ignores it (its messages are switched off).
 Sessions under ``spark-submit`` (clusters) are not changed. ``CXR_SPARK_JVM_ARCHIVE=0`` switches it off. What
 it saves is measured in docs/benchmarks.md.
 """
