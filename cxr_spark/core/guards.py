@@ -245,3 +245,18 @@ def check_input(command: str, flag: str, path: str | None, stages: tuple[str, ..
         separator = ":" if problem.startswith("no such") else ""
         raise UsageError(f"{flag} {path}{separator} {problem}; {command} takes "
                          f"{' or '.join(TAKES.get(stage, stage) for stage in stages)}")
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (one of another user's counts).
+
+    >>> process_alive(os.getpid())
+    True
+    """
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True

@@ -28,7 +28,7 @@ from typing import Iterator
 
 from pyspark.sql import SparkSession
 
-from cxr_spark.core.guards import UsageError, replace_problem
+from cxr_spark.core.guards import UsageError, process_alive, replace_problem
 from cxr_spark.io.storage import FileSystem, local_path, read_json, to_url, write_text
 
 log = logging.getLogger(__name__)
@@ -95,12 +95,8 @@ class RunLock:
         if age > self.stale_after_s:
             return f"older than {self.stale_after_s:.0f} s ({age:.0f} s)"
         if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int):
-            try:
-                os.kill(holder["pid"], 0)
-            except ProcessLookupError:
+            if not process_alive(holder["pid"]):
                 return f"process {holder['pid']} on this host is gone"
-            except PermissionError:  # alive, owned by another user
-                return None
         return None
 
     def _create(self, text: str) -> bool:

@@ -22,10 +22,12 @@ import tempfile
 import zlib
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
+from cxr_spark.core.guards import process_alive
 from cxr_spark.core.normalization import model_inputs
 from cxr_spark.datasets.row_groups import read_row_group, row_counts, shard, split_row_groups
 
@@ -156,20 +158,30 @@ def _load_to_file(task: tuple, folder: str) -> dict:
     return loaded
 
 
-#: Memory-backed files (/dev/shm) hand images back when it has this much room: the row groups in flight, 2 per
-#: worker, at most a few hundred MB. Files on a disk-backed TMPDIR cost the workers more CPU per image
-#: (docs/benchmarks.md); a small /dev/shm (Docker's default is 64 MB) is left alone.
+#: Memory-backed files (/dev/shm) hand images back when it has this much room and no TMPDIR is set: the row
+#: groups in flight, 2 per worker, take at most a few hundred MB of memory. Files on a disk-backed TMPDIR cost
+#: the workers more CPU per image (docs/benchmarks.md); a small /dev/shm (Docker's default is 64 MB) is left alone.
 SHM_FOLDER, SHM_MIN_FREE = "/dev/shm", 2**30
+_HAND_BACK_PREFIX = "cxr-input-"
 
 
-def _hand_back_folder() -> str | None:
-    """Where the input workers' hand-back folder goes: :data:`SHM_FOLDER` when it has :data:`SHM_MIN_FREE` bytes
-    free, else the default temporary folder (None)."""
-    try:
-        usage = os.statvfs(SHM_FOLDER)
-    except OSError:  # no /dev/shm (macOS, some containers)
-        return None
-    return SHM_FOLDER if usage.f_bavail * usage.f_frsize >= SHM_MIN_FREE and os.access(SHM_FOLDER, os.W_OK) else None
+def _hand_back_folder() -> str:
+    """A new folder for the input workers' hand-back files, ``cxr-input-<pid>-*`` in :data:`SHM_FOLDER` when it
+    has :data:`SHM_MIN_FREE` bytes free and ``TMPDIR`` is not set, else in the temporary folder. Folders left
+    there by ranks that were killed (their process is gone) are removed first: in /dev/shm they hold memory."""
+    parent = None
+    if "TMPDIR" not in os.environ:
+        try:
+            usage = os.statvfs(SHM_FOLDER)
+        except OSError:  # no /dev/shm (macOS, some containers)
+            usage = None
+        if usage is not None and usage.f_bavail * usage.f_frsize >= SHM_MIN_FREE and os.access(SHM_FOLDER, os.W_OK):
+            parent = SHM_FOLDER
+    for left in Path(parent or tempfile.gettempdir()).glob(f"{_HAND_BACK_PREFIX}*"):
+        pid = left.name[len(_HAND_BACK_PREFIX):].split("-", 1)[0]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(left, ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"{_HAND_BACK_PREFIX}{os.getpid()}-", dir=parent)
 
 
 def _from_file(loaded: dict) -> dict:
@@ -200,7 +212,7 @@ class InputWorkers:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self._folder = tempfile.mkdtemp(prefix="cxr-input-", dir=_hand_back_folder())
+            self._folder = _hand_back_folder()
             self._pool = ProcessPoolExecutor(count, mp_context=multiprocessing.get_context("spawn"),
                                              initializer=_start_worker)
 

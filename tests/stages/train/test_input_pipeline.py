@@ -90,23 +90,39 @@ def test_the_same_seed_gives_the_same_augmented_batches_with_one_input_worker_or
         assert [list(b[2]) for b in other_seed] != [list(b[2]) for b in by_two]  # the seed does change the epoch
 
 
-def test_images_come_back_through_memory_backed_files_when_dev_shm_has_room_and_the_same_either_way(tiny_images,
-                                                                                                   monkeypatch):
+def test_images_come_back_through_memory_backed_files_when_dev_shm_has_room_and_the_same_either_way(
+        tiny_images, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
     from cxr_spark.stages.train import input_pipeline
 
     images, _ = tiny_images
     shm = os.statvfs("/dev/shm") if os.path.isdir("/dev/shm") else None
     roomy = shm is not None and shm.f_bavail * shm.f_frsize >= input_pipeline.SHM_MIN_FREE
+    monkeypatch.delenv("TMPDIR", raising=False)
+    parent = "/dev/shm" if roomy else tempfile.gettempdir()
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left_by_a_killed_rank = os.path.join(parent, f"cxr-input-{int(gone.stdout)}-abc")  # its process is gone
+    os.makedirs(left_by_a_killed_rank)
     with InputWorkers(2) as workers:
-        assert os.path.dirname(workers._folder) == ("/dev/shm" if roomy else tempfile.gettempdir())
+        assert os.path.dirname(workers._folder) == parent
+        assert os.path.basename(workers._folder).startswith(f"cxr-input-{os.getpid()}-")
         by_shm = _epoch(images, None, None, 3, workers)
-    monkeypatch.setattr(input_pipeline, "SHM_MIN_FREE", 2**62)  # more than any /dev/shm has
+    assert not os.path.exists(left_by_a_killed_rank) and not os.path.exists(workers._folder)
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # a TMPDIR of the user's is where they go
+    monkeypatch.setattr(tempfile, "tempdir", None)
     with InputWorkers(2) as workers:
-        assert os.path.dirname(workers._folder) == tempfile.gettempdir()
+        assert os.path.dirname(workers._folder) == str(tmp_path)
         by_disk = _epoch(images, None, None, 3, workers)
     assert len(by_shm) == len(by_disk) > 1
     for (x1, y1, ids1), (x2, y2, ids2) in zip(by_shm, by_disk):
         assert list(ids1) == list(ids2) and np.array_equal(y1, y2) and np.array_equal(x1, x2)
+    monkeypatch.delenv("TMPDIR")
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(input_pipeline, "SHM_MIN_FREE", 2**62)  # more than any /dev/shm has
+    with InputWorkers(2) as workers:
+        assert os.path.dirname(workers._folder) == tempfile.gettempdir() != "/dev/shm"
 
 
 @pytest.mark.in_process  # Spark only makes the dataset: the reader under test runs here
