@@ -50,11 +50,17 @@ def write_counted(rows: DataFrame, path: str, dataset: str) -> tuple[dict[str, i
     if not found["all"] == sum(by_kind.values()) == sum(by_reason.values()):
         # a bug upstream: name the words, reading back what was written
         written = rows.sparkSession.read.schema(QUARANTINE_SCHEMA).parquet(path)
-        outside = written.where(~F.col("kind").isin(*KINDS) | F.col("kind").isNull() | ~F.col("reason").isin(*REASONS)
-                                | F.col("reason").isNull()).select("reason", "kind").distinct().collect()
-        check_reasons(dict.fromkeys(row["reason"] for row in outside), dataset)
+        outside = (written.where(~F.col("kind").isin(*KINDS) | F.col("kind").isNull()
+                                 | ~F.col("reason").isin(*REASONS) | F.col("reason").isNull())
+                   .groupBy("reason", "kind").agg(F.first("detail").alias("detail")).collect())
+        example = "; ".join(sorted(f"{row.reason}, {row.kind}: {row.detail}" for row in outside)[:5])
+        try:
+            check_reasons(dict.fromkeys(row["reason"] for row in outside), dataset)
+        except RuntimeError as error:
+            raise RuntimeError(f"{error}; rows like {example}") from None
         raise RuntimeError(f"{dataset} quarantine has rows of a kind outside {KINDS}: "
-                           f"{'; '.join(sorted(f'{row.reason}, {row.kind}' for row in outside))}")
+                           f"{'; '.join(sorted(f'{row.reason}, {row.kind}' for row in outside))} ({found['all']} rows, "
+                           f"{sum(by_kind.values())} of known kinds; rows like {example})")
     return by_kind, by_reason
 
 

@@ -15,8 +15,9 @@ def observe_counts(frame: DataFrame, conditions: dict[str, str]) -> tuple[DataFr
     is true (a null is not true), and a function returning those counts by name once that action is done.
 
     All the counts are one aggregate expression parsed from one SQL text: building a Column per condition costs
-    the driver several calls into the JVM each (about 0.1 s for 36 conditions). They come back as JSON text:
-    an observed array would reach Python as a Java object. Only an action on the frame
+    the driver several calls into the JVM each. They come back as JSON text: an observed array would reach Python
+    as a Java object. Each condition is an aggregate Spark generates code for, so keep them few (tens, not
+    hundreds). Only an action on the frame
     returned, or on one derived from it, fills the counts; the function waits for it. For example
     ``observe_counts(files, {"empty": "length = 0"})`` before ``files`` is written.
     """

@@ -103,7 +103,7 @@ def listed_files(spark: SparkSession, paths: list[str], column: str = "path") ->
 
 def input_files(frame: DataFrame) -> list[str]:
     """``frame.inputFiles()`` (URIs) in one call into the JVM: PySpark's fetches the array an element at a time,
-    a call per file (0.2 s for 800 files; NIH's 112,120 would take half a minute)."""
+    a call per file (docs/benchmarks.md)."""
     jvm = frame.sparkSession._jvm
     joined = jvm.org.apache.hadoop.util.StringUtils.join("\n", frame._jdf.inputFiles())  # no URI holds a newline
     return joined.split("\n") if joined else []

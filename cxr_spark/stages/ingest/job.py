@@ -262,7 +262,7 @@ def _count(spark: SparkSession, tmp: str, fates: list[dict], by_kind: dict[str, 
     by_split = {row["split"]: row["count"] for row in existing.groupBy("split").count().collect()} if (
         existing is not None) else {}
     previous = sum(by_split.values())
-    for fate in used:
+    for fate in used:  # the splits the decisions gave; raw's footers check only their total (no job reads it)
         if not fate["skipped"]:
             by_split[fate["split"]] = by_split.get(fate["split"], 0) + fate["count"]
     total = written_rows(spark, tmp)
