@@ -59,8 +59,8 @@ from cxr_spark.io.storage import FileSystem, listed_paths, local_path, read_byte
 from cxr_spark.io.tracking import check_registered_model, download_registered_model, is_registry_uri
 from cxr_spark.stages.batch_score.drift import drift_record
 from cxr_spark.stages.batch_score.monitor import MONITOR_FILE, start_importing_plots, write_monitor
-from cxr_spark.stages.batch_score.scoring import (HASHED_DDL, SCORED_DDL, card_settings, hash_files, score_files,
-                                                  tasks_for)
+from cxr_spark.stages.batch_score.scoring import (HASHED_DDL, SCORED_DDL, card_settings, hash_files, hash_input,
+                                                  score_files, scoring_input)
 from cxr_spark.stages.batch_score.store import COMMIT_SUFFIX, LOCK_FILE, RUNS_DIR, STAGING_DIR, check_store
 from cxr_spark.stages.batch_score.store import commit_moves as _commit
 from cxr_spark.stages.batch_score.store import delete_if_empty, new_run_id, recover_staged_runs, write_refused_run
@@ -196,9 +196,8 @@ def list_dump(spark: SparkSession, images: str, hash_function) -> tuple[DataFram
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
              .option("pathGlobFilter", IMAGE_GLOB).load(to_url(images)))
     paths = listed_paths(files)
-    # each worker that hashes starts the model too: no more of them than the files are worth (tasks_for)
-    hashed = (files.select("path", "content").coalesce(tasks_for(len(paths), spark.sparkContext.defaultParallelism))
-              .mapInPandas(hash_function, HASHED_DDL))
+    # each worker that hashes starts the model too: no more of them than the files are worth
+    hashed = hash_input(files, len(paths)).mapInPandas(hash_function, HASHED_DDL)
     listed = spark.createDataFrame([(path,) for path in paths], "source_path string")
     empty = listed.join(hashed, "source_path", "left_anti").withColumn("content_sha256", F.lit(EMPTY_SHA256))
     return files, hashed.unionByName(empty), len(paths)
@@ -303,8 +302,7 @@ def _score_run(spark: SparkSession, images: str, model_url: str, store: str, sta
         empty = new.where(F.col("content_sha256") == EMPTY_SHA256).select(
             "source_path", F.lit("").cast("binary").alias("content"))
         contents = files.select(F.col("path").alias("source_path"), "content").unionByName(empty)
-        scored = (contents.join(F.broadcast(new), "source_path")
-                  .coalesce(tasks_for(n_new, spark.sparkContext.defaultParallelism))
+        scored = (scoring_input(contents, new, n_new)
                   .mapInPandas(score_files(plain, model_broadcast, batch_size), SCORED_DDL))
         (scored.withColumn("model_version", F.lit(plain["model_version"]))
          .withColumn("scored_at", F.lit(scored_at).cast("timestamp"))

@@ -8,6 +8,8 @@ from typing import Iterator
 
 import numpy as np
 import pandas as pd
+from pyspark.sql import DataFrame
+from pyspark.sql import functions as F
 
 from cxr_spark.core.drift import mean_intensity
 from cxr_spark.core.identity import stored_identity
@@ -27,21 +29,32 @@ SCORED_DDL = ("image_id string, source_path string, content_sha256 string, image
 #: The dump's index: one row per file read.
 HASHED_DDL = "source_path string, content_sha256 string"
 
-#: Files a task takes at least. Each Python worker that hashes or scores starts the model once: TensorFlow's
-#: import, the model's load and its first call cost about 3.3 s of CPU; a file costs about 17 ms (decoding a
-#: 1024 px PNG 8.8 ms, small_cnn at 128 px 8.4 ms, one core), so 256 files are worth one more start
-#: (docs/benchmarks.md).
+#: Files a hashing or scoring task takes (the last one fewer). Each Python worker that hashes or scores starts the
+#: model once (TensorFlow's import, the load and the first call), which costs about what scoring this many files
+#: does, so a small dump is done by one worker, not by every one there is (docs/benchmarks.md, docs/batch-score.md).
 MIN_FILES_PER_TASK = 256
 
 
-def tasks_for(n_files: int, slots: int) -> int:
-    """Tasks to hash or score ``n_files`` in: one per :data:`MIN_FILES_PER_TASK` files, at most one per task slot,
-    at least one.
+def tasks_for(n_files: int) -> int:
+    """Tasks to hash or score ``n_files`` in: one per :data:`MIN_FILES_PER_TASK` files, at least one.
 
-    >>> tasks_for(50, 2), tasks_for(300, 2), tasks_for(100_000, 16), tasks_for(0, 4)
-    (1, 2, 16, 1)
+    >>> tasks_for(50), tasks_for(256), tasks_for(300), tasks_for(100_000), tasks_for(0)
+    (1, 1, 2, 391, 1)
     """
-    return max(1, min(slots, -(-n_files // MIN_FILES_PER_TASK)))
+    return max(1, -(-n_files // MIN_FILES_PER_TASK))
+
+
+def hash_input(files: DataFrame, n_files: int) -> DataFrame:
+    """The ``path`` and ``content`` of a dump's ``binaryFile`` rows, in :func:`tasks_for` tasks: merged from the
+    file scan's splits (no shuffle: every file is read to be hashed)."""
+    return files.select("path", "content").coalesce(tasks_for(n_files))
+
+
+def scoring_input(contents: DataFrame, new: DataFrame, n_new: int) -> DataFrame:
+    """The rows of ``contents`` (``source_path``, ``content``: the whole dump) whose path is in ``new`` (the
+    new files, joined by broadcast), dealt into :func:`tasks_for` tasks. Shuffled, not merged: the dump is still
+    read by as many tasks as its scan has splits, and only the new files' bytes move to the scoring tasks."""
+    return contents.join(F.broadcast(new), "source_path").repartition(tasks_for(n_new))
 
 
 def hash_files(version: str, model_broadcast):

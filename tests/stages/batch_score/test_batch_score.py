@@ -290,14 +290,38 @@ def test_runs_score_only_new_images_and_summaries_match_the_store(spark, dump, m
                                 for i, label in enumerate(LABELS)}
 
 
+def test_hashing_and_scoring_take_one_task_per_min_files_and_the_dump_is_still_read_in_parallel(spark, tmp_path,
+                                                                                               monkeypatch):
+    """Each task that hashes or scores starts the model in its worker: a small dump takes one (its scan's splits
+    merged), new files are dealt into one task per MIN_FILES_PER_TASK after a scan that keeps its splits."""
+    from pyspark.sql import functions as F
+
+    from cxr_spark.stages.batch_score import scoring
+
+    rng = np.random.default_rng(5)
+    for i in range(6):  # 6 x 200 KB: the file scan splits them over the 2 slots of local[2]
+        (tmp_path / "dump").mkdir(exist_ok=True)
+        (tmp_path / "dump" / f"{i}.png").write_bytes(rng.integers(0, 256, 200_000, dtype=np.uint8).tobytes())
+    files = spark.read.format("binaryFile").load(f"file://{tmp_path}/dump")
+    splits = files.rdd.getNumPartitions()
+    assert splits >= 2
+    assert scoring.hash_input(files, 6).rdd.getNumPartitions() == 1
+    contents = files.select(F.col("path").alias("source_path"), "content")
+    paths = sorted(row["path"] for row in files.select("path").collect())
+    new = spark.createDataFrame([(path, "h") for path in paths[:3]], "source_path string, content_sha256 string")
+    one = scoring.scoring_input(contents, new, 3)
+    assert one.rdd.getNumPartitions() == 1 and one.count() == 3
+    monkeypatch.setattr(scoring, "MIN_FILES_PER_TASK", 1)  # one task per new file, the scan's splits unmerged
+    assert scoring.hash_input(files, 6).rdd.getNumPartitions() == splits
+    assert scoring.scoring_input(contents, new, 3).rdd.getNumPartitions() == 3
+
+
 def test_a_dump_split_over_several_tasks_is_scored_as_in_one(spark, dump, model, tmp_path, monkeypatch):
-    """A dump of fewer than MIN_FILES_PER_TASK files is hashed and scored by one task (one model start); with the
-    bound lowered the same dump takes two tasks, and nothing it gives changes: each file scored once, as Keras
-    predicts it, the bad ones quarantined."""
+    """With the bound lowered the 14-file dump is hashed and scored by several tasks, and nothing it gives
+    changes: each file scored once, as Keras predicts it, the bad ones quarantined."""
     from cxr_spark.stages.batch_score import scoring
 
     monkeypatch.setattr(scoring, "MIN_FILES_PER_TASK", 4)
-    assert scoring.tasks_for(len(_image_files(dump)), spark.sparkContext.defaultParallelism) == 2
     model_dir, _ = model
     summary = batch_score(spark, str(dump), str(model_dir), str(tmp_path / "store"))
     listed = _image_files(dump)
