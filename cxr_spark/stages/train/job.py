@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import multiprocessing
 import os
 import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pandas as pd
@@ -127,7 +129,8 @@ def _check_gloo(attempts: int = 3) -> None:
     The check forks a child that loads Horovod's extension and answers through a queue. A child forked from
     a driver whose TensorFlow or JVM threads hold a lock can die before it answers, and the check then
     raises ``queue.Empty`` (cf. horovod/horovod#2161). Horovod caches the first answer per arguments, so
-    once an attempt here answers, ``run`` uses it instead of forking again.
+    once an attempt here answers, ``run`` uses it instead of forking again. When none does, a spawned process
+    (forked from nothing with threads) answers, and Horovod is given that answer (:func:`remember_gloo_built`).
     """
     import queue
 
@@ -140,7 +143,31 @@ def _check_gloo(attempts: int = 3) -> None:
         except queue.Empty:
             log.warning("Horovod's Gloo check: its child process exited without answering (attempt %d of %d)",
                         attempt, attempts)
-    raise RuntimeError(f"Horovod's Gloo check failed {attempts} times: its child process exited without answering")
+    # Every forked child died: ask a spawned process, which inherits no thread, and give Horovod its answer.
+    log.warning("Horovod's Gloo check: asking a new process instead (its children are forked from one with no "
+                "threads)")
+    # a ProcessPoolExecutor's process, not a (daemonic) Pool worker: the check forks a child of its own
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        built = pool.submit(_gloo_built).result()
+    remember_gloo_built(built)
+    if not built:
+        raise RuntimeError("Horovod was built without Gloo (HOROVOD_WITH_GLOO=1; scripts/install.sh builds it so)")
+
+
+def _gloo_built() -> bool:
+    from horovod.common.util import gloo_built
+
+    return bool(gloo_built(verbose=False))
+
+
+def remember_gloo_built(built: bool) -> None:
+    """Give ``horovod.common.util.gloo_built(verbose=False)``, the call ``horovod.spark.run(verbose=1)`` makes,
+    its answer, so that it does not fork a child of its own to find it (horovod 0.28.1 keeps the answers of its
+    ``_cache`` decorator in the closure of the function it returns)."""
+    from horovod.common.util import gloo_built
+
+    cache = gloo_built.__closure__[gloo_built.__code__.co_freevars.index("cache")].cell_contents
+    cache[((), frozenset({("verbose", False)}))] = built
 
 
 def train(spark: SparkSession, input_url: str, out: str, settings: TrainConfig,
