@@ -73,8 +73,8 @@ def write_images_beside(spark: SparkSession, out: str, raw_tmp: str, images_out:
 
 def schema_columns(frame: DataFrame, names=tuple(RawSchema.fields), *others: str) -> DataFrame:
     """The RawSchema columns ``names``, in order and with their Spark types, then the columns ``others``."""
-    return frame.select(*[F.col(name).cast(RawSchema.fields[name].codec.spark_dtype()).alias(name)
-                          for name in names], *others)
+    return frame.selectExpr(*[f"CAST(`{name}` AS {RawSchema.fields[name].codec.spark_dtype().simpleString()}) AS {name}"
+                              for name in names], *[f"`{name}`" for name in others])
 
 
 def copy_in_spark(files: DataFrame, accepted: DataFrame) -> DataFrame:

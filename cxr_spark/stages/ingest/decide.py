@@ -33,8 +33,8 @@ def plan_writes(spark: SparkSession, files: DataFrame, paths: list[str], layout:
     files each (the file index knows their total without reading them), or, when pass 1 writes the images
     dataset too (``resize``, its settings), about one row group of its images each (:func:`image_tasks`).
     """
-    listed = listed_files(spark, paths).select(
-        "path", *[F.lit(None).cast(dtype).alias(name) for name, dtype in
+    listed = listed_files(spark, paths).selectExpr(
+        "path", *[f"CAST(NULL AS {dtype}) AS {name}" for name, dtype in
                   (field.split() for field in ("length long, content_sha256 string, " + INSPECT_OUT).split(", "))])
     planned = decide_fates(identify(listed, layout), meta, layout, existing)
     writable = F.col("reason").isNull() & ~F.col("in_existing") & ~F.col("path").rlike(DICOM_NAME)
@@ -45,8 +45,8 @@ def plan_writes(spark: SparkSession, files: DataFrame, paths: list[str], layout:
     # decide what each Horovod rank trains on, so training is reproducible from the dump, not only from a
     # dataset).
     name = F.regexp_extract("path", r"([^/]*)$", 1)
-    return (schema_columns(planned.withColumn("labels", encode_labels("labels")), columns, "path",
-                            writable.alias("writable"))
+    return (schema_columns(planned.withColumns({"labels": encode_labels("labels"), "writable": writable}), columns,
+                           "path", "writable")
             .repartition(image_tasks(spark, len(paths), images_settings) if images_settings
                          else tasks_for(spark, total_bytes), name)
             .sortWithinPartitions(name, "path"))
@@ -68,16 +68,24 @@ def _kaggle_labels(index: DataFrame) -> DataFrame:
     pneumonia = LABELS.index(KAGGLE_CLASSES["PNEUMONIA"])
     vector = F.array(*[(F.lit(1) if i == pneumonia else F.lit(0)).cast("smallint") for i in range(NUM_LABELS)])
     in_layout = folders != ""
-    return (index.withColumn("patient_id", F.lit(None).cast("int"))
-            .withColumn("follow_up", F.lit(None).cast("int"))
-            .withColumn("finding_labels", F.when(label == "PNEUMONIA", F.lit(KAGGLE_CLASSES["PNEUMONIA"]))
-                        .when(in_layout, F.lit("No Finding")))
-            .withColumn("labels", F.when(label == "PNEUMONIA", vector)
-                        .otherwise(F.array_repeat(F.lit(0).cast("smallint"), NUM_LABELS)))
-            .withColumn("split", F.when(in_layout, folders))
-            .withColumn("meta_reason", F.when(~in_layout, F.lit("no_metadata")))
-            .withColumn("meta_detail", F.when(~in_layout, F.lit(
-                "outside the Kaggle layout <train|val|test>/<NORMAL|PNEUMONIA>/: no label"))))
+    return index.withColumns({  # one projection: each DataFrame step is analysed anew on the driver
+        "patient_id": F.lit(None).cast("int"),
+        "follow_up": F.lit(None).cast("int"),
+        "finding_labels": F.when(label == "PNEUMONIA", F.lit(KAGGLE_CLASSES["PNEUMONIA"]))
+                           .when(in_layout, F.lit("No Finding")),
+        "labels": F.when(label == "PNEUMONIA", vector).otherwise(F.array_repeat(F.lit(0).cast("smallint"), NUM_LABELS)),
+        "split": F.when(in_layout, folders),
+        "meta_reason": F.when(~in_layout, F.lit("no_metadata")),
+        "meta_detail": F.when(~in_layout, F.lit("outside the Kaggle layout <train|val|test>/<NORMAL|PNEUMONIA>/: "
+                                               "no label"))})
+
+
+def _unlabeled(index: DataFrame) -> DataFrame:
+    """No metadata: every file ``unlabeled`` (DICOM headers still give view, sex and age)."""
+    return index.selectExpr("*", "CAST(NULL AS int) AS patient_id", "CAST(NULL AS int) AS follow_up",
+                            "CAST(NULL AS string) AS finding_labels",
+                            f"array_repeat(CAST(0 AS smallint), {NUM_LABELS}) AS labels", "'unlabeled' AS split",
+                            "CAST(NULL AS string) AS meta_reason", "CAST(NULL AS string) AS meta_detail")
 
 
 def decide_fates(index: DataFrame, meta: DataFrame | None, layout: str, existing: DataFrame | None) -> DataFrame:
@@ -87,75 +95,72 @@ def decide_fates(index: DataFrame, meta: DataFrame | None, layout: str, existing
     then metadata problems. ``skipped`` marks files already in the existing dataset (append-new), with the
     same content; ``in_existing`` files whose id is there at all; ``has_metadata`` files whose id has a row in
     ``meta`` (always true without metadata: the folders or nothing label them).
+
+    The decisions are one projection written as SQL text: ingest plans them twice per run, and each DataFrame
+    step, and each Column built in Python, is a call into the driver's JVM (docs/benchmarks.md).
     """
+    has_meta = "true"
     if layout == "kaggle":
-        labelled, has_meta = _kaggle_labels(index), F.lit(True)
-    elif meta is None:  # unlabeled; DICOM headers still give view, sex and age
-        labelled = (index.withColumn("patient_id", F.lit(None).cast("int"))
-                    .withColumn("follow_up", F.lit(None).cast("int"))
-                    .withColumn("finding_labels", F.lit(None).cast("string"))
-                    .withColumn("labels", F.array_repeat(F.lit(0).cast("smallint"), NUM_LABELS))
-                    .withColumn("split", F.lit("unlabeled"))
-                    .withColumn("meta_reason", F.lit(None).cast("string"))
-                    .withColumn("meta_detail", F.lit(None).cast("string")))
-        has_meta = F.lit(True)
+        labelled = _kaggle_labels(index)
+    elif meta is None:
+        labelled = _unlabeled(index)
     else:
-        labelled = (index.drop("view", "sex", "age")
-                    .join(meta.withColumn("_has_meta", F.lit(True)), "image_id", "left"))
-        has_meta = F.col("_has_meta").isNotNull()
+        labelled = index.drop("view", "sex", "age").join(meta.selectExpr("*", "true AS _has_meta"), "image_id", "left")
+        has_meta = "_has_meta IS NOT NULL"
+    existing_sha = "CAST(NULL AS string)"
     if existing is not None:
         labelled = labelled.join(existing.select("image_id", F.col("content_sha256").alias("_existing_sha"))
                                  .dropDuplicates(["image_id"]), "image_id", "left")
-    else:
-        labelled = labelled.withColumn("_existing_sha", F.lit(None).cast("string"))
-    in_existing = F.col("_existing_sha").isNotNull()
-    same_content = in_existing & (F.col("_existing_sha") == F.col("content_sha256"))
-    reason = (F.when(F.col("reason").isNotNull(), F.col("reason"))
-              .when(F.col("duplicate_rank") > 1, F.lit("duplicate_image_id"))
-              .when(in_existing & ~same_content, F.lit("duplicate_image_id"))
-              .when(same_content, F.lit(None))
-              .when(~has_meta, F.lit("no_metadata"))
-              .when(F.col("meta_reason").isNotNull(), F.col("meta_reason")))
-    detail = (F.when(F.col("reason").isNotNull(), F.col("detail"))
-              .when(F.col("duplicate_rank") > 1, F.concat(F.lit("image id also at an earlier path; kept the first of "),
-                                                         F.col("image_id")))
-              .when(in_existing & ~same_content,
-                    F.lit("image id already in the existing dataset with different content (SHA-256)"))
-              .when(~has_meta, F.lit("no row in the metadata CSV for this image id"))
-              .otherwise(F.col("meta_detail")))
-    skipped = F.col("reason").isNull() & (F.col("duplicate_rank") == 1) & same_content
-    # reason and detail in one step: both read the file's own reason, not the other's result
-    return (labelled.withColumn("skipped", F.coalesce(skipped, F.lit(False)))
-            .withColumn("in_existing", in_existing)
-            .withColumns({"reason": reason, "detail": detail})
-            .withColumn("kind", F.lit("file"))
-            .withColumn("has_metadata", has_meta)
-            .drop("meta_reason", "meta_detail", "_has_meta", "_existing_sha"))
+        existing_sha = "_existing_sha"
+    in_existing = f"({existing_sha} IS NOT NULL)"
+    same_content = f"({in_existing} AND {existing_sha} = content_sha256)"
+    clash = f"{in_existing} AND NOT {same_content}"
+    # reason and detail both read the file's own reason (the input column), not each other's result
+    decided = {
+        "reason": f"""CASE WHEN reason IS NOT NULL THEN reason
+                           WHEN duplicate_rank > 1 THEN 'duplicate_image_id'
+                           WHEN {clash} THEN 'duplicate_image_id'
+                           WHEN {same_content} THEN NULL
+                           WHEN NOT ({has_meta}) THEN 'no_metadata'
+                           WHEN meta_reason IS NOT NULL THEN meta_reason END""",
+        "detail": f"""CASE WHEN reason IS NOT NULL THEN detail
+                           WHEN duplicate_rank > 1 THEN concat('image id also at an earlier path; kept the first of ',
+                                                               image_id)
+                           WHEN {clash} THEN 'image id already in the existing dataset with different content (SHA-256)'
+                           WHEN NOT ({has_meta}) THEN 'no row in the metadata CSV for this image id'
+                           ELSE meta_detail END""",
+    }
+    added = {
+        "skipped": f"coalesce(reason IS NULL AND duplicate_rank = 1 AND {same_content}, false)",
+        "in_existing": in_existing,
+        "kind": "'file'",
+        "has_metadata": has_meta,
+    }
+    dropped = {"meta_reason", "meta_detail", "_has_meta", "_existing_sha"}
+    kept = [f"{decided[name]} AS {name}" if name in decided else f"`{name}`"
+            for name in labelled.columns if name not in dropped]
+    return labelled.selectExpr(*kept, *[f"{sql} AS {name}" for name, sql in added.items()])
 
 
 def ingest_quarantine(decided: DataFrame, meta: DataFrame | None, boxes: DataFrame | None) -> DataFrame:
     """Rejected files, plus metadata rows that name no listed file (or that could not be parsed), plus
     unusable bounding-box rows."""
-    rows = decided.where("reason IS NOT NULL").select("source_path", "image_id", "reason", "detail", "kind")
-    others = []
-    if meta is not None:
+    columns = ("source_path", "image_id", "reason", "detail", "kind")
+    rows = decided.where("reason IS NOT NULL").select(*columns)
+    if meta is not None:  # first rows whose id no file has (or which could not be parsed); every later row
         listed = decided.select("image_id").distinct()
-        first, repeated = meta.where("meta_rank = 1"), meta.where("meta_rank > 1")
-        orphans = first.join(listed, "image_id", "left_anti").select(
-            "image_id", F.coalesce("meta_reason", F.lit("no_image")).alias("reason"),
-            F.coalesce("meta_detail", F.lit("metadata row names an image that is not in the dump")).alias("detail"),
-            F.lit("metadata").alias("kind"))
-        duplicates = repeated.select(
-            "image_id", F.lit("duplicate_image_id").alias("reason"),
-            F.lit("a later metadata row for an image id already described; the first row was used").alias("detail"),
-            F.lit("metadata").alias("kind"))
-        others += [orphans, duplicates]
+        orphans = meta.where("meta_rank = 1").join(listed, "image_id", "left_anti").selectExpr(
+            "CAST(NULL AS string) AS source_path", "image_id", "coalesce(meta_reason, 'no_image') AS reason",
+            "coalesce(meta_detail, 'metadata row names an image that is not in the dump') AS detail",
+            "'metadata' AS kind")
+        duplicates = meta.where("meta_rank > 1").selectExpr(
+            "CAST(NULL AS string) AS source_path", "image_id", "'duplicate_image_id' AS reason",
+            "'a later metadata row for an image id already described; the first row was used' AS detail",
+            "'metadata' AS kind")
+        rows = rows.unionByName(orphans).unionByName(duplicates)
     if boxes is not None:
-        others.append(boxes.where("reason IS NOT NULL").select("image_id", "reason", "detail",
-                                                               F.lit("bbox").alias("kind")))
-    for other in others:
-        rows = rows.unionByName(other.select(F.lit(None).cast("string").alias("source_path"), "image_id",
-                                             "reason", "detail", "kind"))
+        rows = rows.unionByName(boxes.where("reason IS NOT NULL").selectExpr(
+            "CAST(NULL AS string) AS source_path", "image_id", "reason", "detail", "'bbox' AS kind"))
     return rows
 
 

@@ -10,7 +10,7 @@ from contextlib import nullcontext
 import pandas as pd
 import pyarrow as pa
 from pyspark import TaskContext
-from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.pandas.types import to_arrow_type
 from pyspark.sql.types import BinaryType
@@ -182,9 +182,9 @@ def detect_layout(spark: SparkSession, images: str) -> str:
     return "kaggle" if found else "nih"
 
 
-def _opaque_id(digest: Column) -> Column:
-    """A DICOM image's id, :func:`cxr_spark.core.identity.dicom_id` as a column: never a file name."""
-    return F.concat(F.substring(digest, 1, DICOM_ID_HEX), F.lit(".dcm"))
+def _sql_string(text: str) -> str:
+    """``text`` as a Spark SQL string literal (backslashes and quotes escaped)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def index_files(spark: SparkSession, files: DataFrame, paths: list[str], layout: str, stage: str, size: int | None,
@@ -227,15 +227,19 @@ def index_files(spark: SparkSession, files: DataFrame, paths: list[str], layout:
 
 def identify(indexed: DataFrame, layout: str) -> DataFrame:
     """``image_id``, ``source_path`` and ``duplicate_rank`` of indexed files. ``path`` is the real location
-    (used only to join pass 2); ``source_path`` is what is written, withheld for DICOM."""
-    is_dicom = (F.col("format") == "dicom") | F.col("path").rlike(DICOM_NAME)
-    name = F.element_at(F.split("path", "/"), -1)
+    (used only to join pass 2); ``source_path`` is what is written, withheld for DICOM, whose id is
+    :func:`cxr_spark.core.identity.dicom_id` as SQL: never a file name. SQL text: ingest plans this twice per run,
+    and each Column built in Python is several calls into the driver's JVM."""
+    is_dicom = f"(format = 'dicom' OR path RLIKE {_sql_string(DICOM_NAME)})"
+    name = "element_at(split(path, '/'), -1)"
     if layout == "kaggle":  # NORMAL/ and PNEUMONIA/ reuse file names across splits: keep the folders in the id
-        name = F.coalesce(F.when(F.regexp_extract("path", KAGGLE_PATH, 1) != "",
-                                   F.regexp_extract("path", KAGGLE_PATH, 1)), name)
-    opaque = _opaque_id(F.coalesce("content_sha256", F.sha2("path", 256)))
-    return (indexed
-            .withColumn("image_id", F.when(is_dicom, opaque).otherwise(name))
-            .withColumn("source_path", F.when(is_dicom, F.concat(F.lit(DICOM_SOURCE), opaque)).otherwise(F.col("path")))
-            .withColumn("duplicate_rank",
-                        F.row_number().over(Window.partitionBy("image_id").orderBy("path"))))
+        folders = f"regexp_extract(path, {_sql_string(KAGGLE_PATH)}, 1)"
+        name = f"coalesce(CASE WHEN {folders} != '' THEN {folders} END, {name})"
+    opaque = f"concat(substring(coalesce(content_sha256, sha2(path, 256)), 1, {DICOM_ID_HEX}), '.dcm')"
+    image_id = f"CASE WHEN {is_dicom} THEN {opaque} ELSE {name} END"
+    # the rank over the image_id column (not its expression): what the decisions cache is then partitioned by
+    # image_id, and the joins and distinct ids after it need no shuffle of their own
+    return (indexed.selectExpr(
+        "*", f"{image_id} AS image_id",
+        f"CASE WHEN {is_dicom} THEN concat({_sql_string(DICOM_SOURCE)}, {opaque}) ELSE path END AS source_path")
+        .selectExpr("*", "row_number() OVER (PARTITION BY image_id ORDER BY path) AS duplicate_rank"))
