@@ -30,12 +30,22 @@ def local_path(url: str) -> str | None:
     return parsed.path if parsed.scheme in ("", "file") else None
 
 
+_PATH_CLASS: list = [None, None]  # the gateway client it was looked up through, and Hadoop's Path class
+
+
+def _hadoop_path_class(jvm):
+    """Hadoop's ``Path`` class in the JVM behind ``jvm``, looked up once per gateway (a new session after a stopped
+    one has a new gateway): each package in its name is a call into the JVM."""
+    if _PATH_CLASS[0] is not jvm._gateway_client:
+        _PATH_CLASS[:] = [jvm._gateway_client, jvm.org.apache.hadoop.fs.Path]
+    return _PATH_CLASS[1]
+
+
 class FileSystem:
     """The Hadoop FileSystem behind one URL, reached through the driver's JVM."""
 
     def __init__(self, spark: SparkSession, url: str):
-        jvm = spark._jvm
-        self._Path = jvm.org.apache.hadoop.fs.Path
+        self._Path = _hadoop_path_class(spark._jvm)
         self._fs = self._Path(url).getFileSystem(spark._jsc.hadoopConfiguration())
 
     def exists(self, url: str) -> bool:

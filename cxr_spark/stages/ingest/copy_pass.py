@@ -57,9 +57,12 @@ def write_images_beside(spark: SparkSession, out: str, raw_tmp: str, images_out:
     else:  # pass 1 wrote the images_<size> row of every file it accepted
         accepted = spark.createDataFrame([], "path string, image_id string")
     pass1_images = index.join(accepted, "path").drop("path")
-    rows = raw.select(*metadata_columns()).join(pass1_images, "image_id").select(*columns)
+    # columns by SQL name: a name given to select() is three calls into the JVM, one in selectExpr()
+    names = [f"`{name}`" for name in columns]
+    rows = (raw.selectExpr(*[f"`{name}`" for name in metadata_columns()]).join(pass1_images, "image_id")
+            .selectExpr(*names))
     if previous is not None:
-        rows = previous[0].select(*columns).unionByName(rows)
+        rows = previous[0].selectExpr(*names).unionByName(rows)
 
     def quarantine(written, n_images):  # pass 1 quarantined what did not decode in raw's own quarantine
         return previous[1] if previous is not None else None

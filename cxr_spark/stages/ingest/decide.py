@@ -145,8 +145,7 @@ def decide_fates(index: DataFrame, meta: DataFrame | None, layout: str, existing
 def ingest_quarantine(decided: DataFrame, meta: DataFrame | None, boxes: DataFrame | None) -> DataFrame:
     """Rejected files, plus metadata rows that name no listed file (or that could not be parsed), plus
     unusable bounding-box rows."""
-    columns = ("source_path", "image_id", "reason", "detail", "kind")
-    rows = decided.where("reason IS NOT NULL").select(*columns)
+    rows = decided.where("reason IS NOT NULL").selectExpr("source_path", "image_id", "reason", "detail", "kind")
     if meta is not None:  # first rows whose id no file has (or which could not be parsed); every later row
         listed = decided.select("image_id").distinct()
         orphans = meta.where("meta_rank = 1").join(listed, "image_id", "left_anti").selectExpr(

@@ -212,9 +212,9 @@ def index_files(spark: SparkSession, files: DataFrame, paths: list[str], layout:
     # read back with the schema it was written with: no Spark job to infer it from a footer
     written_columns = "path string, length long, content_sha256 string, " + INSPECT_OUT + (
         ", raw_written boolean" if plan is not None else "")
-    read = spark.read.schema(written_columns).parquet(stage).select(
+    read = spark.read.schema(written_columns).parquet(stage).selectExpr(  # SQL names: a call each, not three
         "path", "length", "content_sha256", *INSPECT_COLUMNS,
-        "raw_written" if plan is not None else F.lit(False).alias("raw_written"))
+        "raw_written" if plan is not None else "false AS raw_written")
     if plan is None:
         empty = listed_files(spark, paths).join(read.select("path"), "path", "left_anti").select(
             "path", F.lit(0).cast("long").alias("length"), F.lit(None).cast("string").alias("content_sha256"),
