@@ -12,6 +12,7 @@ import os
 import re
 from urllib.parse import unquote, urlparse
 
+import pandas as pd
 from pyspark.sql import DataFrame, SparkSession
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,17 @@ class FileSystem:
             stream.close()
 
 
+def local_frame(spark: SparkSession, rows: list[tuple], ddl: str) -> DataFrame:
+    """Rows held by the driver as a DataFrame of the columns ``ddl`` names (``"name type, ..."``), sent through
+    Arrow into a local relation. PySpark's ``createDataFrame`` of a list instead makes a Python RDD: every query
+    on it starts Python workers to pass the rows on (docs/benchmarks.md)."""
+    names = [column.split()[0] for column in ddl.split(",")]
+    return spark.createDataFrame(pd.DataFrame(rows, columns=names), ddl)
+
+
 def listed_files(spark: SparkSession, paths: list[str], column: str = "path") -> DataFrame:
     """``paths`` (:func:`listed_paths`) as a one-column DataFrame."""
-    return spark.createDataFrame([(path,) for path in paths], f"{column} string")
+    return local_frame(spark, [(path,) for path in paths], f"{column} string")
 
 
 def input_files(frame: DataFrame) -> list[str]:

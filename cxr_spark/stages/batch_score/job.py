@@ -55,7 +55,8 @@ from cxr_spark.datasets.model_card import MODEL_CARD, MODEL_FILE, load_model_car
 from cxr_spark.datasets.quarantine import QUARANTINE_DIR
 from cxr_spark.io.commit import DEFAULT_LOCK_STALE_AFTER_S, EXIT_LOCKED, RunLock, step
 from cxr_spark.io.parquet_parts import written_rows
-from cxr_spark.io.storage import FileSystem, listed_paths, local_path, read_bytes, to_url, write_text
+from cxr_spark.io.storage import (FileSystem, listed_paths, local_frame, local_path, read_bytes, to_url,
+                                  write_text)
 from cxr_spark.io.tracking import check_registered_model, download_registered_model, is_registry_uri
 from cxr_spark.stages.batch_score.drift import drift_record
 from cxr_spark.stages.batch_score.monitor import MONITOR_FILE, start_importing_plots, write_monitor
@@ -184,23 +185,20 @@ def exit_code(counts: dict, fail_on_drift: bool = False) -> int:
 # the job
 
 
-def list_dump(spark: SparkSession, images: str, hash_function) -> tuple[DataFrame, DataFrame, int]:
-    """The dump's files as ``binaryFile`` rows, an index of every listed file with its content hash, and how many
-    files were listed.
+def list_dump(spark: SparkSession, images: str, hash_function) -> tuple[DataFrame, list[tuple[str, str]]]:
+    """The dump's files as ``binaryFile`` rows, and every listed file with its content hash, in path order.
 
     The hash is taken in the Python workers by ``hash_function`` (a mapInPandas function,
-    :func:`~cxr_spark.stages.batch_score.scoring.hash_files`); only the files it shows to be new are decoded and
-    scored. Spark makes no row for a 0-byte file; its path still comes from the file index and gets the empty
-    content's hash.
+    :func:`~cxr_spark.stages.batch_score.scoring.hash_files`) and collected: one Spark job that reads each file
+    once. Spark makes no row for a 0-byte file; its path still comes from the file index and gets the empty
+    content's hash. Only the files the hashes show to be new are decoded and scored.
     """
     files = (spark.read.format("binaryFile").option("recursiveFileLookup", "true")
              .option("pathGlobFilter", IMAGE_GLOB).load(to_url(images)))
     paths = listed_paths(files)
     # each worker that hashes starts the model too: no more of them than the files are worth
-    hashed = hash_input(files, len(paths)).mapInPandas(hash_function, HASHED_DDL)
-    listed = spark.createDataFrame([(path,) for path in paths], "source_path string")
-    empty = listed.join(hashed, "source_path", "left_anti").withColumn("content_sha256", F.lit(EMPTY_SHA256))
-    return files, hashed.unionByName(empty), len(paths)
+    hashed = dict(hash_input(files, len(paths)).mapInPandas(hash_function, HASHED_DDL).collect())
+    return files, [(path, hashed.get(path, EMPTY_SHA256)) for path in sorted(paths)]
 
 
 def known_hashes(spark: SparkSession, store: str, model_version: str, include_quarantine: bool) -> DataFrame | None:
@@ -284,15 +282,17 @@ def _score_run(spark: SparkSession, images: str, model_url: str, store: str, sta
                retry_quarantined: bool, started: float, card: dict, fail_on_drift: bool) -> dict:
     """Everything of one run that writes only into ``staging``; returns the summary. ``model_broadcast`` holds
     the bytes of ``model.keras``."""
-    files, index, n_listed = list_dump(spark, images, hash_files(plain["model_version"], model_broadcast))
+    files, index = list_dump(spark, images, hash_files(plain["model_version"], model_broadcast))
+    n_listed = len(index)
     known = known_hashes(spark, store, plain["model_version"], not retry_quarantined)
-    fresh = index if known is None else index.join(known, "content_sha256", "left_anti")
     # the files not known, one row each, on the driver: the scoring's broadcast join below holds them all anyway
-    fresh_rows = [(row["source_path"], row["content_sha256"]) for row in fresh.collect()]
+    fresh_rows = index if known is None else [
+        (row["source_path"], row["content_sha256"]) for row in
+        local_frame(spark, index, HASHED_DDL).join(known, "content_sha256", "left_anti").collect()]
     n_fresh = len(fresh_rows)
     new_rows = first_copies(fresh_rows)
     n_new = len(new_rows)
-    new = spark.createDataFrame(new_rows, "source_path string, content_sha256 string")
+    new = local_frame(spark, new_rows, HASHED_DDL)
     labels = plain["labels"]
     flagged = dict.fromkeys(labels, 0)
     n_scored = n_quarantined = 0
