@@ -29,3 +29,23 @@ def test_rows_from_the_driver_become_a_local_relation_with_their_values(spark):
     assert [row.path for row in listed_files(spark, ["file:/x.png", "file:/y.png"], "path").collect()] == [
         "file:/x.png", "file:/y.png"]
     assert local_frame(spark, [], "path string").count() == 0
+
+
+def test_a_local_folder_is_named_as_hadoop_lists_it(spark, tmp_path):
+    """names() of a local folder (listed by the OS) is what Hadoop's local filesystem lists: hidden files and
+    folders included, its own checksum files left out; a file names itself, a missing folder is None."""
+    from cxr_spark.io.storage import FileSystem
+
+    folder = tmp_path / "out"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("part-0.parquet", ".part-0.parquet.crc", ".out.lock", "_manifest.json", "a b#1.png"):
+        (folder / name).write_bytes(b"x")
+    url = f"file://{folder}"
+    fs = FileSystem(spark, url)
+    hadoop = fs._fs  # the JVM's own listing, as every other filesystem is read
+    expected = sorted(status.getPath().getName() for status in hadoop.listStatus(fs._Path(url)))
+    assert ".part-0.parquet.crc" not in expected and ".out.lock" in expected  # what Hadoop does, checked
+    assert sorted(fs.names(url)) == expected
+    assert sorted(fs.names(str(folder))) == expected
+    assert fs.names(f"{url}/part-0.parquet") == ["part-0.parquet"]
+    assert fs.names(f"{url}/missing") is None
