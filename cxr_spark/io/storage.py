@@ -60,11 +60,13 @@ class FileSystem:
             raise OSError(f"could not rename {src} to {dst}")
 
     def names(self, url: str) -> list[str] | None:
-        """The names in folder ``url`` (None when nothing is there). A local folder is listed by the OS, as
+        """The names in folder ``url`` (None when nothing is there). A ``file:`` URL is listed by the OS, as
         Hadoop's local filesystem lists it (without the ``.<name>.crc`` checksum files it hides): through the JVM
-        each entry costs two calls (docs/benchmarks.md)."""
-        folder = local_path(url)
-        if folder is not None:
+        each entry costs two calls (docs/benchmarks.md). A path without a scheme is left to Hadoop, which reads
+        it on its default filesystem (HDFS on a YARN cluster)."""
+        parsed = urlparse(url)
+        if parsed.scheme == "file":
+            folder = parsed.path
             if os.path.isfile(folder):
                 return [os.path.basename(folder)]
             try:
